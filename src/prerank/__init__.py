@@ -1,0 +1,3 @@
+"""prerank: pre-ranking models for cascade ranking systems."""
+
+__version__ = "0.1.0"

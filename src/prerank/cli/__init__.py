@@ -1,0 +1,19 @@
+"""The ``prerank`` command line. Each area registers its commands from its own module."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="prerank",
+    help="Pre-ranking models for cascade ranking: data recipes, training, evaluation, export and serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def main() -> None:
+    from prerank.cli import data, train  # noqa: F401  (registers commands)
+
+    app()

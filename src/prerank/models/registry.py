@@ -1,0 +1,42 @@
+"""The model registry: one literal dict, name -> (model class, default config)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prerank.models.base import ConfigError, PreRanker, config_from_dict
+from prerank.models.lr import LR, LRConfig
+from prerank.models.two_tower import TwoTower, TwoTowerConfig
+from prerank.schema import Schema
+
+MODELS: dict[str, tuple[type[PreRanker], Any]] = {
+    "lr": (LR, LRConfig()),
+    "two_tower": (TwoTower, TwoTowerConfig()),
+}
+
+
+def model_config(name: str, overrides: dict | None = None) -> Any:
+    """The registered default config of ``name`` with ``overrides`` applied (validated)."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(MODELS)}")
+    _, default = MODELS[name]
+    if not overrides:
+        return default
+    merged = {**asdict(default), **overrides}
+    return config_from_dict(type(default), merged)
+
+
+def build_model(name: str, schema: Schema, overrides: dict | None = None) -> PreRanker:
+    """Instantiate a registered model for ``schema``."""
+    cls, _ = MODELS[name] if name in MODELS else (None, None)
+    config = model_config(name, overrides)
+    return cls(schema, config)  # type: ignore[misc]
+
+
+def describe(name: str) -> dict:
+    cls, default = MODELS[name]
+    return {"name": name, "class": cls.__name__, "config": asdict(default)}
+
+
+__all__ = ["MODELS", "build_model", "model_config", "describe"]
