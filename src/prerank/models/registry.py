@@ -6,13 +6,29 @@ from dataclasses import asdict
 from typing import Any
 
 from prerank.models.base import ConfigError, PreRanker, config_from_dict
+from prerank.models.cold import COLD, COLDConfig
+from prerank.models.dat import DAT, DATConfig
+from prerank.models.fit import FIT, FITConfig
+from prerank.models.int_tower import IntTower, IntTowerConfig
 from prerank.models.lr import LR, LRConfig
+from prerank.models.rank_tower import RankTower, RankTowerConfig
+from prerank.models.ranker import Ranker, RankerConfig
 from prerank.models.two_tower import TwoTower, TwoTowerConfig
 from prerank.schema import Schema
 
 MODELS: dict[str, tuple[type[PreRanker], Any]] = {
     "lr": (LR, LRConfig()),
     "two_tower": (TwoTower, TwoTowerConfig()),
+    "dat": (DAT, DATConfig()),
+    "cold": (COLD, COLDConfig()),
+    "int_tower": (IntTower, IntTowerConfig()),
+    "ranker": (Ranker, RankerConfig()),
+    "fit": (FIT, FITConfig()),
+    "fit_no_mqm": (FIT, FITConfig(use_mqm=False)),
+    "fit_no_lss": (FIT, FITConfig(scorer="dot")),
+    "fit_summax": (FIT, FITConfig(scorer="summax")),
+    "fit_fc": (FIT, FITConfig(scorer="fc")),
+    "rank_tower": (RankTower, RankTowerConfig()),
 }
 
 

@@ -1,0 +1,195 @@
+"""``prerank teacher fit`` and ``prerank teacher score``: the ranking teacher of the cascade.
+
+``fit`` trains the ``ranker`` model (every feature, DIN, a large MLP) on a dataset's impressions
+and keeps its best checkpoint; ``score`` writes that teacher's logit into a ``teacher_logit``
+column of every row of every split, which the cascade builder and the distillation losses read
+(DESIGN.md "The cascade").
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import typer
+
+from prerank.cli import app
+from prerank.cli.common import (
+    BatchOpt,
+    EpochsOpt,
+    LrOpt,
+    MaxStepsOpt,
+    MetricOpt,
+    ModelOptOpt,
+    PatienceOpt,
+    ProgressOpt,
+    SeedOpt,
+    ThreadsOpt,
+    WorkersOpt,
+    console,
+    friendly_errors,
+    parse_options,
+    print_json,
+)
+from prerank.data.parquet import ParquetSplit, read_meta, table_to_batch
+from prerank.io import atomic_path, atomic_write_text
+from prerank.models.base import PreRanker
+from prerank.schema import Schema, SchemaError
+
+TEACHER_MODEL = "ranker"
+
+teacher_app = typer.Typer(help="Fit the ranking teacher and write its logits into a dataset.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("fit")
+@friendly_errors
+def fit(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (impressions; schema.json + splits)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the teacher checkpoint (.pt)."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Trainer run directory (default: OUT's name + '_run')."),
+    model_option: list[str] = ModelOptOpt,
+    epochs: int = EpochsOpt,
+    batch_size: int = BatchOpt,
+    lr: float = LrOpt,
+    threads: int = ThreadsOpt,
+    seed: int = SeedOpt,
+    patience: int = PatienceOpt,
+    metric: str = MetricOpt,
+    max_steps: int = MaxStepsOpt,
+    num_workers: int = WorkersOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Train the ranker on DATA, copy its best checkpoint to OUT, print valid and test AUC."""
+    from prerank.train.config import train_config
+    from prerank.train.trainer import evaluate_split, train_model
+
+    schema = Schema.load(data)
+    if schema.has_stage:
+        raise SchemaError(
+            f"{data} has a 'stage' column (cascade data): fit the teacher on the impressions-only dataset the "
+            "cascade was built from, since its non-impression rows were labelled with a teacher's help"
+        )
+    cfg = train_config(
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "threads": threads,
+            "seed": seed,
+            "patience": patience,
+            "metric": metric,
+            "max_steps": max_steps,
+            "num_workers": num_workers,
+            "progress": progress,
+        }
+    )
+    run_dir = run_dir or out.with_name(out.stem + "_run")
+    overrides = parse_options(model_option, "--model-option")
+    result = train_model(TEACHER_MODEL, data, run_dir, overrides, cfg, log=console.print)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(result.checkpoint, tmp)
+    valid = evaluate_split(result.model, data, "valid", cfg.eval_batch_size)
+    test = evaluate_split(result.model, data, "test", cfg.eval_batch_size)
+    print_json(
+        {
+            "teacher": str(out),
+            "model": TEACHER_MODEL,
+            "epochs": result.epochs,
+            "valid_auc": valid["auc"],
+            "test_auc": test["auc"],
+            "valid": valid,
+            "test": test,
+        }
+    )
+
+
+@teacher_app.command("score")
+@friendly_errors
+def score(
+    teacher: Path = typer.Option(..., "--teacher", "-t", help="Teacher checkpoint written by `teacher fit`."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory to add teacher_logit to (in place)."),
+    batch_size: int = typer.Option(8192, "--batch-size", help="Rows scored at once (bounds memory)."),
+    threads: int = typer.Option(2, "--threads", help="torch intra-op threads."),
+) -> None:
+    """Add a float32 ``teacher_logit`` column to every row of every split of DATA, file by file, atomically."""
+    from prerank.train.checkpoint import load_model
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    torch.set_num_threads(threads)
+    name, model, _ = load_model(teacher)
+    rows = add_teacher_logits(model, data, batch_size=batch_size, log=console.print)
+    meta = read_meta(data)
+    meta["teacher"] = {"checkpoint": str(teacher), "model": name}
+    atomic_write_text(Path(data) / "meta.json", json.dumps(meta, indent=2, default=str))
+    print_json({"teacher": str(teacher), "model": name, "rows": rows})
+
+
+def add_teacher_logits(
+    model: PreRanker, data_dir: str | Path, *, batch_size: int = 8192, log: Callable[[str], None] = print
+) -> dict[str, int]:
+    """Write ``model``'s logits as ``teacher_logit`` into every split of ``data_dir``; returns rows per split.
+
+    Each Parquet part is rewritten row group by row group (memory bounded by one row group) into a
+    temporary file that replaces the part only when complete. An existing ``teacher_logit`` column
+    is replaced. ``schema.json`` gets ``has_teacher_logit=True`` once every part is done, so an
+    interrupted run leaves the schema unchanged; running the command again completes it.
+    """
+    data_dir = Path(data_dir)
+    schema = Schema.load(data_dir)
+    check_teacher_schema(model.schema, schema, str(data_dir))
+    splits = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
+    if not splits:
+        raise SchemaError(f"{data_dir} has no split folders with Parquet files")
+    for split in splits:
+        ParquetSplit(data_dir, split, schema)  # validate every split before rewriting any file
+    model.eval()
+    rows: dict[str, int] = {}
+    for split in splits:
+        rows[split] = sum(
+            _score_file(model, path, schema, batch_size) for path in sorted((data_dir / split).glob("*.parquet"))
+        )
+        log(f"teacher_logit written for {rows[split]:,} rows of {split}")
+    schema.with_reserved(has_teacher_logit=True).save(data_dir / "schema.json")
+    return rows
+
+
+def check_teacher_schema(teacher: Schema, data: Schema, where: str) -> None:
+    """The teacher must have been trained on exactly the data's features (names, towers, vocabularies)."""
+    if teacher.features == data.features:
+        return
+    theirs, ours = {f.name: f for f in teacher.features}, {f.name: f for f in data.features}
+    missing = sorted(set(theirs) - set(ours))
+    differ = sorted(n for n in set(theirs) & set(ours) if theirs[n] != ours[n])
+    extra = sorted(set(ours) - set(theirs))
+    raise SchemaError(
+        f"the teacher's schema does not match {where}/schema.json: features missing from the data {missing}, "
+        f"defined differently {differ}, unknown to the teacher {extra}"
+    )
+
+
+@torch.no_grad()
+def _score_file(model: PreRanker, path: Path, schema: Schema, batch_size: int) -> int:
+    source = pq.ParquetFile(path)
+    fields = [f for f in source.schema_arrow if f.name != "teacher_logit"]
+    out_schema = pa.schema([*fields, pa.field("teacher_logit", pa.float32())])
+    n = 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, out_schema) as writer:
+        for i in range(source.num_row_groups):
+            table = source.read_row_group(i)
+            batch = table_to_batch(table, schema, where=f"{path} (row group {i})")
+            chunks = [model(batch.select(slice(s, s + batch_size))) for s in range(0, table.num_rows, batch_size)]
+            logits = torch.cat(chunks).float().numpy() if chunks else np.zeros(0, np.float32)
+            if "teacher_logit" in table.column_names:
+                table = table.drop_columns(["teacher_logit"])
+            table = table.append_column(out_schema.field("teacher_logit"), pa.array(logits, pa.float32()))
+            writer.write_table(table, row_group_size=max(table.num_rows, 1))
+            n += table.num_rows
+    return n

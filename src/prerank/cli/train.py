@@ -1,0 +1,242 @@
+"""``prerank train``, ``evaluate``, ``compare`` and ``demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from prerank.cli import app
+from prerank.cli.common import (
+    BatchingOpt,
+    BatchOpt,
+    ConfigOpt,
+    EpochsOpt,
+    LossOpt,
+    LossOptOpt,
+    LrOpt,
+    MaxStepsOpt,
+    MetricOpt,
+    ModelOptOpt,
+    PatienceOpt,
+    ProgressOpt,
+    SeedOpt,
+    ThreadsOpt,
+    WorkersOpt,
+    console,
+    friendly_errors,
+    print_json,
+    run_config,
+)
+from prerank.io import atomic_write_text
+
+
+@app.command()
+@friendly_errors
+def train(
+    model: str = typer.Option(None, "--model", "-m", help="Registered model name (see `prerank models`)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (schema.json + train/valid/test)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: best.pt, last.pt, metrics.jsonl, test.json."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
+    config: Path = ConfigOpt,
+    model_option: list[str] = ModelOptOpt,
+    loss: str = LossOpt,
+    loss_option: list[str] = LossOptOpt,
+    epochs: int = EpochsOpt,
+    batch_size: int = BatchOpt,
+    lr: float = LrOpt,
+    threads: int = ThreadsOpt,
+    seed: int = SeedOpt,
+    patience: int = PatienceOpt,
+    metric: str = MetricOpt,
+    max_steps: int = MaxStepsOpt,
+    num_workers: int = WorkersOpt,
+    batching: str = BatchingOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Train one model; early-stop on the valid split; report valid and test metrics."""
+    from prerank.train.compare import resolve_loss
+    from prerank.train.trainer import evaluate_split, train_model
+
+    run, cfg = run_config(
+        config,
+        model=model,
+        model_options=model_option,
+        loss=loss,
+        loss_options=loss_option,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        threads=threads,
+        seed=seed,
+        patience=patience,
+        metric=metric,
+        max_steps=max_steps,
+        num_workers=num_workers,
+        batching=batching,
+        progress=progress,
+    )
+    if not run.model:
+        raise typer.BadParameter("give --model or 'model:' in the --config file")
+    result = train_model(
+        run.model,
+        data,
+        out,
+        run.model_config,
+        cfg,
+        resolve_loss(run.loss, run.loss_options),
+        resume=resume,
+        log=console.print,
+    )
+    test = evaluate_split(result.model, data, "test", cfg.eval_batch_size)
+    summary = {
+        "model": run.model,
+        "checkpoint": str(result.checkpoint),
+        "epochs": result.epochs,
+        "best_valid": result.best_metric,
+        "train_seconds": result.train_seconds,
+        "train_samples_per_second": result.samples_per_second,
+        "test": test,
+    }
+    atomic_write_text(out / "test.json", json.dumps(summary, indent=2))
+    print_json(summary)
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint written by train (best.pt)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate: train, valid or test."),
+    batch_size: int = typer.Option(16384, "--batch-size", help="Rows per scoring batch."),
+    threads: int = typer.Option(2, "--threads", help="torch intra-op threads."),
+) -> None:
+    """Evaluate a checkpoint on a split: AUC, logloss, GAUC (with skipped requests)."""
+    import torch
+
+    from prerank.schema import Schema
+    from prerank.train.checkpoint import load_model
+    from prerank.train.trainer import evaluate_split
+
+    torch.set_num_threads(threads)
+    name, model, _ = load_model(checkpoint)
+    if Schema.load(data).to_dict() != model.schema.to_dict():
+        raise ValueError(f"{checkpoint} was trained on another schema than {data}/schema.json")
+    print_json({"model": name, "split": split, **evaluate_split(model, data, split, batch_size)})
+
+
+@app.command()
+@friendly_errors
+def compare(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory."),
+    models: str = typer.Option("lr,two_tower", "--models", help="Comma-separated registered model names."),
+    seeds: int = typer.Option(3, "--seeds", help="Number of seeds per model (seed, seed+1, ...)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: results.json, results.md, runs/."),
+    resume: bool = typer.Option(False, "--resume", help="Skip runs already in OUT/results.json; resume unfinished."),
+    config: Path = ConfigOpt,
+    model_option: list[str] = typer.Option(
+        None, "--model-option", help="Per-model override MODEL.key=value, or key=value for all models (repeatable)."
+    ),
+    loss: str = LossOpt,
+    loss_option: list[str] = LossOptOpt,
+    epochs: int = EpochsOpt,
+    batch_size: int = BatchOpt,
+    lr: float = LrOpt,
+    threads: int = ThreadsOpt,
+    seed: int = SeedOpt,
+    patience: int = PatienceOpt,
+    metric: str = MetricOpt,
+    max_steps: int = MaxStepsOpt,
+    num_workers: int = WorkersOpt,
+    batching: str = BatchingOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Train each model for each seed and write results.json and results.md (mean ± std per model)."""
+    from prerank.train.compare import run_compare
+
+    run, cfg = run_config(
+        config,
+        loss=loss,
+        loss_options=loss_option,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        threads=threads,
+        seed=seed,
+        patience=patience,
+        metric=metric,
+        max_steps=max_steps,
+        num_workers=num_workers,
+        batching=batching,
+        progress=progress,
+    )
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    overrides = _per_model_overrides(names, model_option, run.model_config or {})
+    run_compare(
+        data,
+        names,
+        seeds,
+        out,
+        config=cfg,
+        model_overrides=overrides,
+        loss=run.loss,
+        loss_options=run.loss_options,
+        resume=resume,
+        log=console.print,
+    )
+    typer.echo((out / "results.md").read_text())
+
+
+def _per_model_overrides(names: list[str], pairs: list[str] | None, shared: dict[str, Any]) -> dict[str, dict]:
+    from prerank.cli.common import parse_options
+
+    out: dict[str, dict] = {n: dict(shared) for n in names}
+    for key, value in parse_options(pairs, "--model-option").items():
+        if "." in key:
+            model, field = key.split(".", 1)
+            if model not in out:
+                raise ValueError(f"--model-option {key}: {model!r} is not among --models")
+            out[model][field] = value
+        else:
+            for n in names:
+                out[n][key] = value
+    return {n: o for n, o in out.items() if o}
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where the synthetic data and results go."),
+    rows: int = typer.Option(200_000, "--rows", help="Synthetic rows to generate."),
+    models: str = typer.Option("lr,two_tower", "--models", help="Models to compare."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per model."),
+    epochs: int = typer.Option(3, "--epochs", help="Maximum epochs."),
+    threads: int = typer.Option(2, "--threads", help="torch intra-op threads."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data generator and the first training seed."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Generate the built-in synthetic cascade data and compare models on it, printing the table."""
+    from prerank.data.synthetic import generate
+    from prerank.train.compare import run_compare
+    from prerank.train.config import TrainConfig
+
+    data = out / "data"
+    console.print(f"generating {rows:,} synthetic rows into {data}")
+    generate(data, rows=rows, seed=seed, progress=progress)
+    cfg = TrainConfig(epochs=epochs, threads=threads, seed=seed, progress=progress)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    run_compare(data, names, seeds, out / "compare", config=cfg, log=console.print)
+    typer.echo((out / "compare" / "results.md").read_text())
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the registered models with their default configs."""
+    from prerank.models.registry import MODELS, describe
+
+    for name in MODELS:
+        d = describe(name)
+        typer.echo(f"{name:16s} {d['class']:14s} {json.dumps(d['config'])}")
+

@@ -1,0 +1,861 @@
+"""The cascade builder: simulate the stages of a cascade ranking system from an impression log.
+
+DESIGN.md "The cascade"; RankTower (ranktower.txt) Sec. 3.1 "Full-Stage Sampling" and Sec. 4.1.1.
+Public logs hold impressions only. For every request of every split the builder writes
+
+* ``impression`` rows: the logged rows with their labels (Sec. 3.1.1);
+* ``rank_candidate`` rows: unexposed items the ranking teacher ranks highest -- the hard negatives that
+  "have advanced to the ranking stage" (Sec. 3.1.2);
+* ``prerank_candidate`` rows: the next unexposed items in the teacher's order -- easy negatives
+  "filtered out before reaching the ranking stage" (Sec. 3.1.2);
+* ``random`` rows: items drawn uniformly from the whole catalogue ``items.parquet`` (Sec. 3.1.3).
+
+Every row gets ``stage`` and ``teacher_logit`` (the teacher scores impressions too, for distillation,
+Eq. 9). Unexposed rows have ``label`` 0 and ``label_level`` 0.
+
+**Retrieval.** The paper's candidates come from a production retrieval stage that public logs lack.
+The builder proposes unexposed items by *item co-occurrence* counted on the TRAINING split only:
+two items co-occur when one request engaged positively (``label > 0``) with both within
+``co_window`` positions of each other (time order). Each item keeps its ``neighbors`` most
+frequent co-occurring items. A request's seeds are the items of the user's behaviour history
+(``seed_from="history"``: the user-tower sequence feature that shares the item id table, read from
+the request's earliest row, so only what was known before the request is used) or, with
+``seed_from="positives"``, the request's own positive impressions (a look-alike reading of
+"co-engaged with the user's positives"; it lets the logged labels choose the negatives of that
+request, so prefer ``history`` where the schema has one). Candidates are scored by the summed
+co-occurrence counts with the seeds; when fewer than ``retrieve`` unexposed items are found the list
+is filled with the most popular items of the training split (positives, then impressions).
+Exposed items of the request are never proposed, so no item is both impression and candidate.
+
+**Features of unexposed rows.** User and context features are copied from the request's earliest
+impression row; item features come from the catalogue. Cross features are recipe-specific
+functions of the (user, item) pair and cannot be recomputed here, so unexposed rows are given the
+padding value (0 / unknown id / empty list) when the teacher scores them. Because a student could
+then read the stage off a zero cross feature (a label leak), the default ``cross="drop"`` removes
+cross features from the output dataset altogether; ``cross="pad"`` keeps them with that caveat.
+The teacher scores impressions with their logged cross features.
+
+**Filters and splits (Sec. 4.1.1).** Optionally keep only users with at least ``min_impressions``
+impressions and ``min_positives`` positives (counted over all splits; the user is ``user_field`` or,
+if unset, the request), and re-split 70/10/20 by time (requests ordered by their earliest ``ts``:
+the earliest 70% train) or by request (a seeded random assignment of whole requests). A re-split
+pools all source splits, so a request id present in several splits becomes one request. Features
+that a recipe fitted on its own train split (vocabularies, rates) keep that fit; re-splitting by
+time such a dataset can leak statistics of the new test period into features, so prefer letting
+the recipe make the split the experiment needs.
+
+**Memory.** Rows are spilled into request-aligned buckets of about ``chunk_rows`` rows of work
+(rows plus candidates to score) so only one bucket, the item catalogue and the co-occurrence
+table are in memory at a time. Output rows are sorted by ``request_id``; inside a request:
+impressions (time order), rank candidates, pre-rank candidates (teacher order), random items.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from prerank.data.parquet import SPLITS, DataError, ParquetSplit, SplitWriter, arrow_schema, read_meta, table_to_batch
+from prerank.io import atomic_write, atomic_write_text
+from prerank.models.base import ConfigError, PreRanker
+from prerank.schema import STAGES, Schema, SchemaError
+from prerank.train.checkpoint import load_model
+
+IMPRESSION = STAGES.index("impression")
+RANK_CANDIDATE = STAGES.index("rank_candidate")
+PRERANK_CANDIDATE = STAGES.index("prerank_candidate")
+RANDOM = STAGES.index("random")
+_RETRIEVED = -1  # stage of a retrieved row before the teacher's order splits it
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """Options of :func:`build_cascade` (see the module docstring for what each stage means).
+
+    Counts are per request: ``retrieve`` unexposed items are proposed, the teacher keeps its top
+    ``rank_candidates`` and the next ``prerank_candidates``; ``random`` catalogue items are added.
+    A request gets fewer rows only when the catalogue has too few unexposed items.
+    """
+
+    retrieve: int = 200
+    rank_candidates: int = 20
+    prerank_candidates: int = 40
+    random: int = 40
+    item_field: str = "item_id"
+    seed_from: Literal["history", "positives"] = "history"
+    history_field: str | None = None
+    co_window: int = 5
+    neighbors: int = 100
+    cross: Literal["drop", "pad"] = "drop"
+    min_impressions: int = 0
+    min_positives: int = 0
+    user_field: str | None = None
+    resplit: tuple[float, float, float] | None = None
+    resplit_by: Literal["time", "request"] = "time"
+    seed: int = 0
+    chunk_rows: int = 200_000
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        counts = ("retrieve", "rank_candidates", "prerank_candidates", "random", "min_impressions", "min_positives")
+        for name in counts:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"cascade option {name} must be an integer >= 0, got {v!r}")
+        for name in ("co_window", "neighbors", "chunk_rows", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"cascade option {name} must be an integer >= 1, got {v!r}")
+        if self.rank_candidates + self.prerank_candidates > self.retrieve:
+            raise ConfigError(
+                f"cascade option retrieve ({self.retrieve}) must be at least rank_candidates + prerank_candidates "
+                f"({self.rank_candidates} + {self.prerank_candidates}): candidates are cut from the retrieved items"
+            )
+        if self.seed_from not in ("history", "positives"):
+            raise ConfigError(f"cascade option seed_from must be 'history' or 'positives', got {self.seed_from!r}")
+        if self.cross not in ("drop", "pad"):
+            raise ConfigError(f"cascade option cross must be 'drop' or 'pad', got {self.cross!r}")
+        if self.resplit_by not in ("time", "request"):
+            raise ConfigError(f"cascade option resplit_by must be 'time' or 'request', got {self.resplit_by!r}")
+        if self.resplit is not None:
+            parts = tuple(float(p) for p in self.resplit)
+            if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6:
+                raise ConfigError(f"cascade option resplit must be three fractions >= 0 summing to 1, got {parts}")
+
+
+@dataclass
+class _Stats:
+    """Counts reported in ``meta.json``."""
+
+    requests: int = 0
+    rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    retrieved_cooccurrence: int = 0
+    retrieved_popularity: int = 0
+
+    def to_dict(self) -> dict:
+        per_request = {s: (n / self.requests if self.requests else 0.0) for s, n in self.rows.items()}
+        return {**asdict(self), "rows_per_request": per_request}
+
+
+# ----------------------------------------------------------------------------------- array helpers
+
+
+def _rank_within(groups: np.ndarray) -> np.ndarray:
+    """Position of each element inside its run of equal consecutive ``groups`` values (sorted input)."""
+    n = len(groups)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    new = np.ones(n, dtype=bool)
+    new[1:] = groups[1:] != groups[:-1]
+    idx = np.arange(n)
+    return idx - np.maximum.accumulate(np.where(new, idx, 0))
+
+
+def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + l)`` for every (start, length)."""
+    lengths = lengths.astype(np.int64)
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(starts.astype(np.int64) - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+def _column(table: pa.Table, name: str, dtype: type = np.int64) -> np.ndarray:
+    return np.asarray(table.column(name).to_numpy(), dtype=dtype)
+
+
+def _check_ids(ids: np.ndarray, vocab: int, name: str, where: str) -> None:
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise DataError(f"{where}: column {name!r} has ids outside its vocabulary [0, {vocab})")
+
+
+def _pad_array(kind: str, n: int) -> pa.Array:
+    """``n`` padding values of a feature kind: id 0, 0.0, or an empty list."""
+    if kind == "sequence":
+        return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.int32()))
+    if kind == "dense":
+        return pa.array(np.zeros(n, dtype=np.float32))
+    return pa.array(np.zeros(n, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def _load_teacher(teacher: str | Path | PreRanker) -> tuple[str, PreRanker]:
+    if isinstance(teacher, PreRanker):
+        return type(teacher).__name__, teacher.eval()
+    name, model, _ = load_model(teacher)
+    return name, model
+
+
+def _check_teacher_schema(teacher: Schema, data: Schema, source: str) -> None:
+    """Every feature the teacher reads must exist in the data with the same meaning."""
+    for f in teacher.features:
+        if f.name not in data:
+            raise SchemaError(f"teacher {source} reads feature {f.name!r}, which the dataset schema lacks")
+        d = data[f.name]
+        for attr in ("tower", "kind", "max_len", "shares"):
+            if getattr(f, attr) != getattr(d, attr):
+                raise SchemaError(
+                    f"teacher {source} feature {f.name!r} has {attr}={getattr(f, attr)!r}, "
+                    f"the dataset has {getattr(d, attr)!r}"
+                )
+        if f.kind != "dense" and teacher.vocab(f.name) != data.vocab(f.name):
+            raise SchemaError(
+                f"teacher {source} feature {f.name!r} has vocab_size {teacher.vocab(f.name)}, "
+                f"the dataset has {data.vocab(f.name)}"
+            )
+
+
+def _resolve_fields(schema: Schema, config: CascadeConfig) -> tuple[str, str | None]:
+    """The item id feature and, for ``seed_from='history'``, the history sequence that shares its table."""
+    item = config.item_field
+    if item not in schema or schema[item].tower != "item" or schema[item].kind != "categorical":
+        raise ConfigError(f"cascade option item_field {item!r} must name a categorical item-tower feature")
+    if config.user_field is not None:
+        uf = config.user_field
+        if uf not in schema or schema[uf].tower not in ("user", "context") or schema[uf].kind != "categorical":
+            raise ConfigError(f"cascade option user_field {uf!r} must name a categorical user-tower feature")
+    if config.seed_from != "history":
+        return item, None
+    histories = [
+        f.name for f in schema.tower("user", "context") if f.kind == "sequence" and f.table == schema[item].table
+    ]
+    if config.history_field is not None:
+        if config.history_field not in histories:
+            raise ConfigError(
+                f"cascade option history_field {config.history_field!r} must be a user-tower sequence sharing "
+                f"{item!r}'s table; candidates are {histories}"
+            )
+        return item, config.history_field
+    if not histories:
+        raise ConfigError(
+            f"seed_from='history' needs a user-tower sequence of {item!r} ids (shares={item!r}); the schema has "
+            "none, so use seed_from='positives'"
+        )
+    return item, histories[0]
+
+
+@dataclass
+class _Catalogue:
+    """The item catalogue: one row per item id (the first row when an id repeats; id 0 dropped)."""
+
+    table: pa.Table
+    ids: np.ndarray  # [C]
+    row_of: np.ndarray  # [V] catalogue row of an id, -1 if absent
+    rows_dropped: int
+
+    @classmethod
+    def load(cls, root: Path, schema: Schema, item_field: str) -> _Catalogue:
+        path = root / "items.parquet"
+        if not path.exists():
+            raise DataError(
+                f"the cascade builder needs the item catalogue {path} (one row per item with every item-tower "
+                "feature): candidates and random items take their item features from it"
+            )
+        items = ParquetSplit(root, "items", schema)
+        names = [f.name for f in schema.tower("item")]
+        table = pq.read_table(path, columns=names)
+        table = table.cast(pa.schema([pa.field(n, arrow_schema(schema, ()).field(n).type) for n in names]))
+        table_to_batch(table, schema, where=str(path))  # validates ranges, NaN
+        ids = _column(table, item_field)
+        _, first = np.unique(ids, return_index=True)
+        keep = np.sort(first[ids[first] > 0])
+        table = table.take(pa.array(keep))
+        ids = ids[keep]
+        if len(ids) == 0:
+            raise DataError(f"{path} has no items with a non-zero {item_field!r}")
+        row_of = np.full(schema.vocab(item_field), -1, dtype=np.int64)
+        row_of[ids] = np.arange(len(ids))
+        return cls(table, ids, row_of, items.num_rows - len(ids))
+
+
+# ----------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Plan:
+    """Which requests are kept, which split each goes to, and its bucket there."""
+
+    splits: list[str]
+    request_ids: dict[str, np.ndarray]  # target split -> sorted request ids
+    buckets: dict[str, np.ndarray]  # target split -> bucket of each request id
+    source_keys: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # source split -> (rids, target, bucket)
+
+    def n_buckets(self, split: str) -> int:
+        b = self.buckets[split]
+        return int(b.max()) + 1 if len(b) else 0
+
+
+def _index_split(split: ParquetSplit, cols: list[str], user_field: str | None) -> dict[str, np.ndarray]:
+    """Per request of one split: rows, positives, earliest ts, user key (one row group at a time)."""
+    parts: list[dict[str, np.ndarray]] = []
+    for g in split.row_groups:
+        t = pq.ParquetFile(g.path).read_row_group(g.index, columns=cols)
+        rid = _column(t, "request_id")
+        uniq, first, inv = np.unique(rid, return_index=True, return_inverse=True)
+        part = {
+            "rid": uniq,
+            "rows": np.bincount(inv, minlength=len(uniq)),
+            "pos": np.bincount(inv, weights=_column(t, "label", np.float64) > 0, minlength=len(uniq)),
+        }
+        if "ts" in cols:
+            ts = np.full(len(uniq), np.iinfo(np.int64).max)
+            np.minimum.at(ts, inv, _column(t, "ts"))
+            part["ts"] = ts
+        if user_field is not None:
+            user = _column(t, user_field)
+            lo, hi = np.full(len(uniq), np.iinfo(np.int64).max), np.full(len(uniq), -1)
+            np.minimum.at(lo, inv, user)
+            np.maximum.at(hi, inv, user)
+            if (lo != hi).any():
+                bad = int(uniq[np.flatnonzero(lo != hi)[0]])
+                raise DataError(f"{g.path}: request {bad} has several values of user_field {user_field!r}")
+            part["user"] = user[first]
+        parts.append(part)
+    return _merge_requests(parts)
+
+
+def _merge_requests(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Combine per-request aggregates of several chunks (a request may span chunks)."""
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    uniq, first, inv = np.unique(cat["rid"], return_index=True, return_inverse=True)
+    out = {
+        "rid": uniq,
+        "rows": np.bincount(inv, weights=cat["rows"], minlength=len(uniq)).astype(np.int64),
+        "pos": np.bincount(inv, weights=cat["pos"], minlength=len(uniq)).astype(np.int64),
+    }
+    if "ts" in cat:
+        ts = np.full(len(uniq), np.iinfo(np.int64).max)
+        np.minimum.at(ts, inv, cat["ts"])
+        out["ts"] = ts
+    if "user" in cat:
+        out["user"] = cat["user"][first]
+    return out
+
+
+def _plan(sources: dict[str, ParquetSplit], config: CascadeConfig, has_ts: bool) -> _Plan:
+    cols = ["request_id", "label"]
+    if has_ts:
+        cols.append("ts")
+    if config.user_field is not None:
+        cols.append(config.user_field)
+    index = {s: _index_split(sp, cols, config.user_field) for s, sp in sources.items()}
+
+    keep = {s: np.ones(len(ix["rid"]), dtype=bool) for s, ix in index.items()}
+    if config.min_impressions or config.min_positives:
+        key = "user" if config.user_field is not None else "rid"
+        users = np.concatenate([ix[key] for ix in index.values()])
+        uniq, inv = np.unique(users, return_inverse=True)
+        rows = np.bincount(inv, weights=np.concatenate([ix["rows"] for ix in index.values()]), minlength=len(uniq))
+        pos = np.bincount(inv, weights=np.concatenate([ix["pos"] for ix in index.values()]), minlength=len(uniq))
+        good = uniq[(rows >= config.min_impressions) & (pos >= config.min_positives)]
+        keep = {s: np.isin(ix[key], good) for s, ix in index.items()}
+
+    kept = {s: {k: v[keep[s]] for k, v in ix.items()} for s, ix in index.items()}
+    if config.resplit is None:
+        targets = kept
+    else:
+        targets = _resplit(_merge_requests(list(kept.values())), config.resplit, config.resplit_by, config.seed)
+    splits = [s for s in SPLITS if s in targets and len(targets[s]["rid"])]
+    splits += sorted(s for s in targets if s not in SPLITS and len(targets[s]["rid"]))
+    request_ids = {s: targets[s]["rid"] for s in splits}
+    buckets = {}
+    for s in splits:
+        work = targets[s]["rows"] + config.retrieve + config.random
+        buckets[s] = (np.cumsum(work) - work) // config.chunk_rows
+
+    source_keys = {}
+    for s, ix in index.items():
+        rid = ix["rid"]
+        target = np.full(len(rid), -1, dtype=np.int64)
+        bucket = np.zeros(len(rid), dtype=np.int64)
+        for t in [s] if config.resplit is None else splits:
+            if t not in request_ids:
+                continue
+            pos = np.minimum(np.searchsorted(request_ids[t], rid), len(request_ids[t]) - 1)
+            hit = keep[s] & (request_ids[t][pos] == rid)
+            target[hit] = splits.index(t)
+            bucket[hit] = buckets[t][pos[hit]]
+        source_keys[s] = (rid, target, bucket)
+    return _Plan(splits, request_ids, buckets, source_keys)
+
+
+def _resplit(
+    pooled: dict[str, np.ndarray], fractions: tuple[float, float, float], by: str, seed: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """Assign whole requests to train/valid/test: by earliest ``ts`` or by a seeded permutation."""
+    n = len(pooled["rid"])
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((pooled["rid"], pooled["ts"])) if by == "time" else rng.permutation(n)
+    cuts = np.round(np.cumsum(fractions)[:2] * n).astype(np.int64)
+    out = {}
+    for name, idx in zip(SPLITS, np.split(order, cuts), strict=True):
+        idx = np.sort(idx)  # request ids stay sorted inside a split
+        out[name] = {k: v[idx] for k, v in pooled.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------- spilling
+
+
+def _input_schema(schema: Schema, present: set[str]) -> pa.Schema:
+    reserved = tuple(r for r in ("request_id", "label", "label_level", "ts") if r in present)
+    return arrow_schema(schema, reserved)
+
+
+def _spill(sources: dict[str, ParquetSplit], plan: _Plan, in_schema: pa.Schema, tmp: Path) -> dict[str, list[Path]]:
+    """Copy every kept row into ``tmp/<target split>/<bucket>.parquet`` (reading order kept)."""
+    paths = {s: [tmp / s / f"{b:06d}.parquet" for b in range(plan.n_buckets(s))] for s in plan.splits}
+    writers: dict[tuple[int, int], pq.ParquetWriter] = {}
+    width = max(plan.n_buckets(s) for s in plan.splits)
+    try:
+        for s, split in sources.items():
+            rids, target, bucket = plan.source_keys[s]
+            for g in split.row_groups:
+                t = pq.ParquetFile(g.path).read_row_group(g.index, columns=in_schema.names).cast(in_schema)
+                pos = np.searchsorted(rids, _column(t, "request_id"))
+                tgt, bkt = target[pos], bucket[pos]  # every row's request is in the index
+                code = np.where(tgt >= 0, tgt * width + bkt, -1)
+                order = np.argsort(code, kind="stable")
+                sorted_code = code[order]
+                for c in np.unique(sorted_code[sorted_code >= 0]):
+                    lo, hi = np.searchsorted(sorted_code, [c, c + 1])
+                    key = divmod(int(c), width)
+                    if key not in writers:
+                        path = paths[plan.splits[key[0]]][key[1]]
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        writers[key] = pq.ParquetWriter(path, in_schema)
+                    writers[key].write_table(t.take(pa.array(order[lo:hi])))
+    finally:
+        for w in writers.values():
+            w.close()
+    return {s: [p for p in ps if p.exists()] for s, ps in paths.items()}
+
+
+# ----------------------------------------------------------------------------------- retrieval
+
+
+@dataclass
+class CoOccurrenceRetriever:
+    """Item-to-item co-occurrence retrieval with popularity fill-in, fitted on the training split.
+
+    ``indptr`` ``[V + 1]``, ``neighbors`` / ``counts`` ``[nnz]``: the top neighbours of item ``v`` are
+    ``neighbors[indptr[v]:indptr[v + 1]]`` (most frequent first); ``popular`` lists catalogue items by
+    training positives, then training impressions, then id.
+    """
+
+    vocab: int
+    indptr: np.ndarray
+    neighbors: np.ndarray
+    counts: np.ndarray
+    popular: np.ndarray
+
+    @classmethod
+    def fit(
+        cls, tables: Iterator[pa.Table], item_field: str, vocab: int, catalogue: np.ndarray, window: int, top: int
+    ) -> CoOccurrenceRetriever:
+        """Count co-occurrences over request-sorted training tables (columns request_id, label, item, ts?)."""
+        keys: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
+        positives = np.zeros(vocab, dtype=np.int64)
+        impressions = np.zeros(vocab, dtype=np.int64)
+        for t in tables:
+            item = _column(t, item_field)
+            is_pos = _column(t, "label", np.float64) > 0
+            impressions += np.bincount(item, minlength=vocab)
+            positives += np.bincount(item[is_pos], minlength=vocab)
+            rid, item = _column(t, "request_id")[is_pos], item[is_pos]
+            pair_keys = []
+            for d in range(1, window + 1):
+                same = (rid[:-d] == rid[d:]) & (item[:-d] != item[d:])
+                a, b = item[:-d][same], item[d:][same]
+                pair_keys += [a * vocab + b, b * vocab + a]
+            if pair_keys:
+                k, c = np.unique(np.concatenate(pair_keys), return_counts=True)
+                keys.append(k)
+                counts.append(c)
+        if keys:
+            k, inv = np.unique(np.concatenate(keys), return_inverse=True)
+            c = np.bincount(inv, weights=np.concatenate(counts)).astype(np.int64)
+        else:
+            k, c = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        src, dst = k // vocab, k % vocab
+        order = np.lexsort((dst, -c, src))
+        src, dst, c = src[order], dst[order], c[order]
+        keep = _rank_within(src) < top
+        src, dst, c = src[keep], dst[keep], c[keep]
+        indptr = np.concatenate(([0], np.cumsum(np.bincount(src, minlength=vocab))))
+        cat = np.asarray(catalogue, dtype=np.int64)
+        popular = cat[np.lexsort((cat, -impressions[cat], -positives[cat]))]
+        return cls(vocab, indptr, dst, c, popular)
+
+    def retrieve(
+        self,
+        seed_req: np.ndarray,
+        seed_item: np.ndarray,
+        taken: np.ndarray,
+        n_requests: int,
+        k: int,
+        in_catalogue: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Up to ``k`` items per request, none of whose keys ``req * V + item`` is in sorted ``taken``.
+
+        Returns (request index ``[M]``, item ``[M]``, how many came from co-occurrence), grouped by
+        request, co-occurrence hits first (by summed count with the seeds), then popular items.
+        """
+        V = self.vocab
+        if k == 0 or n_requests == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
+        lo = self.indptr[seed_item]
+        n = self.indptr[seed_item + 1] - lo
+        idx = _ragged_arange(lo, n)
+        keys = np.repeat(seed_req, n) * V + self.neighbors[idx]
+        uniq, inv = np.unique(keys, return_inverse=True)
+        score = np.bincount(inv, weights=self.counts[idx], minlength=len(uniq))
+        ok = in_catalogue[uniq % V] & ~np.isin(uniq, taken, assume_unique=False)
+        uniq, score = uniq[ok], score[ok]
+        req, item = uniq // V, uniq % V
+        order = np.lexsort((item, -score, req))
+        req, item = req[order], item[order]
+        first = _rank_within(req) < k
+        req, item = req[first], item[first]
+        n_cooc = len(req)
+
+        need = k - np.bincount(req, minlength=n_requests)
+        rows = np.flatnonzero(need > 0)
+        if len(rows):
+            taken_per_req = np.bincount(taken // V, minlength=n_requests)[rows] + (k - need[rows])
+            pool = self.popular[: k + int(taken_per_req.max())]
+            blocked = np.union1d(taken, req * V + item)
+            cand = rows[:, None] * V + pool[None, :]
+            ok = ~np.isin(cand, blocked)
+            fill = ok & (np.cumsum(ok, axis=1) <= need[rows][:, None])
+            r_idx, p_idx = np.nonzero(fill)
+            req = np.concatenate([req, rows[r_idx]])
+            item = np.concatenate([item, pool[p_idx]])
+            order = np.argsort(req, kind="stable")
+            req, item = req[order], item[order]
+        return req, item, n_cooc
+
+
+def _sample_random(
+    rng: np.random.Generator, catalogue: np.ndarray, taken: np.ndarray, n_requests: int, k: int, vocab: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` distinct catalogue items per request, uniformly, avoiding the sorted keys ``taken``.
+
+    Rejection sampling in a few vectorised rounds; requests still short afterwards (a catalogue
+    barely larger than their taken items) draw exactly from what is left.
+    """
+    if k == 0 or n_requests == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    need = np.full(n_requests, k, dtype=np.int64)
+    got_req: list[np.ndarray] = []
+    got_item: list[np.ndarray] = []
+    for _ in range(4):
+        rows = np.flatnonzero(need > 0)
+        if not len(rows):
+            break
+        req = np.repeat(rows, 2 * need[rows])
+        item = catalogue[rng.integers(0, len(catalogue), size=len(req))]
+        keys = req * vocab + item
+        _, first = np.unique(keys, return_index=True)
+        fresh = np.zeros(len(keys), dtype=bool)
+        fresh[first] = True
+        fresh &= ~np.isin(keys, taken)
+        req, item, keys = req[fresh], item[fresh], keys[fresh]
+        keep = _rank_within(req) < need[req]
+        got_req.append(req[keep])
+        got_item.append(item[keep])
+        taken = np.union1d(taken, keys[keep])
+        need -= np.bincount(req[keep], minlength=n_requests)
+    for r in np.flatnonzero(need > 0):
+        lo, hi = np.searchsorted(taken, [r * vocab, (r + 1) * vocab])
+        free = np.setdiff1d(catalogue, taken[lo:hi] - r * vocab)
+        pick = rng.permutation(free)[: need[r]]
+        got_req.append(np.full(len(pick), r, dtype=np.int64))
+        got_item.append(pick)
+    req, item = np.concatenate(got_req), np.concatenate(got_item)
+    order = np.argsort(req, kind="stable")
+    return req[order], item[order]
+
+
+# ----------------------------------------------------------------------------------- one chunk
+
+
+@dataclass
+class _Context:
+    schema: Schema
+    out_arrow: pa.Schema
+    config: CascadeConfig
+    teacher: PreRanker
+    catalogue: _Catalogue
+    retriever: CoOccurrenceRetriever
+    item_field: str
+    history_field: str | None
+    rng: np.random.Generator
+
+
+def _sort_requests(table: pa.Table) -> pa.Table:
+    """Rows by request id, then ts (if any), then reading order."""
+    keys = [np.arange(table.num_rows)]
+    if "ts" in table.column_names:
+        keys.append(_column(table, "ts"))
+    keys.append(_column(table, "request_id"))
+    return table.take(pa.array(np.lexsort(keys)))
+
+
+def _seeds(
+    ctx: _Context, table: pa.Table, starts: np.ndarray, req_of_row: np.ndarray, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(request index, item) pairs the retrieval starts from, deduplicated per request."""
+    if ctx.history_field is None:
+        pos = _column(table, "label", np.float64) > 0
+        req, item = req_of_row[pos], _column(table, ctx.item_field)[pos]
+    else:
+        hist = table.column(ctx.history_field).take(pa.array(starts)).combine_chunks()
+        lengths = np.asarray(hist.value_lengths().fill_null(0).to_numpy(), dtype=np.int64)
+        values = np.asarray(hist.flatten().to_numpy(), dtype=np.int64)
+        req = np.repeat(np.arange(len(starts)), lengths)
+        recent = _rank_within(req) >= np.repeat(lengths - ctx.schema[ctx.history_field].max_len, lengths)
+        req, item = req[recent], values[recent]
+    V = ctx.retriever.vocab
+    _check_ids(item, V, ctx.history_field or ctx.item_field, where)
+    valid = item > 0
+    keys = np.unique(req[valid] * V + item[valid])
+    return keys // V, keys % V
+
+
+def _candidate_rows(ctx: _Context, table: pa.Table, starts: np.ndarray, req: np.ndarray, item: np.ndarray) -> pa.Table:
+    """Rows for unexposed items: the request's earliest row's user side, the catalogue's item side."""
+    first = pa.array(starts[req])
+    cat_rows = pa.array(ctx.catalogue.row_of[item])
+    n = len(req)
+    cols: dict[str, pa.Array] = {}
+    for name in table.column_names:
+        if name in ("request_id", "ts"):
+            cols[name] = table.column(name).take(first)
+        elif name == "label":
+            cols[name] = pa.array(np.zeros(n, dtype=np.float32))
+        elif name == "label_level":
+            cols[name] = pa.array(np.zeros(n, dtype=np.int8))
+        else:
+            f = ctx.schema[name]
+            if f.tower == "item":
+                cols[name] = ctx.catalogue.table.column(name).take(cat_rows)
+            elif f.tower == "cross":
+                cols[name] = _pad_array(f.kind, n)
+            else:
+                cols[name] = table.column(name).take(first)
+    return pa.table(cols).cast(table.schema)
+
+
+@torch.no_grad()
+def _teacher_logits(ctx: _Context, table: pa.Table, where: str) -> np.ndarray:
+    out = []
+    for start in range(0, table.num_rows, ctx.config.batch_size):
+        batch = table_to_batch(table.slice(start, ctx.config.batch_size), ctx.schema, where=where)
+        out.append(ctx.teacher(batch).float().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def _build_chunk(ctx: _Context, table: pa.Table, stats: _Stats, where: str) -> pa.Table:
+    """All stages for the whole requests in ``table``; returns the output rows, request-sorted."""
+    cfg, V = ctx.config, ctx.retriever.vocab
+    table = _sort_requests(table)
+    rid = _column(table, "request_id")
+    new = np.ones(len(rid), dtype=bool)
+    new[1:] = rid[1:] != rid[:-1]
+    starts = np.flatnonzero(new)
+    req_of_row = np.cumsum(new) - 1
+    n_req = len(starts)
+
+    items = _column(table, ctx.item_field)
+    _check_ids(items, V, ctx.item_field, where)
+    exposed = np.unique(req_of_row * V + items)
+    seed_req, seed_item = _seeds(ctx, table, starts, req_of_row, where)
+    in_cat = ctx.catalogue.row_of >= 0
+    ret_req, ret_item, n_cooc = ctx.retriever.retrieve(seed_req, seed_item, exposed, n_req, cfg.retrieve, in_cat)
+    taken = np.union1d(exposed, ret_req * V + ret_item)
+    rnd_req, rnd_item = _sample_random(ctx.rng, ctx.catalogue.ids, taken, n_req, cfg.random, V)
+
+    new_req = np.concatenate([ret_req, rnd_req])
+    cands = _candidate_rows(ctx, table, starts, new_req, np.concatenate([ret_item, rnd_item]))
+    full = pa.concat_tables([table, cands])
+    logits = _teacher_logits(ctx, full, where)
+
+    n_imp, n_ret = table.num_rows, len(ret_req)
+    stage = np.concatenate(
+        [np.full(n_imp, IMPRESSION), np.full(n_ret, _RETRIEVED), np.full(len(rnd_req), RANDOM)]
+    ).astype(np.int64)
+    req = np.concatenate([req_of_row, new_req])
+    within = np.concatenate([np.arange(n_imp), np.zeros(n_ret, dtype=np.int64), _rank_within(rnd_req)])
+    # the teacher's order splits the retrieved items: top -> rank candidates, next -> pre-rank candidates
+    ret = np.arange(n_imp, n_imp + n_ret)
+    ret = ret[np.lexsort((-logits[ret], req[ret]))]
+    rank = _rank_within(req[ret])
+    within[ret] = rank
+    stage[ret] = np.select(
+        [rank < cfg.rank_candidates, rank < cfg.rank_candidates + cfg.prerank_candidates],
+        [RANK_CANDIDATE, PRERANK_CANDIDATE],
+        -2,
+    )
+    keep = np.flatnonzero(stage >= 0)
+    keep = keep[np.lexsort((within[keep], stage[keep], req[keep]))]
+
+    out = full.take(pa.array(keep))
+    out = out.append_column("stage", pa.array(stage[keep].astype(np.int8)))
+    out = out.append_column("teacher_logit", pa.array(logits[keep].astype(np.float32)))
+    kept_stage = stage[keep]
+    stats.requests += n_req
+    for i, s in enumerate(STAGES):
+        stats.rows[s] += int((kept_stage == i).sum())
+    stats.retrieved_cooccurrence += n_cooc
+    stats.retrieved_popularity += n_ret - n_cooc
+    return out.select(ctx.out_arrow.names).cast(ctx.out_arrow)
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def _train_tables(paths: list[Path], item_field: str) -> Iterator[pa.Table]:
+    for p in paths:
+        t = pq.read_table(p)
+        cols = [c for c in ("request_id", "label", item_field, "ts") if c in t.column_names]
+        yield _sort_requests(t.select(cols))
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+    )
+
+
+def _prepare_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"--out {out} is the input dataset; the cascade is written to a new directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output directory {out} is not empty; pass overwrite=True (--overwrite) to replace it")
+        # schema.json goes first so a half-rebuilt directory never loads as a dataset
+        for name in ("schema.json", "meta.json", "items.parquet"):
+            (out / name).unlink(missing_ok=True)
+        for s in SPLITS:
+            if (out / s).is_dir():
+                shutil.rmtree(out / s)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_cascade(
+    data_dir: str | Path,
+    teacher: str | Path | PreRanker,
+    out_dir: str | Path,
+    config: CascadeConfig = CascadeConfig(),
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Build a cascade dataset in ``out_dir`` from the impression dataset ``data_dir``.
+
+    ``teacher`` is a checkpoint path (loaded with ``weights_only=True``) or a model; any registered
+    :class:`~prerank.models.base.PreRanker` trained on ``data_dir``'s schema works. Returns the
+    ``cascade`` section written to ``meta.json`` (options, per-split row counts per stage).
+    """
+    src, out = Path(data_dir), Path(out_dir)
+    schema = Schema.load(src)
+    if schema.has_stage:
+        raise SchemaError(f"{src} is already a cascade dataset (its schema has has_stage=true)")
+    teacher_name, model = _load_teacher(teacher)
+    _check_teacher_schema(model.schema, schema, str(teacher) if not isinstance(teacher, PreRanker) else "model")
+    item_field, history_field = _resolve_fields(schema, config)
+    sources = {s: ParquetSplit(src, s, schema) for s in SPLITS if (src / s).is_dir()}
+    if not sources:
+        raise DataError(f"{src} has none of the splits {SPLITS}")
+    # reserved columns present in every file (request_id is required: the cascade is built per request)
+    present = set.intersection(*(set(pq.read_schema(f).names) for sp in sources.values() for f in sp.files))
+    if "request_id" not in present:
+        raise DataError(f"{src}: not every file has a 'request_id' column; the cascade is built per request")
+    if config.resplit is not None and config.resplit_by == "time" and "ts" not in present:
+        raise ConfigError("cascade option resplit_by='time' needs a 'ts' column; use resplit_by='request'")
+    catalogue = _Catalogue.load(src, schema, item_field)
+    _prepare_out(src, out, overwrite)
+
+    in_schema = _input_schema(schema, present)
+    has_level, has_ts = "label_level" in present, "ts" in present
+    out_schema = replace(
+        schema,
+        features=tuple(f for f in schema.features if config.cross == "pad" or f.tower != "cross"),
+        has_label_level=has_level,
+        has_stage=True,
+        has_teacher_logit=True,
+    )
+    reserved = ("request_id", "label") + (("label_level",) if has_level else ()) + ("stage", "teacher_logit")
+    out_arrow = arrow_schema(out_schema, reserved + (("ts",) if has_ts else ()))
+    plan = _plan(sources, config, has_ts)
+    stats = {s: _Stats() for s in plan.splits}
+    with tempfile.TemporaryDirectory(dir=out, prefix=".cascade-tmp-") as tmp:
+        spilled = _spill(sources, plan, in_schema, Path(tmp))
+        if "train" not in spilled or not spilled["train"]:
+            raise DataError("no training requests left after filtering; co-occurrence retrieval is fitted on train")
+        retriever = CoOccurrenceRetriever.fit(
+            _train_tables(spilled["train"], item_field),
+            item_field,
+            schema.vocab(item_field),
+            catalogue.ids,
+            config.co_window,
+            config.neighbors,
+        )
+        ctx = _Context(
+            schema,
+            out_arrow,
+            config,
+            model,
+            catalogue,
+            retriever,
+            item_field,
+            history_field,
+            np.random.default_rng(config.seed),
+        )
+        with _progress(progress) as bar:
+            task = bar.add_task("cascade", total=sum(len(p) for p in spilled.values()))
+            for s in plan.splits:
+                writer = SplitWriter(out, s)
+                for path in spilled[s]:
+                    writer.write(_build_chunk(ctx, pq.read_table(path), stats[s], f"{s} chunk {path.stem}"))
+                    bar.advance(task)
+                writer.close()
+
+    atomic_write(out / "items.parquet", lambda tmp: pq.write_table(catalogue.table, tmp))
+    summary = {
+        "source": str(src),
+        "teacher": str(teacher) if not isinstance(teacher, PreRanker) else teacher_name,
+        "teacher_model": teacher_name,
+        "retrieval": "item co-occurrence on train positives (window co_window) + popularity fill-in",
+        "seeds": f"history sequence {history_field!r}" if history_field else "the request's positive impressions",
+        "cross_features": "dropped" if config.cross == "drop" else "padding value on unexposed rows",
+        "catalogue_items": len(catalogue.ids),
+        "catalogue_rows_dropped": catalogue.rows_dropped,
+        "config": asdict(config),
+        "splits": {s: st.to_dict() for s, st in stats.items()},
+    }
+    meta = {
+        "cascade": summary,
+        "rows": {s: sum(st.rows.values()) for s, st in stats.items()},
+        "source_meta": read_meta(src),
+    }
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, default=str))
+    out_schema.save(out / "schema.json")
+    return summary

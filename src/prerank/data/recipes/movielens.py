@@ -1,0 +1,583 @@
+"""MovieLens-1M and MovieLens-100K recipes (protocols ``paper`` and ``temporal``).
+
+Accepted raw layouts (detected from the file names, in a folder, its ``ml-1m``/``ml-100k``
+sub-folder, or a zip):
+
+* ML-1M GroupLens: ``ratings.dat``, ``users.dat``, ``movies.dat`` (``::``-separated, ISO-8859-1),
+  or ``ml-1m.zip`` holding them.
+* ML-1M staged (``../shared/data/ml-1m``): ``ratings_all_uir_with_partial_ts.csv.gz`` (header
+  ``UserID,MovieID,Rating,Timestamp``, the timestamp empty where unknown) + ``users.dat`` + ``movies.dat``.
+* ML-100K GroupLens: ``u.data`` (tab), ``u.user`` and ``u.item`` (``|``, 19 genre flags,
+  ISO-8859-1), or ``ml-100k.zip``.
+* ML-100K RecBole atomic files: ``ml-100k.inter[.gz]``, ``ml-100k.user``, ``ml-100k.item``.
+
+Protocols (rating 3 is dropped in both; label = rating > 3; ``label_level`` = the rating):
+
+* ``paper`` (IntTower / FIT evaluation on ML-1M): random 80/20 train/test split of the rows by
+  ``seed``; 10% of the training rows, drawn at random, become ``valid`` (not a cold-item slice).
+  ``request_id`` = user id, so GAUC groups by user.
+* ``temporal``: only users *all* of whose ratings carry a timestamp (read from the data: on the
+  staged ML-1M file, users 1..2999 plus the few later users that are complete). Each user's rows
+  sorted by time (ties keep file order): the last 10% -> test, the 10% before -> valid, the rest
+  train (``round(0.1 n)`` rows each). Adds ``hist_item_id``. ``request_id`` = user id: MovieLens
+  has no sessions, and a user x day id would leave most test requests with a single row.
+
+Features (FSCD Table 1 cost types as defined in :data:`prerank.schema.COST_O`; every statistic is
+fitted on the training split only, out-of-fold for training rows, see :mod:`.common`):
+
+======================  =====  =====  =================================================================
+name                    tower  type   meaning
+======================  =====  =====  =================================================================
+user_id                 user   I      user id (train vocabulary)
+gender, age,            user   I      demographics; ML-100K ages are cut into ML-1M's age groups
+occupation, zip_prefix                (1, 18, 25, 35, 45, 50, 56); zip_prefix = first two characters
+user_mean_label         user   II     smoothed positive rate of the user's training rows
+user_count              user   II     log-scaled number of the user's training rows
+hist_item_id            user   III    (temporal) last 20 positively rated items strictly before the row
+item_id                 item   I      movie id (train vocabulary)
+genres                  item   I      the movie's genres (multi-valued, mean pooling)
+year_bucket             item   I      release year in fixed buckets (no fitting)
+item_mean_label         item   II     smoothed positive rate of the movie's training rows
+item_count              item   II     log-scaled number of the movie's training rows
+user_genre_affinity     cross  IV     smoothed positive rate of the user's training rows in the movie's genres
+user_genre_count        cross  IV     log-scaled mean number of the user's training rows per genre of the movie
+item_group_rate         cross  III    smoothed positive rate of the movie among training rows of the user's
+                                      age x gender group
+year_gap                cross  III    (movie year - mean year of the user's training movies) / 10, clipped to
+                                      [-5, 5]; 0 when either is unknown
+======================  =====  =====  =================================================================
+
+History events never come from the test split: train and valid rows see training positives, test
+rows training and validation positives (both lie wholly before a user's test rows), always
+strictly earlier than the row's timestamp. Items unseen in training have id 0 and are left out of
+histories (0 is padding).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from prerank.data.parquet import write_dataset
+from prerank.data.recipes.common import (
+    Entries,
+    Progress,
+    RecipeError,
+    SplitStats,
+    Vocab,
+    balanced_folds,
+    history,
+    label_rate,
+    no_progress,
+    padded_to_list,
+    staging_dir,
+)
+from prerank.data.recipes.rawfiles import Source, read_delimited
+from prerank.schema import FeatureSpec, Schema
+
+PROTOCOLS: tuple[str, ...] = ("paper", "temporal")
+
+#: ML-1M age groups (users.dat codes); ML-100K raw ages are cut into the same groups.
+AGE_GROUPS = np.array([1, 18, 25, 35, 45, 50, 56])
+#: Release-year bucket edges: decades before 1980, then finer where most movies are.
+YEAR_EDGES = np.array([1930, 1940, 1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996, 1997, 1998, 1999, 2000])
+#: Genre flag order of ML-100K ``u.item`` (as listed in its ``u.genre``).
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+
+LAYOUTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "ml-1m": (
+        ("staged", ("ratings_all_uir_with_partial_ts.csv", "users.dat", "movies.dat")),
+        ("grouplens", ("ratings.dat", "users.dat", "movies.dat")),
+    ),
+    "ml-100k": (
+        ("recbole", ("ml-100k.inter", "ml-100k.user", "ml-100k.item")),
+        ("grouplens", ("u.data", "u.user", "u.item")),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class MovieLensConfig:
+    """Knobs of the MovieLens recipes (defaults are the documented protocol)."""
+
+    test_frac: float = 0.2
+    valid_frac: float = 0.1
+    temporal_frac: float = 0.1
+    n_folds: int = 5
+    smoothing: float = 10.0
+    hist_len: int = 20
+
+
+@dataclass
+class RawMovieLens:
+    """Parsed raw files. Ratings per row; users and movies one row per id (genres as names)."""
+
+    user: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray
+    ts: np.ndarray
+    has_ts: np.ndarray
+    user_ids: np.ndarray
+    gender: np.ndarray
+    age: np.ndarray
+    occupation: np.ndarray
+    zip_code: np.ndarray
+    movie_ids: np.ndarray
+    year: np.ndarray
+    genres: list[list[str]]
+    layout: str
+    files: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _locate(raw: Path, name: str) -> tuple[Source, str, tuple[str, ...]]:
+    sub = name
+    src = Source.open(raw, sub)
+    for attempt in range(2):
+        for layout, files in LAYOUTS[name]:
+            if src.has(files[0]):
+                missing = [f for f in files if not src.has(f)]
+                if missing:
+                    raise RecipeError(f"{name} raw data in {src.where} ({layout} layout) lacks {missing}")
+                return src, layout, files
+        if attempt == 0 and not src.is_zip and f"{name}.zip" in src.files:
+            src = Source.open(Path(src.files[f"{name}.zip"]), sub)
+            continue
+        break
+    expected = "; or ".join(" + ".join(f) + f" ({layout})" for layout, f in LAYOUTS[name])
+    raise RecipeError(f"no {name} raw files in {raw}: expected {expected}; or {name}.zip")
+
+
+def _col(table: pa.Table, name: str, what: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise RecipeError(f"{what} has no column {name!r} (columns: {table.column_names})")
+    return table.column(name)
+
+
+def _ints(table: pa.Table, name: str, what: str) -> np.ndarray:
+    col = _col(table, name, what)
+    if col.null_count:
+        raise RecipeError(f"{what}: column {name!r} has {col.null_count} empty values")
+    try:
+        return pc.cast(col, pa.int64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise RecipeError(f"{what}: column {name!r} is not integer: {e}") from e
+
+
+def _strs(table: pa.Table, name: str, what: str) -> np.ndarray:
+    return np.asarray(pc.cast(_col(table, name, what), pa.string()).to_pylist(), dtype=object).astype(str)
+
+
+def _year_from_title(titles: pa.ChunkedArray) -> np.ndarray:
+    m = pc.extract_regex(titles, r"\((?P<year>\d{4})\)\s*$")
+    years = pc.struct_field(m, [0])
+    return np.asarray(pc.fill_null(pc.cast(years, pa.int64()), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _year_from_text(col: pa.ChunkedArray) -> np.ndarray:
+    """Last four characters as a year (``01-Jan-1995`` or ``1995``); 0 when absent."""
+    text = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+    tail = pc.utf8_slice_codeunits(text, -4)
+    ok = pc.match_substring_regex(tail, r"^\d{4}$")
+    years = pc.if_else(ok, tail, "0")
+    return np.asarray(pc.cast(years, pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def read_movielens(raw: Path, name: str) -> RawMovieLens:
+    """Detect the layout of ``raw`` and parse ratings, users and movies (see the module docstring)."""
+    src, layout, files = _locate(raw, name)
+    r_name, u_name, m_name = files
+    latin = "latin-1"
+    if name == "ml-1m":
+        if layout == "staged":
+            r = read_delimited(src.read(r_name), r_name, delimiter=",", types={"Timestamp": pa.int64()})
+            r_cols = ("UserID", "MovieID", "Rating", "Timestamp")
+        else:
+            r_cols = ("user", "item", "rating", "ts")
+            r = read_delimited(src.read(r_name), r_name, delimiter="::", names=list(r_cols))
+        u = read_delimited(
+            src.read(u_name),
+            u_name,
+            delimiter="::",
+            names=["user", "gender", "age", "occupation", "zip"],
+            types={"occupation": pa.string(), "zip": pa.string()},
+        )
+        m = read_delimited(src.read(m_name), m_name, delimiter="::", names=["item", "title", "genres"], encoding=latin)
+        year = _year_from_title(_col(m, "title", m_name))
+        genres = [g.split("|") if g else [] for g in _strs(m, "genres", m_name)]
+    elif layout == "recbole":
+        r = read_delimited(src.read(r_name), r_name, delimiter="\t")
+        r = r.rename_columns([c.split(":")[0] for c in r.column_names])
+        r_cols = ("user_id", "item_id", "rating", "timestamp")
+        u = read_delimited(src.read(u_name), u_name, delimiter="\t", types={"zip_code:token": pa.string()})
+        u = u.rename_columns([c.split(":")[0] for c in u.column_names])
+        u = u.rename_columns(["user" if c == "user_id" else "zip" if c == "zip_code" else c for c in u.column_names])
+        m = read_delimited(src.read(m_name), m_name, delimiter="\t", encoding=latin)
+        m = m.rename_columns([c.split(":")[0] for c in m.column_names])
+        m = m.rename_columns(["item" if c == "item_id" else c for c in m.column_names])
+        year = _year_from_text(_col(m, "release_year", m_name))
+        genres = [[g for g in s.split(" ") if g and g != "unknown"] for s in _strs(m, "class", m_name)]
+    else:
+        r_cols = ("user", "item", "rating", "ts")
+        r = read_delimited(src.read(r_name), r_name, delimiter="\t", names=list(r_cols))
+        u = read_delimited(
+            src.read(u_name),
+            u_name,
+            delimiter="|",
+            names=["user", "age", "gender", "occupation", "zip"],
+            types={"zip": pa.string()},
+        )
+        flag_names = [f"g{i}" for i in range(len(ML100K_GENRES))]
+        m = read_delimited(
+            src.read(m_name),
+            m_name,
+            delimiter="|",
+            encoding=latin,
+            names=["item", "title", "release", "video", "url", *flag_names],
+            types={"release": pa.string(), **{g: pa.int8() for g in flag_names}},
+        )
+        year = _year_from_text(_col(m, "release", m_name))
+        flags = np.stack([m.column(g).to_numpy() for g in flag_names], axis=1)
+        genres = [[ML100K_GENRES[j] for j in np.nonzero(row)[0] if j > 0] for row in flags]
+
+    ts_col = _col(r, r_cols[3], r_name)
+    has_ts = ~np.asarray(ts_col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    ts = np.asarray(pc.fill_null(pc.cast(ts_col, pa.int64()), 0).to_numpy(), dtype=np.int64)
+    rating = _ints(r, r_cols[2], r_name)
+    bad = (rating < 1) | (rating > 5)
+    if bad.any():
+        raise RecipeError(f"{r_name}: {int(bad.sum())} ratings outside 1..5 (first: {rating[bad][0]})")
+    ages = _ints(u, "age", u_name)
+    return RawMovieLens(
+        user=_ints(r, r_cols[0], r_name),
+        item=_ints(r, r_cols[1], r_name),
+        rating=rating.astype(np.int8),
+        ts=ts,
+        has_ts=has_ts,
+        user_ids=_ints(u, "user", u_name),
+        gender=_strs(u, "gender", u_name),
+        age=AGE_GROUPS[np.clip(np.searchsorted(AGE_GROUPS, ages, side="right") - 1, 0, None)],
+        occupation=_strs(u, "occupation", u_name),
+        zip_code=np.char.upper(_strs(u, "zip", u_name)),
+        movie_ids=_ints(m, "item", m_name),
+        year=year,
+        genres=genres,
+        layout=layout,
+        files=[str(src.where / f) if not src.is_zip else f"{src.where}!{f}" for f in files],
+    )
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+
+def split_paper(n: int, cfg: MovieLensConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random rows: ``test_frac`` -> test (2); of the rest, ``valid_frac`` -> valid (1); others train (0)."""
+    split = np.zeros(n, dtype=np.int8)
+    perm = rng.permutation(n)
+    n_test = int(round(cfg.test_frac * n))
+    split[perm[:n_test]] = 2
+    rest = perm[n_test:]
+    split[rng.permutation(rest)[: int(round(cfg.valid_frac * len(rest)))]] = 1
+    return split
+
+
+def split_temporal(user: np.ndarray, ts: np.ndarray, frac: float) -> np.ndarray:
+    """Per user, rows by time (ties in input order): last ``round(frac n)`` -> test, the same number before -> valid."""
+    order = np.lexsort((np.arange(len(user)), ts, user))
+    u_sorted = user[order]
+    starts = np.r_[0, np.nonzero(np.diff(u_sorted))[0] + 1]
+    counts = np.diff(np.r_[starts, len(user)])
+    pos = np.arange(len(user)) - np.repeat(starts, counts)
+    n_u = np.repeat(counts, counts)
+    k = np.floor(frac * n_u + 0.5).astype(np.int64)
+    split_sorted = np.where(pos >= n_u - k, 2, np.where(pos >= n_u - 2 * k, 1, 0)).astype(np.int8)
+    split = np.empty_like(split_sorted)
+    split[order] = split_sorted
+    return split
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+def _lookup(ids: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
+    """Index of each id in ``table_ids``; ``len(table_ids)`` where absent (point it at a 'missing' slot)."""
+    order = np.argsort(table_ids, kind="stable")
+    sorted_ids = table_ids[order]
+    pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
+    hit = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+    return np.where(hit, order[pos], len(table_ids))
+
+
+def _genre_matrix(genres: list[list[str]]) -> np.ndarray:
+    """``[n_movies + 1, G]`` raw genre codes (1 + index in the sorted genre names), 0-padded; last row empty."""
+    names = sorted({g for gs in genres for g in gs})
+    code = {g: i + 1 for i, g in enumerate(names)}
+    width = max((len(gs) for gs in genres), default=1) or 1
+    mat = np.zeros((len(genres) + 1, width), dtype=np.int64)
+    for i, gs in enumerate(genres):
+        mat[i, : len(gs)] = [code[g] for g in gs]
+    return mat
+
+
+def _dense(name: str, tower: str, cost: str, description: str) -> FeatureSpec:
+    return FeatureSpec(name, tower, "dense", cost_type=cost, description=description)  # type: ignore[arg-type]
+
+
+def _cat(name: str, tower: str, vocab: int, description: str) -> FeatureSpec:
+    return FeatureSpec(name, tower, "categorical", vocab_size=max(vocab, 2), description=description)  # type: ignore[arg-type]
+
+
+def build_schema(name: str, protocol: str, vocab: dict[str, int], genre_len: int, hist_len: int) -> Schema:
+    """The MovieLens schema; see the module docstring for every feature."""
+    user = [
+        _cat("user_id", "user", vocab["user_id"], "user id, vocabulary fitted on training rows"),
+        _cat("gender", "user", vocab["gender"], "gender M/F"),
+        _cat("age", "user", vocab["age"], "age group (ML-1M codes 1,18,25,35,45,50,56)"),
+        _cat("occupation", "user", vocab["occupation"], "occupation"),
+        _cat("zip_prefix", "user", vocab["zip_prefix"], "first two characters of the zip code"),
+        _dense("user_mean_label", "user", "II", "smoothed positive rate of the user's training rows (out-of-fold)"),
+        _dense("user_count", "user", "II", "log1p(number of the user's training rows) / log1p(max)"),
+    ]
+    if protocol == "temporal":
+        user.append(
+            FeatureSpec(
+                "hist_item_id",
+                "user",
+                "sequence",
+                max_len=hist_len,
+                shares="item_id",
+                cost_type="III",
+                n_values=hist_len,
+                description=f"last {hist_len} positively rated movies strictly before the row",
+            )
+        )
+    item = [
+        _cat("item_id", "item", vocab["item_id"], "movie id, vocabulary fitted on training rows"),
+        FeatureSpec(
+            "genres",
+            "item",
+            "sequence",
+            vocab_size=max(vocab["genres"], 2),
+            max_len=genre_len,
+            pooling="mean",
+            n_values=genre_len,
+            description="the movie's genres (multi-valued)",
+        ),
+        _cat("year_bucket", "item", len(YEAR_EDGES) + 2, f"release year bucket, edges {YEAR_EDGES.tolist()}"),
+        _dense("item_mean_label", "item", "II", "smoothed positive rate of the movie's training rows (out-of-fold)"),
+        _dense("item_count", "item", "II", "log1p(number of the movie's training rows) / log1p(max)"),
+    ]
+    cross = [
+        _dense(
+            "user_genre_affinity",
+            "cross",
+            "IV",
+            "smoothed positive rate of the user's training rows in the movie's genres (out-of-fold)",
+        ),
+        _dense(
+            "user_genre_count",
+            "cross",
+            "IV",
+            "log-scaled mean number of the user's training rows per genre of the movie",
+        ),
+        _dense(
+            "item_group_rate",
+            "cross",
+            "III",
+            "smoothed positive rate of the movie among training rows of the user's age x gender group (out-of-fold)",
+        ),
+        _dense(
+            "year_gap",
+            "cross",
+            "III",
+            "(movie year - mean year of the user's training movies) / 10 in [-5, 5]; 0 if unknown",
+        ),
+    ]
+    return Schema(
+        features=tuple(user + item + cross),
+        has_label_level=True,
+        name=f"{name}-{protocol}",
+        extra={"recipe": name, "protocol": protocol, "label": "rating > 3 (rating 3 dropped)"},
+    )
+
+
+def prepare_movielens(
+    name: str,
+    raw: Path,
+    out: Path,
+    protocol: str,
+    seed: int,
+    *,
+    config: MovieLensConfig | None = None,
+    progress: Progress = no_progress,
+) -> Path:
+    """Prepare ``ml-1m`` or ``ml-100k`` from ``raw`` into the dataset folder ``out``; returns ``out``."""
+    cfg = config or MovieLensConfig()
+    if protocol not in PROTOCOLS:
+        raise RecipeError(f"recipe {name!r} has no protocol {protocol!r}; choose one of {PROTOCOLS}")
+    t_start = time.perf_counter()
+    steps = 6
+    progress(f"reading {name} raw files", 0, steps)
+    data = read_movielens(raw, name)
+    n_raw = len(data.rating)
+
+    progress("splitting", 1, steps)
+    keep = data.rating != 3
+    dropped_users = 0
+    if protocol == "temporal":
+        users_missing_ts = np.unique(data.user[~data.has_ts])
+        complete = ~np.isin(data.user, users_missing_ts)
+        dropped_users = int(len(users_missing_ts))
+        keep &= complete
+        if not keep.any():
+            raise RecipeError(f"{name}: no user has timestamps on all ratings; the temporal protocol needs some")
+    idx = np.nonzero(keep)[0]
+    user, item, rating, ts, has_ts = data.user[idx], data.item[idx], data.rating[idx], data.ts[idx], data.has_ts[idx]
+    label = (rating > 3).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    split = split_paper(len(idx), cfg, rng) if protocol == "paper" else split_temporal(user, ts, cfg.temporal_frac)
+    tr = split == 0
+    if not tr.any():
+        raise RecipeError(f"{name}: the training split is empty ({len(idx)} rows after filtering)")
+
+    progress("vocabularies", 2, steps)
+    u_at = _lookup(user, data.user_ids)  # row -> users-table index (len = missing)
+    m_at = _lookup(item, data.movie_ids)
+    missing_str = np.array([""])
+    attrs = {
+        "gender": np.concatenate([data.gender, missing_str])[u_at],
+        "age": np.concatenate([data.age.astype(str), missing_str])[u_at],
+        "occupation": np.concatenate([data.occupation, missing_str])[u_at],
+        "zip_prefix": np.concatenate([data.zip_code.astype("<U2"), missing_str])[u_at],
+    }
+    vocabs = {"user_id": Vocab.fit(user[tr]), "item_id": Vocab.fit(item[tr])}
+    vocabs.update({k: Vocab.fit(v[tr], missing="") for k, v in attrs.items()})
+    codes = {"user_id": vocabs["user_id"].encode(user), "item_id": vocabs["item_id"].encode(item)}
+    codes.update({k: vocabs[k].encode(v) for k, v in attrs.items()})
+    raw_genres = _genre_matrix(data.genres)  # last row = movie missing from the movies file
+    genre_vocab = Vocab.fit(raw_genres[m_at][tr][raw_genres[m_at][tr] > 0])
+    movie_genres = genre_vocab.encode(raw_genres)
+    movie_genres = np.take_along_axis(movie_genres, np.argsort(movie_genres == 0, axis=1, kind="stable"), axis=1)
+    genres = movie_genres[m_at]
+    years = np.concatenate([data.year, [0]])
+    year_bucket = np.where(years > 0, np.searchsorted(YEAR_EDGES, years, side="right") + 1, 0)
+    codes["genres"] = genres
+    codes["year_bucket"] = year_bucket[m_at]
+    row_year = years[m_at]
+
+    progress("statistics (out-of-fold for training rows)", 3, steps)
+    parts = [np.nonzero(split == s)[0] for s in range(3)]
+    # Rows are the fold unit in both protocols: paper test rows are random rows of training
+    # sessions, and temporal test rows mostly share their day with training rows (MovieLens users
+    # rate in long sign-up sessions); folding by (user, day) would hide whole users from themselves.
+    folds = balanced_folds(len(parts[0]), cfg.n_folds, rng)
+    n_items = vocabs["item_id"].size
+    catalogue_codes = np.arange(1, n_items)
+    catalogue_raw = vocabs["item_id"].values
+    catalogue_genres = movie_genres[_lookup(catalogue_raw, data.movie_ids)]
+    stats = SplitStats(parts, label[parts[0]], folds, cfg.n_folds, cfg.smoothing, Entries.single(catalogue_codes))
+    u_code, i_code = codes["user_id"], codes["item_id"]
+    n_genres = genre_vocab.size
+    n_gender = vocabs["gender"].size
+    group = codes["age"] * n_gender + codes["gender"]
+    feats: dict[str, list[np.ndarray]] = {}
+    feats["user_mean_label"] = stats.mean(lambda p: Entries.single(u_code[p]))
+    feats["item_mean_label"] = stats.mean(lambda p: Entries.single(i_code[p]), catalogue=True)
+    feats["user_count"] = stats.count(lambda p: Entries.single(u_code[p]))
+    feats["item_count"] = stats.count(lambda p: Entries.single(i_code[p]), catalogue=True)
+
+    progress("cross features", 4, steps)
+    feats["user_genre_affinity"] = stats.mean(lambda p: Entries.padded(u_code[p], genres[p], n_genres))
+    feats["user_genre_count"] = stats.count(lambda p: Entries.padded(u_code[p], genres[p], n_genres), per_entry=True)
+    n_groups = vocabs["age"].size * n_gender
+    feats["item_group_rate"] = stats.mean(lambda p: Entries.single(i_code[p] * n_groups + group[p]))
+    known_year = tr & (row_year > 0)
+    year_sum = np.bincount(u_code[known_year], weights=row_year[known_year], minlength=vocabs["user_id"].size)
+    year_n = np.bincount(u_code[known_year], minlength=vocabs["user_id"].size)
+    user_year = np.where(year_n > 0, year_sum / np.maximum(year_n, 1), 0.0)
+    gap = np.where((user_year[u_code] > 0) & (row_year > 0), (row_year - user_year[u_code]) / 10.0, 0.0)
+    feats["year_gap"] = [np.clip(gap[p], -5, 5).astype(np.float32) for p in parts]
+
+    hist: list[pa.Array] = []
+    if protocol == "temporal":
+        progress("behaviour histories", 5, steps)
+        pos = (label == 1) & (i_code > 0)
+        for s, p in enumerate(parts):
+            allowed = pos & (split <= max(s - 1, 0))
+            hist.append(history(user[p], ts[p], user[allowed], ts[allowed], i_code[allowed], cfg.hist_len))
+
+    progress("writing Parquet", 6, steps)
+    schema = build_schema(
+        name,
+        protocol,
+        {k: v.size for k, v in vocabs.items()} | {"genres": n_genres},
+        genres.shape[1],
+        cfg.hist_len,
+    )
+    tables = {}
+    for s, split_name in enumerate(("train", "valid", "test")):
+        p = parts[s]
+        cols: dict[str, pa.Array] = {
+            "request_id": pa.array(user[p], pa.int64()),
+            "label": pa.array(label[p], pa.float32()),
+            "label_level": pa.array(rating[p], pa.int8()),
+            "ts": pa.array(ts[p], pa.int64(), mask=~has_ts[p]),
+        }
+        for f in schema.features:
+            if f.name == "hist_item_id":
+                cols[f.name] = hist[s]
+            elif f.name == "genres":
+                cols[f.name] = padded_to_list(genres[p])
+            elif f.kind == "dense":
+                cols[f.name] = pa.array(feats[f.name][s], pa.float32())
+            else:
+                cols[f.name] = pa.array(codes[f.name][p], pa.int64())
+        table = pa.table(cols)
+        order = np.lexsort((p, ts[p], user[p]))
+        tables[split_name] = table.take(pa.array(order))
+    items = pa.table(
+        {
+            "item_id": pa.array(catalogue_codes, pa.int64()),
+            "raw_item_id": pa.array(catalogue_raw, pa.int64()),
+            "genres": padded_to_list(catalogue_genres),
+            "year_bucket": pa.array(year_bucket[_lookup(catalogue_raw, data.movie_ids)], pa.int64()),
+            "item_mean_label": pa.array(feats["item_mean_label"][3], pa.float32()),
+            "item_count": pa.array(feats["item_count"][3], pa.float32()),
+        }
+    )
+    meta = {
+        "recipe": name,
+        "protocol": protocol,
+        "seed": seed,
+        "config": cfg.__dict__,
+        "layout": data.layout,
+        "raw_files": data.files,
+        "counts": {
+            "raw_ratings": n_raw,
+            "dropped_rating_3": int((data.rating == 3).sum()),
+            "dropped_users_without_full_timestamps": dropped_users,
+            "rows_kept": len(idx),
+            "users": int(len(np.unique(user))),
+            "items": int(len(np.unique(item))),
+            "train_users": vocabs["user_id"].size - 1,
+            "train_items": n_items - 1,
+            "rows_without_timestamp": int((~has_ts).sum()),
+        },
+        "label_rate": {k: label_rate(label[p]) for k, p in zip(("train", "valid", "test"), parts, strict=True)},
+        "request_id": "user id",
+    }
+    with staging_dir(out) as tmp:
+        meta["prepare_seconds"] = round(time.perf_counter() - t_start, 2)
+        write_dataset(tmp, schema, tables, items=items, meta=meta)
+    progress("done", steps, steps)
+    return Path(out)

@@ -1,0 +1,200 @@
+"""Parts of FIT (Xiong et al., "A Learnable Fully Interacted Two-Tower Model for Pre-Ranking System", 2025).
+
+Citations are to the authors' slides (``../shared/papers/fit-fully-interacted-two-tower.txt``):
+the "Meta Query Module (MQM)" slide and Figure 2 for :class:`MetaQuerySelector`, the "Lightweight
+Similarity Scorer (LSS)" slide for :class:`LightweightSimilarityScorer`, and the "Component
+Effectiveness Analysis" slide for the ablation scorers (w/o LSS, w SumMax, w FC).
+
+Every scorer splits into a user part, an item part and a per-candidate part so that the user part
+is computed once per request (once per meta vector in FIT), the item part is cached per item, and
+only ``forward`` runs per candidate:
+
+``user_part(u [..., D']) -> [..., *U]``, ``item_part(v [N, D']) -> [N, *V]``,
+``forward(user [N, *U], item [N, *V]) -> logits [N]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MetaQuerySelector(nn.Module):
+    """The meta matrix and the attention unit of the MQM (MQM slide, points 1-2; Figure 2).
+
+    The meta matrix ``[M, D]`` holds M trainable vectors, each standing for a cluster of items. The
+    attention unit scores every meta vector against an item's key ``[N, D]`` and keeps only the most
+    similar one (the slides: "retains only the most similar meta vector" in training; the item's
+    "index" picks the user representation at inference).
+
+    The slides leave open how the hard choice is trained. This implementation:
+
+    * scores by cosine similarity, ``s = cos(key, m_k) / tau`` ``[N, M]``. Normalised codes spread the
+      items over the meta vectors from a random start and avoid the norm-driven collapse of
+      dot-product or Euclidean codebooks (Yu et al., "Vector-quantized Image Modeling with Improved
+      VQGAN", ICLR 2022, Sec. 3.2);
+    * keeps the forward pass exactly the slides' hard choice (``one_hot(argmax s)``) and trains it
+      with a straight-through estimator: the backward pass uses the gradient of ``softmax(s)``, so
+      the task loss reaches the meta matrix (also rows not chosen) and the item encoder through
+      the choice itself;
+    * offers a VQ-VAE-style clustering loss (van den Oord et al., "Neural Discrete Representation
+      Learning", NeurIPS 2017, Eq. 3) on the normalised vectors, which moves each chosen meta vector
+      toward its items (online k-means on directions; the slides' "each row represents a clustered
+      item embedding") and commits items to their meta vector so the choice stays stable between
+      steps. The meta vectors' norms stay free and are learnt by the task loss through the query.
+    """
+
+    def __init__(self, num_meta: int, dim: int, *, temperature: float, init_std: float = 0.01):
+        super().__init__()
+        self.meta = nn.Parameter(torch.randn(num_meta, dim) * init_std)
+        self.temperature = temperature
+
+    @property
+    def num_meta(self) -> int:
+        return self.meta.shape[0]
+
+    def logits(self, key: Tensor) -> Tensor:
+        """Similarity of each key ``[N, D]`` to each meta vector: ``[N, M]``."""
+        return F.normalize(key, dim=-1) @ F.normalize(self.meta, dim=-1).T / self.temperature
+
+    def index(self, key: Tensor) -> Tensor:
+        """The most similar meta vector of each key: int64 ``[N]`` in ``[0, M)``."""
+        return self.logits(key).argmax(-1)
+
+    def select(self, key: Tensor) -> tuple[Tensor, Tensor]:
+        """The chosen meta vector as the item's query ``[N, D]`` (straight-through) and its index ``[N]``.
+
+        The forward value is exactly ``meta[index]``: the hard one-hot plus ``soft - soft.detach()``
+        (exactly 0) times the meta matrix; the backward pass sees ``softmax(s) @ meta``.
+        """
+        logits = self.logits(key)
+        index = logits.argmax(-1)
+        soft = logits.softmax(-1)
+        hard = F.one_hot(index, self.num_meta).to(soft.dtype)
+        return (hard + (soft - soft.detach())) @ self.meta, index
+
+    def cluster_loss(self, key: Tensor, index: Tensor, commitment: float) -> Tensor:
+        """``||sg(k) - m_idx||^2 + commitment * ||k - sg(m_idx)||^2`` on unit vectors, mean over N (scalar)."""
+        k = F.normalize(key, dim=-1)
+        m = F.normalize(self.meta[index], dim=-1)
+        codebook = (k.detach() - m).pow(2).sum(-1).mean()
+        commit = (k - m.detach()).pow(2).sum(-1).mean()
+        return codebook + commitment * commit
+
+
+class LightweightSimilarityScorer(nn.Module):
+    """LSS (LSS slide, "How it works" 1-3).
+
+    1. The user and item representations ``[..., D']`` are mapped into ``H_u`` and ``H_v`` sub-spaces
+       of width ``d``: ``U = P u`` ``[..., H_u, d]``, ``V = Q v`` ``[..., H_v, d]``.
+    2. The similarity matrix of all head pairs: ``S_ij = <U_i, V_j> / sqrt(d)`` ``[N, H_u, H_v]``
+       (the ``sqrt(d)`` keeps its scale independent of the head width).
+    3. A row-wise FC then a column-wise FC reduce ``S`` to one score:
+       ``r_i = GELU(sum_j W_ij S_ij + b_i)`` ``[N, H_u]``, then ``logit = sum_i c_i r_i + c_0``.
+
+    The slides do not give the layer shapes; this reading gives each row (user head) its own
+    weights over the item heads, so row i scores user head i against its own mixture of item
+    heads: the ``H_v`` cached item heads feed ``H_u`` distinct bilinear forms, rather than
+    collapsing into one mixed item vector as a row FC shared across rows would (a linear map of a
+    bilinear form is again a bilinear form, so the non-linearity between the two FCs is what
+    gives the scorer power beyond a dot product). Parameters: ``H_u*H_v + 2*H_u + 1``; per-candidate
+    FLOPs about ``2*H_u*H_v*d`` for ``S`` plus ``O(H_u*H_v)`` for the FCs.
+    """
+
+    def __init__(self, rep_dim: int, user_heads: int, item_heads: int, head_dim: int):
+        super().__init__()
+        self.user_heads, self.item_heads, self.head_dim = user_heads, item_heads, head_dim
+        self.user_proj = nn.Linear(rep_dim, user_heads * head_dim)
+        self.item_proj = nn.Linear(rep_dim, item_heads * head_dim)
+        self.row_weight = nn.Parameter(torch.randn(user_heads, item_heads) / math.sqrt(item_heads))
+        self.row_bias = nn.Parameter(torch.zeros(user_heads))
+        self.column = nn.Linear(user_heads, 1)
+
+    def user_part(self, u: Tensor) -> Tensor:
+        """``[..., D']`` -> user heads ``[..., H_u, d]``."""
+        return self.user_proj(u).unflatten(-1, (self.user_heads, self.head_dim))
+
+    def item_part(self, v: Tensor) -> Tensor:
+        """``[N, D']`` -> item heads ``[N, H_v, d]``."""
+        return self.item_proj(v).unflatten(-1, (self.item_heads, self.head_dim))
+
+    def forward(self, user: Tensor, item: Tensor) -> Tensor:
+        """User heads ``[N, H_u, d]``, item heads ``[N, H_v, d]`` -> logits ``[N]``."""
+        sim = torch.einsum("nid,njd->nij", user, item) / math.sqrt(self.head_dim)
+        rows = F.gelu((sim * self.row_weight).sum(-1) + self.row_bias)
+        return self.column(rows).squeeze(-1)
+
+
+class SumMaxScorer(nn.Module):
+    """ "w SumMax" ablation: ColBERT-style late interaction, ``sum_i max_j <U_i, V_j> + b``.
+
+    Same head projections as :class:`LightweightSimilarityScorer` (``U`` ``[N, H_u, d]``, ``V``
+    ``[N, H_v, d]``); the hand-crafted sum-max reduction replaces the learnt row/column FCs (IntTower's
+    scorer, which the slides' Background contrasts with LSS).
+    """
+
+    def __init__(self, rep_dim: int, user_heads: int, item_heads: int, head_dim: int):
+        super().__init__()
+        self.user_heads, self.item_heads, self.head_dim = user_heads, item_heads, head_dim
+        self.user_proj = nn.Linear(rep_dim, user_heads * head_dim)
+        self.item_proj = nn.Linear(rep_dim, item_heads * head_dim)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def user_part(self, u: Tensor) -> Tensor:
+        return self.user_proj(u).unflatten(-1, (self.user_heads, self.head_dim))
+
+    def item_part(self, v: Tensor) -> Tensor:
+        return self.item_proj(v).unflatten(-1, (self.item_heads, self.head_dim))
+
+    def forward(self, user: Tensor, item: Tensor) -> Tensor:
+        sim = torch.einsum("nid,njd->nij", user, item)
+        return sim.amax(-1).sum(-1) + self.bias
+
+
+class DotScorer(nn.Module):
+    """ "w/o LSS" ablation: the Two-Tower output layer, ``<u, v> + b`` over the ``D'``-dim representations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def user_part(self, u: Tensor) -> Tensor:
+        return u
+
+    def item_part(self, v: Tensor) -> Tensor:
+        return v
+
+    def forward(self, user: Tensor, item: Tensor) -> Tensor:
+        return (user * item).sum(-1) + self.bias
+
+
+class FCScorer(nn.Module):
+    """ "w FC" ablation: an FC head over the concatenated representations, ``w^T ReLU(W [u; v] + b) + c``.
+
+    An FC with no hidden layer over ``[u; v]`` would be additive (``W_u u + W_v v``), i.e. no user-item
+    interaction at all, so the slides' "FC layer" is read as one hidden layer of width ``h``. Its first
+    layer splits like COLD's (DESIGN.md): ``W_u u`` ``[..., h]`` is precomputed per user (per meta
+    vector), ``W_v v + b`` ``[N, h]`` is cached per item, and per candidate only the sum, the ReLU and
+    an ``h``-dim dot product remain (about ``4h`` FLOPs).
+    """
+
+    def __init__(self, rep_dim: int, hidden: int):
+        super().__init__()
+        self.user_proj = nn.Linear(rep_dim, hidden, bias=False)
+        self.item_proj = nn.Linear(rep_dim, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def user_part(self, u: Tensor) -> Tensor:
+        return self.user_proj(u)
+
+    def item_part(self, v: Tensor) -> Tensor:
+        return self.item_proj(v)
+
+    def forward(self, user: Tensor, item: Tensor) -> Tensor:
+        return self.out(F.relu(user + item)).squeeze(-1)
+
+
+Scorer = LightweightSimilarityScorer | SumMaxScorer | DotScorer | FCScorer

@@ -1,0 +1,205 @@
+"""RankTower's hybrid loss (Yan & Li 2024, Eq. 15) with its sample scopes, and its hard-label aggregation.
+
+``L = l1 * L_distill(z, p) + l2 * L_sorting(z, y) + l3 * L_AM-Rankmax(z, y)`` where each part sees
+the samples the paper gives it (full-stage sampling, Sec. 3.1 and 3.3):
+
+===============  ====================================  ==========================
+part             samples (``stage``)                   target
+===============  ====================================  ==========================
+distillation     impressions (Sec. 3.3.1)              teacher logit ``p``
+sorting          impressions + rank/pre-rank cands.    hard label ``y`` (Eq. 11)
+AM-Rankmax       all: + random samples (Sec. 3.3.3)    hard label ``y`` (Eq. 14)
+===============  ====================================  ==========================
+
+Hard label (Sec. 3.2.1): user feedback aggregated by importance plus the impression label
+(1 for impressions, 0 otherwise), so ``y = label_level + 1`` on impressions and 0 on every
+unexposed candidate and random item. Candidates and random items tie at the bottom, as in the
+paper ("... > exposed items > candidate items and randomly sampled items"); what separates them
+is the scopes: random items only enter AM-Rankmax, as plain negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from prerank.data.batch import Batch
+from prerank.losses.distill import pairwise_distillation, softmax_distillation, weighted_logloss_distillation
+from prerank.losses.listwise import am_rankmax, check_lists, softsort_loss
+from prerank.schema import STAGES
+
+IMPRESSION = STAGES.index("impression")
+RANDOM = STAGES.index("random")
+
+DISTILLATIONS = {
+    "softmax": softmax_distillation,
+    "logloss": weighted_logloss_distillation,
+    "pairwise": pairwise_distillation,
+}
+
+
+def check_stage(stage: Tensor, mask: Tensor) -> None:
+    if stage.shape != mask.shape:
+        raise ValueError(f"stage must have the shape of the mask {tuple(mask.shape)}, got {tuple(stage.shape)}")
+    real = stage[mask]
+    if ((real < 0) | (real >= len(STAGES))).any():
+        raise ValueError(f"stage values must index prerank.schema.STAGES {STAGES}")
+
+
+def hard_relevance(
+    label: Tensor | None, label_level: Tensor | None, stage: Tensor | None, mask: Tensor | None = None
+) -> Tensor:
+    """RankTower Sec. 3.2.1 hard label ``[R, N]`` (float): graded feedback plus the impression label.
+
+    Feedback is ``label_level`` when present (already ordered by importance, e.g. purchase > cart >
+    click > exposure = 0), else the binary ``label``. With a ``stage`` tensor the impression label
+    is added: ``feedback + 1`` for impressions, 0 for candidates and random items (feedback on items
+    never shown cannot exist and is ignored). Without ``stage`` every row is an impression, so the
+    constant impression label carries no information and ``y = feedback``. Padding is 0.
+    """
+    feedback = label_level if label_level is not None else label
+    if feedback is None:
+        raise ValueError("a hard label needs batch.label or batch.label_level")
+    feedback = feedback.to(torch.get_default_dtype())
+    valid = torch.ones_like(feedback, dtype=torch.bool) if mask is None else mask
+    if valid.shape != feedback.shape:
+        raise ValueError(f"mask must have the shape of the labels {tuple(feedback.shape)}, got {tuple(valid.shape)}")
+    if stage is not None:
+        check_stage(stage, valid)
+        feedback = torch.where(stage == IMPRESSION, feedback + 1.0, torch.zeros_like(feedback))
+    if (feedback[valid] < 0).any():
+        raise ValueError("label/label_level must be >= 0")
+    return feedback.masked_fill(~valid, 0.0)
+
+
+@dataclass(frozen=True)
+class HybridLossConfig:
+    """Weights and hyper-parameters of Eq. 15. The paper publishes none of their values; ours are neutral.
+
+    ``distillation`` picks the Eq. 9 part: ``softmax`` (the paper's), or the Table 4 alternatives
+    ``logloss`` / ``pairwise``; ``distillation_weight = 0`` is Table 4's "No Distillation".
+    ``sorting_temperature``/``sorting_power`` are SoftSort's tau and p (Eq. 10); ``margin_alpha``,
+    ``margin_beta``, ``margin_power`` are AM-Rankmax's alpha, beta, p (Eq. 13).
+    """
+
+    distillation_weight: float = 1.0
+    sorting_weight: float = 1.0
+    rankmax_weight: float = 1.0
+    distillation: Literal["softmax", "logloss", "pairwise"] = "softmax"
+    distillation_temperature: float = 1.0
+    sorting_temperature: float = 1.0
+    sorting_power: float = 1.0
+    margin_alpha: float = 1.0
+    margin_beta: float = 1.0
+    margin_power: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("distillation_weight", "sorting_weight", "rankmax_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"HybridLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.distillation not in DISTILLATIONS:
+            raise ValueError(f"HybridLossConfig.distillation must be one of {sorted(DISTILLATIONS)}")
+        for name in ("distillation_temperature", "sorting_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"HybridLossConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not self.sorting_power >= 1:
+            raise ValueError(f"HybridLossConfig.sorting_power must be >= 1, got {self.sorting_power}")
+        for name in ("margin_alpha", "margin_beta", "margin_power"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"HybridLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.distillation_weight + self.sorting_weight + self.rankmax_weight == 0:
+            raise ValueError("HybridLossConfig: at least one of the three weights must be > 0")
+
+    @classmethod
+    def from_options(cls, **options: object) -> HybridLossConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"hybrid loss has no options {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**options)  # type: ignore[arg-type]
+
+
+def hybrid_components(
+    logits: Tensor,
+    relevance: Tensor,
+    stage: Tensor,
+    mask: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    config: HybridLossConfig = HybridLossConfig(),
+) -> dict[str, Tensor]:
+    """The three unweighted parts of Eq. 15, each on its sample scope; shapes ``[R, N]``.
+
+    A part whose weight is 0 is not computed (so ``teacher_logits`` may be None without
+    distillation). Returns ``{"distillation", "sorting", "am_rankmax"}`` (scalars, present when
+    their weight is > 0).
+    """
+    mask = check_lists(logits, mask, relevance=relevance, stage=stage, teacher_logits=teacher_logits)
+    check_stage(stage, mask)
+    parts: dict[str, Tensor] = {}
+    if config.distillation_weight > 0:
+        if teacher_logits is None:
+            raise ValueError("the hybrid loss's distillation part needs teacher logits (batch.teacher_logit)")
+        options = {"temperature": config.distillation_temperature} if config.distillation != "pairwise" else {}
+        distill = DISTILLATIONS[config.distillation]
+        parts["distillation"] = distill(logits, teacher_logits, mask & (stage == IMPRESSION), **options)
+    if config.sorting_weight > 0:
+        parts["sorting"] = softsort_loss(
+            logits,
+            relevance,
+            mask & (stage != RANDOM),
+            temperature=config.sorting_temperature,
+            power=config.sorting_power,
+        )
+    if config.rankmax_weight > 0:
+        parts["am_rankmax"] = am_rankmax(
+            logits, relevance, mask, alpha=config.margin_alpha, beta=config.margin_beta, power=config.margin_power
+        )
+    return parts
+
+
+def hybrid_loss(
+    logits: Tensor,
+    relevance: Tensor,
+    stage: Tensor,
+    mask: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    config: HybridLossConfig = HybridLossConfig(),
+) -> Tensor:
+    """RankTower Eq. 15: ``l1 L_distill + l2 L_sorting + l3 L_AM-Rankmax`` (see :func:`hybrid_components`)."""
+    parts = hybrid_components(logits, relevance, stage, mask, teacher_logits, config)
+    weights = {
+        "distillation": config.distillation_weight,
+        "sorting": config.sorting_weight,
+        "am_rankmax": config.rankmax_weight,
+    }
+    return sum((weights[name] * value for name, value in parts.items()), start=logits.new_zeros(()))
+
+
+@dataclass(frozen=True)
+class HybridLoss:
+    """``loss(logits, batch)`` for a request-level batch: hard labels (Sec. 3.2.1) then Eq. 15.
+
+    ``batch`` needs ``mask`` and ``[R, N]`` ``stage``, ``label`` or ``label_level``, and
+    ``teacher_logit`` unless ``config.distillation_weight`` is 0.
+    """
+
+    config: HybridLossConfig = HybridLossConfig()
+    requires_lists: ClassVar[bool] = True
+
+    @classmethod
+    def from_options(cls, **options: object) -> HybridLoss:
+        return cls(HybridLossConfig.from_options(**options))
+
+    def __call__(self, logits: Tensor, batch: Batch) -> Tensor:
+        if batch.mask is None or logits.shape != batch.mask.shape:
+            raise ValueError("the hybrid loss needs a request-level batch: logits [R, N] matching batch.mask")
+        if batch.stage is None:
+            raise ValueError("the hybrid loss needs batch.stage (full-stage samples, RankTower Sec. 3.1)")
+        relevance = hard_relevance(batch.label, batch.label_level, batch.stage, batch.mask)
+        return hybrid_loss(logits, relevance, batch.stage, batch.mask, batch.teacher_logit, self.config)
+
+
+__all__ = ["HybridLoss", "HybridLossConfig", "hard_relevance", "hybrid_components", "hybrid_loss"]

@@ -1,0 +1,128 @@
+"""``prerank compare``: train several models over several seeds on one dataset and tabulate them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prerank.bench.cost import score_cost
+from prerank.data.parquet import ParquetSplit
+from prerank.evaluate import metrics
+from prerank.evaluate.report import results_table
+from prerank.io import atomic_write_text
+from prerank.models.base import ConfigError, num_params
+from prerank.models.registry import MODELS
+from prerank.train.config import TrainConfig
+from prerank.train.trainer import Loss, bce_loss, evaluate_split, train_model
+
+BASELINE = "two_tower"
+
+
+def resolve_loss(name: str, options: dict[str, Any] | None = None) -> Loss:
+    """A training loss by name: ``bce`` (pointwise, default) or any name of :data:`prerank.losses.LOSSES`."""
+    if name == "bce" and not options:
+        return bce_loss
+    from prerank.losses import LOSSES
+
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; known: bce, {', '.join(sorted(LOSSES))}")
+    return LOSSES[name](**(options or {}))
+
+
+def _cost(model, data_dir: Path, rows: int = 256) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    split = ParquetSplit(data_dir, "test", model.schema)
+    table = split.read_table(split.row_groups[0]).slice(0, rows)
+    return score_cost(model, split.to_batch(table, where="test"))
+
+
+def run_compare(
+    data_dir: str | Path,
+    models: list[str],
+    seeds: int,
+    out_dir: str | Path,
+    *,
+    config: TrainConfig = TrainConfig(),
+    model_overrides: dict[str, dict] | None = None,
+    loss: str = "bce",
+    loss_options: dict[str, Any] | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train every model for seeds ``config.seed .. config.seed + seeds - 1``; evaluate each on the test split.
+
+    ``results.json`` (a list of records) and ``results.md`` (mean +- std per model) are rewritten
+    atomically after every run, so an interruption loses at most the run in progress; with
+    ``resume=True`` runs already recorded are skipped and unfinished ones resume from ``last.pt``.
+    RelaImpr is computed against Two-Tower of the same seed when Two-Tower is among the models.
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ConfigError(f"unknown models {unknown}; registered: {', '.join(MODELS)}")
+    if seeds < 1:
+        raise ConfigError("seeds must be >= 1")
+    loss_fn = resolve_loss(loss, loss_options)
+    results_path = out_dir / "results.json"
+    records: list[dict[str, Any]] = []
+    if resume and results_path.exists():
+        records = json.loads(results_path.read_text())
+    done = {(r["model"], r["seed"]) for r in records}
+    # the baseline first, so that every later record can carry its RelaImpr
+    order = sorted(models, key=lambda m: m != BASELINE)
+    for seed in range(config.seed, config.seed + seeds):
+        for name in order:
+            if (name, seed) in done:
+                log(f"skipping {name} seed {seed}: already in {results_path}")
+                continue
+            run_config = TrainConfig(**{**config.to_dict(), "seed": seed})
+            run_dir = out_dir / "runs" / name / f"seed{seed}"
+            result = train_model(
+                name,
+                data_dir,
+                run_dir,
+                (model_overrides or {}).get(name),
+                run_config,
+                loss_fn,
+                resume=resume,
+                log=log,
+            )
+            test = evaluate_split(result.model, data_dir, "test", config.eval_batch_size)
+            record: dict[str, Any] = {
+                "model": name,
+                "seed": seed,
+                "data": str(data_dir),
+                "loss": loss,
+                "auc": test["auc"],
+                "logloss": test["logloss"],
+                "gauc": test["gauc"],
+                "gauc_requests_skipped": test.get("gauc_requests_skipped"),
+                "relaimpr": None,
+                "train_seconds": result.train_seconds,
+                "train_samples_per_second": result.samples_per_second,
+                "params": num_params(result.model),
+                "epochs": result.epochs,
+                "best_valid": result.best_metric,
+                "valid_metric": config.metric,
+                "threads": config.threads,
+                "checkpoint": str(result.checkpoint),
+                **_cost(result.model, data_dir),
+            }
+            records.append(record)
+            _fill_relaimpr(records)
+            write_results(out_dir, records)
+            log(f"{name} seed {seed}: test AUC {record['auc']:.4f}, logloss {record['logloss']:.4f}")
+    return records
+
+
+def _fill_relaimpr(records: list[dict[str, Any]]) -> None:
+    base = {r["seed"]: r["auc"] for r in records if r["model"] == BASELINE}
+    for r in records:
+        if r["seed"] in base:
+            r["relaimpr"] = metrics.relaimpr(r["auc"], base[r["seed"]])
+
+
+def write_results(out_dir: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_text(out_dir / "results.json", json.dumps(records, indent=2))
+    atomic_write_text(out_dir / "results.md", results_table(records))

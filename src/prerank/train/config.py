@@ -1,0 +1,137 @@
+"""Training configuration: typed, validated, from a YAML file and/or flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from prerank.models.base import ConfigError
+
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "adagrad", "sgd")
+METRICS: tuple[str, ...] = ("auc", "gauc", "logloss")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the trainer owns. Validated on construction.
+
+    ``metric`` picks the validation metric for early stopping and the best checkpoint
+    (``logloss`` is minimised, the others maximised). ``batching="requests"`` trains on whole
+    requests (listwise losses on cascade data); ``requests_per_batch`` and ``max_list_len`` size them.
+    """
+
+    epochs: int = 5
+    batch_size: int = 2048
+    eval_batch_size: int = 16384
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
+    grad_clip: float | None = None
+    threads: int = 2
+    seed: int = 0
+    patience: int = 2
+    metric: Literal["auc", "gauc", "logloss"] = "auc"
+    num_workers: int = 0
+    max_steps: int | None = None
+    batching: Literal["rows", "requests"] = "rows"
+    requests_per_batch: int = 64
+    max_list_len: int | None = None
+    stages: tuple[str, ...] | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "eval_batch_size", "threads", "requests_per_batch")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"train option {name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"train option lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ConfigError("train option weight_decay must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train option optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"train option metric must be one of {METRICS}, got {self.metric!r}")
+        if self.patience < 1:
+            raise ConfigError("train option patience must be >= 1 (epochs without improvement before stopping)")
+        if self.num_workers < 0:
+            raise ConfigError("train option num_workers must be >= 0")
+        if self.batching not in ("rows", "requests"):
+            raise ConfigError(f"train option batching must be 'rows' or 'requests', got {self.batching!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("train option max_steps must be >= 1")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError("train option grad_clip must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A YAML run file: which model (with config overrides), how to train it, which loss.
+
+    ```yaml
+    model: two_tower
+    model_config: {embedding_dim: 16, similarity: cosine}
+    loss: bce                  # or e.g. "hybrid", see prerank.losses
+    loss_options: {}
+    train: {epochs: 5, lr: 0.001, batch_size: 2048}
+    ```
+    """
+
+    model: str | None = None
+    model_config: dict | None = None
+    loss: str = "bce"
+    loss_options: dict | None = None
+    train: TrainConfig = TrainConfig()
+
+
+def train_config(values: dict[str, Any] | None = None, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default config) with ``values`` applied; unknown keys and bad types are errors."""
+    base = base or TrainConfig()
+    values = {k: v for k, v in (values or {}).items() if v is not None}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown train options {sorted(unknown)} (known: {sorted(known)})")
+    if isinstance(values.get("stages"), list):
+        values["stages"] = tuple(values["stages"])
+    for key in ("lr", "weight_decay", "grad_clip"):
+        if key in values and isinstance(values[key], int | str):
+            try:
+                values[key] = float(values[key])
+            except ValueError as e:
+                raise ConfigError(f"train option {key} must be a number, got {values[key]!r}") from e
+    return replace(base, **values)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Parse a YAML run file into a :class:`RunConfig` (clear errors for unknown keys)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    for key in ("model_config", "loss_options", "train"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{path}: '{key}' must be a mapping")
+    return RunConfig(
+        model=raw.get("model"),
+        model_config=raw.get("model_config"),
+        loss=str(raw.get("loss", "bce")),
+        loss_options=raw.get("loss_options"),
+        train=train_config(raw.get("train")),
+    )

@@ -1,0 +1,308 @@
+"""The trainer: owns optimizer, device, threads, epochs, early stopping, checkpoints and logs.
+
+Models stay plain modules (DESIGN.md habits); everything stateful about training lives here.
+Per epoch it writes ``metrics.jsonl`` (one JSON object a line), ``last.pt`` (resumable: weights,
+optimizer, epoch, best metric, history, RNG states) and ``best.pt`` (best validation metric), each
+atomically, so an interrupted run resumes with ``resume=True`` from its last completed epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor
+
+from prerank.data.batch import Batch
+from prerank.data.parquet import ParquetSplit, make_loader
+from prerank.evaluate import metrics
+from prerank.io import CheckpointError
+from prerank.models.base import PreRanker
+from prerank.models.registry import build_model
+from prerank.schema import STAGES, Schema
+from prerank.train.checkpoint import read_checkpoint, save_checkpoint
+from prerank.train.config import TrainConfig
+
+Loss = Callable[[Tensor, Batch], Tensor]
+
+
+def bce_loss(logits: Tensor, batch: Batch) -> Tensor:
+    """Pointwise binary cross-entropy on logits against ``batch.label`` (the default loss)."""
+    if batch.label is None:
+        raise ValueError("the BCE loss needs a 'label' column")
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
+
+
+@dataclass
+class TrainResult:
+    name: str
+    model: PreRanker
+    checkpoint: Path
+    best_metric: float
+    epochs: int
+    train_seconds: float
+    samples_per_second: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    if old is None or np.isnan(old):
+        return not np.isnan(new)
+    return new < old if metric == "logloss" else new > old
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy_seed": int(np.random.randint(0, 2**31 - 1))}
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def train_loader(data_dir: Path, config: TrainConfig, epoch: int, schema: Schema) -> Iterable[Batch]:
+    """Training batches for one epoch: rows, or whole requests for listwise losses."""
+    if config.batching == "requests":
+        from prerank.data.requests import make_request_loader
+
+        return make_request_loader(
+            data_dir,
+            "train",
+            config.requests_per_batch,
+            shuffle=True,
+            seed=config.seed + epoch,
+            max_list_len=config.max_list_len,
+            stages=config.stages,
+        )
+    loader = make_loader(
+        data_dir, "train", config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers, schema=schema
+    )
+    loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+    return loader
+
+
+def training_step(model: PreRanker, batch: Batch, loss_fn: Loss) -> tuple[Tensor, int]:
+    """Loss of one batch (row batch, or request batch ``[R, N]`` with a mask) plus the model's auxiliary loss."""
+    rows = batch.flat()
+    user, item = model.encode_user(rows), model.encode_item(rows)
+    logits = model.score(user, item, rows)
+    if batch.mask is not None:
+        lists = logits.new_zeros(batch.mask.shape)
+        lists = lists.masked_scatter(batch.mask, logits)
+        loss = loss_fn(lists, batch)
+    else:
+        loss = loss_fn(logits, batch)
+    aux = model.auxiliary_loss(rows, user, item)
+    return (loss if aux is None else loss + aux), len(rows)
+
+
+def train_model(
+    name: str,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    model_overrides: dict | None = None,
+    config: TrainConfig = TrainConfig(),
+    loss: Loss | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train registered model ``name`` on ``data_dir`` (train split), early-stopping on the valid split.
+
+    Returns the model with its best weights loaded. ``out_dir`` receives ``metrics.jsonl``,
+    ``last.pt`` and ``best.pt``.
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    schema = Schema.load(data_dir)
+    model = build_model(name, schema, model_overrides)
+    device = torch.device(config.device)
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    loss_fn = loss or bce_loss
+    ParquetSplit(data_dir, "valid", schema)  # fail before training if the valid split is missing
+
+    history: list[dict[str, Any]] = []
+    best: float | None = None
+    start_epoch, bad_epochs, steps = 0, 0, 0
+    train_seconds, samples = 0.0, 0
+    last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
+    if resume and last_path.exists():
+        state = read_checkpoint(last_path)
+        if state["model_name"] != name or state["schema"] != schema.to_dict():
+            raise CheckpointError(f"{last_path} was trained for another model or dataset; not resuming from it")
+        model.load_state_dict(state["state_dict"])
+        t = state["trainer"]
+        optimizer.load_state_dict(t["optimizer"])
+        start_epoch, best, bad_epochs = t["epoch"] + 1, t["best"], t["bad_epochs"]
+        history, steps = list(t["history"]), t["steps"]
+        train_seconds, samples = t["train_seconds"], t["samples"]
+        torch.set_rng_state(t["rng"]["torch"])
+        np.random.seed(t["rng"]["numpy_seed"])
+        log(f"resuming {name} from {last_path} at epoch {start_epoch + 1}")
+    elif not resume:
+        log_path.unlink(missing_ok=True)
+
+    n_train = ParquetSplit(data_dir, "train", schema).num_rows
+    def finished() -> bool:
+        return bad_epochs >= config.patience or bool(config.max_steps and steps >= config.max_steps)
+
+    with _progress(config.progress) as progress:
+        for epoch in range(start_epoch, config.epochs):
+            if finished():
+                break
+            model.train()
+            task = progress.add_task(f"{name} epoch {epoch + 1}/{config.epochs}", total=n_train, info="")
+            t0, seen, running = time.perf_counter(), 0, 0.0
+            for batch in train_loader(data_dir, config, epoch, schema):
+                batch = batch.to(device)
+                loss_value, n = training_step(model, batch, loss_fn)
+                optimizer.zero_grad(set_to_none=True)
+                loss_value.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                steps += 1
+                seen += n
+                lv = float(loss_value.detach())
+                if not np.isfinite(lv):
+                    raise FloatingPointError(f"{name}: training loss became {lv} at step {steps}; lower the lr")
+                running = lv if seen == n else 0.98 * running + 0.02 * lv
+                if steps % 10 == 0:
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    progress.update(task, completed=seen, info=f"loss {running:.4f}  {rate:,.0f} samples/s")
+                if config.max_steps and steps >= config.max_steps:
+                    break
+            epoch_seconds = time.perf_counter() - t0
+            train_seconds += epoch_seconds
+            samples += seen
+            progress.update(task, completed=n_train)
+            valid = evaluate_split(model, data_dir, "valid", config.eval_batch_size, device=device)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": running,
+                "train_seconds": epoch_seconds,
+                "samples_per_second": seen / max(epoch_seconds, 1e-9),
+                **{f"valid_{k}": v for k, v in valid.items()},
+            }
+            history.append(record)
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            current = valid[config.metric]
+            if _better(config.metric, current, best):
+                best, bad_epochs = current, 0
+                save_checkpoint(best_path, name, model, {"epoch": epoch, "valid": valid})
+            else:
+                bad_epochs += 1
+            log(
+                f"{name} epoch {epoch + 1}: loss {running:.4f}, valid {config.metric} {current:.4f}"
+                f" (best {best:.4f}), {record['samples_per_second']:,.0f} samples/s"
+            )
+            trainer_state = {
+                "epoch": epoch,
+                "best": best,
+                "bad_epochs": bad_epochs,
+                "history": history,
+                "steps": steps,
+                "train_seconds": train_seconds,
+                "samples": samples,
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(),
+                "config": config.to_dict(),
+            }
+            save_checkpoint(last_path, name, model, trainer_state)
+
+    if best_path.exists():
+        model.load_state_dict(read_checkpoint(best_path)["state_dict"])
+    model.eval()
+    return TrainResult(
+        name=name,
+        model=model,
+        checkpoint=best_path,
+        best_metric=float("nan") if best is None else float(best),
+        epochs=len(history),
+        train_seconds=train_seconds,
+        samples_per_second=samples / max(train_seconds, 1e-9),
+        history=history,
+    )
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kind = config.optimizer
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if kind == "adagrad":
+        return torch.optim.Adagrad(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.9)
+
+
+@torch.no_grad()
+def predict(
+    model: PreRanker,
+    data_dir: str | Path,
+    split: str,
+    batch_size: int = 16384,
+    *,
+    device: torch.device | str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Logits for every row of a split, with the row's label, request_id, label_level, stage, teacher_logit."""
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {"logits": []}
+    for batch in make_loader(data_dir, split, batch_size, schema=model.schema):
+        out["logits"].append(model(batch.to(device)).float().cpu().numpy())
+        for key in ("label", "request_id", "label_level", "stage", "teacher_logit"):
+            value = getattr(batch, key)
+            if value is not None:
+                out.setdefault(key, []).append(value.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def evaluate_predictions(pred: dict[str, np.ndarray]) -> dict[str, float]:
+    """AUC, logloss and GAUC of predictions; on cascade data only impressions are scored (logged labels)."""
+    keep = pred["stage"] == STAGES.index("impression") if "stage" in pred else slice(None)
+    labels, logits = pred["label"][keep], pred["logits"][keep]
+    result: dict[str, float] = {"n": float(len(labels))}
+    result["auc"] = metrics.auc(labels, logits)
+    result["logloss"] = metrics.logloss(labels, logits)
+    if "request_id" in pred:
+        g = metrics.gauc(labels, logits, pred["request_id"][keep])
+        result["gauc"] = g["value"]
+        result["gauc_requests_used"] = float(g["n_groups_used"])
+        result["gauc_requests_skipped"] = float(g["n_groups_skipped"])
+    else:
+        result["gauc"] = float("nan")
+    return result
+
+
+def evaluate_split(
+    model: PreRanker, data_dir: str | Path, split: str, batch_size: int = 16384, *, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    return evaluate_predictions(predict(model, data_dir, split, batch_size, device=device))
+
+

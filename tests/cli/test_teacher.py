@@ -1,0 +1,135 @@
+"""``prerank teacher fit`` / ``prerank teacher score`` on the tiny dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prerank.cli import app
+from prerank.cli import teacher as teacher_cli  # noqa: F401  (registers the commands)
+from prerank.data.parquet import make_loader, table_to_batch
+from prerank.models.registry import build_model
+from prerank.schema import FeatureSpec, Schema
+from prerank.train.checkpoint import load_model, save_checkpoint
+
+runner = CliRunner()
+
+
+def _json(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{") :])
+
+
+def _teacher(path: Path, schema: Schema) -> Path:
+    save_checkpoint(path, "ranker", build_model("ranker", schema, {"hidden": [16]}))
+    return path
+
+
+def _parts(root: Path) -> list[Path]:
+    return sorted(root.glob("*/part-*.parquet"))
+
+
+def test_fit_trains_the_ranker_and_writes_the_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "teacher.pt"
+    args = ["teacher", "fit", "--data", str(tiny_dataset), "--out", str(out), "--epochs", "1", "--batch-size", "128"]
+    args += ["--max-steps", "3", "--threads", "1", "--no-progress", "--model-option", "hidden=[16,8]"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = _json(result.stdout)
+    assert 0.0 <= summary["valid_auc"] <= 1.0 and 0.0 <= summary["test_auc"] <= 1.0
+    name, model, _ = load_model(out)
+    assert name == "ranker" and model.config.hidden == (16, 8)
+    assert (tmp_path / "teacher_run" / "best.pt").exists()
+
+
+def test_fit_refuses_cascade_data(tiny_dataset: Path, tmp_path: Path) -> None:
+    Schema.load(tiny_dataset).with_reserved(has_stage=True).save(tiny_dataset / "schema.json")
+    result = runner.invoke(app, ["teacher", "fit", "--data", str(tiny_dataset), "--out", str(tmp_path / "t.pt")])
+    assert result.exit_code == 2
+    assert "stage" in result.output and not (tmp_path / "t.pt").exists()
+
+
+def test_score_adds_the_teacher_logit_to_every_row(tiny_dataset: Path, tmp_path: Path) -> None:
+    schema = Schema.load(tiny_dataset)
+    teacher = _teacher(tmp_path / "teacher.pt", schema)
+    _, model, _ = load_model(teacher)
+    before = {p: pq.read_table(p) for p in _parts(tiny_dataset)}
+    groups = {p: pq.ParquetFile(p).num_row_groups for p in before}
+
+    result = runner.invoke(
+        app, ["teacher", "score", "--teacher", str(teacher), "--data", str(tiny_dataset), "--threads", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert _json(result.stdout)["rows"] == {"test": 128, "train": 512, "valid": 128}
+    assert Schema.load(tiny_dataset).has_teacher_logit
+    assert json.loads((tiny_dataset / "meta.json").read_text())["teacher"]["model"] == "ranker"
+    for path, old in before.items():
+        new = pq.read_table(path)
+        assert new.schema.field("teacher_logit").type == pa.float32()
+        assert new.drop_columns(["teacher_logit"]).equals(old)
+        assert pq.ParquetFile(path).num_row_groups == groups[path]
+        with torch.no_grad():
+            expected = model(table_to_batch(old, schema)).numpy()
+        np.testing.assert_allclose(new.column("teacher_logit").to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    batch = next(iter(make_loader(tiny_dataset, "valid", 32)))
+    assert batch.teacher_logit is not None and batch.teacher_logit.shape == (32,)
+
+
+def test_scoring_twice_replaces_the_column(tiny_dataset: Path, tmp_path: Path) -> None:
+    schema = Schema.load(tiny_dataset)
+    first, second = _teacher(tmp_path / "a.pt", schema), _teacher(tmp_path / "b.pt", schema)
+    for teacher in (first, second):
+        result = runner.invoke(
+            app,
+            ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--batch-size", "50", "--threads", "1"],
+        )
+        assert result.exit_code == 0, result.output
+    _, model, _ = load_model(second)
+    part = _parts(tiny_dataset)[0]
+    table = pq.read_table(part)
+    assert table.column_names.count("teacher_logit") == 1
+    with torch.no_grad():
+        expected = model(table_to_batch(table, schema)).numpy()
+    np.testing.assert_allclose(table.column("teacher_logit").to_numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_score_refuses_a_teacher_of_another_schema(tiny_dataset: Path, tmp_path: Path) -> None:
+    schema = Schema.load(tiny_dataset)
+    other = replace(
+        schema, features=tuple(replace(f, vocab_size=99) if f.name == "age" else f for f in schema.features)
+    )
+    other = replace(other, features=(*other.features, FeatureSpec("price", "item", "dense")))
+    teacher = _teacher(tmp_path / "other.pt", other)
+    before = {p: p.read_bytes() for p in _parts(tiny_dataset)}
+    result = runner.invoke(
+        app, ["teacher", "score", "--teacher", str(teacher), "--data", str(tiny_dataset), "--threads", "1"]
+    )
+    assert result.exit_code == 2
+    assert "does not match" in result.output and "age" in result.output and "price" in result.output
+    assert {p: p.read_bytes() for p in _parts(tiny_dataset)} == before
+    assert not Schema.load(tiny_dataset).has_teacher_logit
+
+
+def test_score_rejects_a_damaged_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = runner.invoke(
+        app, ["teacher", "score", "--teacher", str(bad), "--data", str(tiny_dataset), "--threads", "1"]
+    )
+    assert result.exit_code == 2 and "corrupt" in result.output
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_score_rejects_a_bad_batch_size(tiny_dataset: Path, tmp_path: Path, size: str) -> None:
+    teacher = _teacher(tmp_path / "t.pt", Schema.load(tiny_dataset))
+    result = runner.invoke(
+        app, ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--batch-size", size, "--threads", "1"]
+    )
+    assert result.exit_code == 2 and "--batch-size" in result.output

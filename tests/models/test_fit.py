@@ -1,0 +1,245 @@
+"""FIT: shapes, training path == inference path, trainable selection, ablation scorers, cost."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prerank.bench.cost import FlopCounter, score_cost
+from prerank.data.batch import Batch
+from prerank.models.base import ConfigError
+from prerank.models.fit import FIT, FITConfig
+from prerank.models.registry import build_model
+from prerank.schema import Schema
+from prerank.train.checkpoint import load_model, save_checkpoint
+
+VARIANTS = ("fit", "fit_no_mqm", "fit_no_lss", "fit_summax", "fit_fc")
+
+
+def _one_request(batch: Batch, schema: Schema) -> Batch:
+    """Row 0's user/context features on every row: one user, N candidates."""
+    user_side = {f.name for f in schema.tower("user", "context")}
+    feats = {k: (v[:1].expand_as(v).clone() if k in user_side else v) for k, v in batch.features.items()}
+    return Batch(features=feats, label=batch.label)
+
+
+def test_state_shapes_and_meta_index(schema: Schema, batch: Batch) -> None:
+    cfg = FITConfig()
+    model = FIT(schema, cfg).eval()
+    b, m = len(batch), cfg.num_meta
+    with torch.no_grad():
+        user, item = model.encode_user(batch), model.encode_item(batch)
+    assert set(user) == {"user"} and user["user"].shape == (b, m, cfg.user_heads, cfg.head_dim)
+    assert set(item) == {"item", "meta_index"}
+    assert item["item"].shape == (b, cfg.item_heads, cfg.head_dim)
+    idx = item["meta_index"]
+    assert idx.dtype == torch.int64 and idx.shape == (b,)
+    assert int(idx.min()) >= 0 and int(idx.max()) < m
+    # cosine selection spreads random items over several meta vectors from the start
+    assert idx.unique().numel() > 1
+
+
+def test_training_mode_states_are_the_one_query_path(schema: Schema, batch: Batch) -> None:
+    """In training mode the user state has no M axis: one selected meta query per row goes through DIN."""
+    cfg = FITConfig()
+    model = FIT(schema, cfg).train()
+    user, item = model.encode_user(batch), model.encode_item(batch)
+    assert set(user) == {"fields", "keys", "key_mask"}
+    n_keys = 4 + schema["hist_item_id"].max_len  # user_id, age, user_ctr, hour + the behaviour sequence
+    assert user["keys"].shape == (len(batch), n_keys, cfg.embedding_dim)
+    assert item["query"].shape == (len(batch), cfg.embedding_dim)
+    # the straight-through query's value is exactly the chosen meta vector
+    assert torch.equal(item["query"].detach(), model.selector.meta.detach()[item["meta_index"]])
+
+
+def test_training_path_equals_precomputed_meta_path_in_eval_mode(schema: Schema, batch: Batch) -> None:
+    model = FIT(schema).eval()
+    with torch.no_grad():
+        selected = model(batch)  # select one meta query per row, then DIN
+        precomputed = model.score(model.user_per_meta(batch), model.encode_item(batch), batch)
+        request = _one_request(batch, schema)
+        one_user = model.score(model.user_per_meta(request.select(slice(0, 1))), model.encode_item(request), request)
+    torch.testing.assert_close(selected, precomputed, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(request), one_user, rtol=1e-5, atol=1e-6)
+    # the scores depend on the meta index: forcing another index changes them
+    item = model.encode_item(request)
+    shifted = {**item, "meta_index": (item["meta_index"] + 1) % model.selector.num_meta}
+    with torch.no_grad():
+        other = model.score(model.user_per_meta(request.select(slice(0, 1))), shifted, request)
+    assert not torch.allclose(one_user, other)
+
+
+def test_task_loss_trains_the_selection(schema: Schema, batch: Batch) -> None:
+    """Straight-through: BCE alone reaches the attention unit's key projection and unchosen meta rows."""
+    model = FIT(schema, FITConfig(cluster_weight=0.0)).train()
+    assert model.auxiliary_loss(batch, {}, {}) is None
+    loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)
+    loss.backward()
+    assert model.key_proj.weight.grad is not None and model.key_proj.weight.grad.abs().sum() > 0
+    chosen = model.encode_item(batch)["meta_index"].unique()
+    unchosen = torch.ones(model.selector.num_meta, dtype=torch.bool)
+    unchosen[chosen] = False
+    grad = model.selector.meta.grad
+    assert grad is not None
+    assert grad[chosen].abs().sum() > 0
+    assert unchosen.any() and grad[unchosen].abs().sum() > 0
+    # the item encoder (its feature embeddings) gets gradient through the selection, not only the scorer
+    model.zero_grad()
+    model.encode_item(batch)["query"].sum().backward()
+    for table in ("item_id", "category_id", "genres"):
+        grad = model.emb.tables[table].weight.grad
+        assert grad is not None and grad.abs().sum() > 0, table
+
+
+def test_cluster_loss_pulls_the_chosen_meta_vector_toward_its_items(schema: Schema, batch: Batch) -> None:
+    cfg = FITConfig(cluster_weight=1.0, commitment=0.25)
+    model = FIT(schema, cfg).train()
+    item = model.encode_item(batch)
+    aux = model.auxiliary_loss(batch, model.encode_user(batch), item)
+    assert aux is not None and aux.dim() == 0 and aux > 0
+    aux.backward()
+    grad = model.selector.meta.grad
+    assert grad is not None
+    chosen = item["meta_index"].unique()
+    unchosen = torch.ones(cfg.num_meta, dtype=torch.bool)
+    unchosen[chosen] = False
+    assert grad[chosen].abs().sum() > 0 and grad[unchosen].abs().sum() == 0
+    assert model.key_proj.weight.grad is not None and model.key_proj.weight.grad.abs().sum() > 0
+    # one gradient step on the clustering loss alone raises the items' similarity to their meta vectors
+    before = model.selector.logits(item["key"].detach()).gather(1, item["meta_index"][:, None]).mean()
+    with torch.no_grad():
+        model.selector.meta -= 0.5 * grad
+    after = model.selector.logits(item["key"].detach()).gather(1, item["meta_index"][:, None]).mean()
+    assert after > before
+
+
+def test_cluster_loss_is_recomputed_from_an_eval_item_state(schema: Schema, batch: Batch) -> None:
+    model = FIT(schema).train()
+    train_aux = model.auxiliary_loss(batch, {}, model.encode_item(batch))
+    with torch.no_grad():
+        model.eval()
+        cached = model.encode_item(batch)
+    model.train()
+    torch.testing.assert_close(model.auxiliary_loss(batch, {}, cached), train_aux)
+
+
+def test_lss_matches_its_equations(schema: Schema, batch: Batch) -> None:
+    model = FIT(schema).eval()
+    lss = model.scorer
+    u, v = torch.randn(5, lss.user_heads, lss.head_dim), torch.randn(5, lss.item_heads, lss.head_dim)
+    sim = torch.einsum("nid,njd->nij", u, v) / math.sqrt(lss.head_dim)
+    rows = F.gelu((sim * lss.row_weight).sum(-1) + lss.row_bias)
+    expected = rows @ lss.column.weight[0] + lss.column.bias
+    torch.testing.assert_close(lss(u, v), expected)
+    # not a dot product in disguise: the score is not bilinear in the user heads
+    assert not torch.allclose(lss(2 * u, v) - lss.column.bias, 2 * (lss(u, v) - lss.column.bias))
+
+
+def test_ablation_scorers_match_their_definitions(schema: Schema) -> None:
+    u, v = torch.randn(5, 4, 8), torch.randn(5, 4, 8)
+    summax = build_model("fit_summax", schema).scorer
+    expected = torch.einsum("nid,njd->nij", u, v).amax(-1).sum(-1) + summax.bias
+    torch.testing.assert_close(summax(u, v), expected)
+    dot = build_model("fit_no_lss", schema).scorer
+    a, b = torch.randn(5, 32), torch.randn(5, 32)
+    torch.testing.assert_close(dot(a, b), (a * b).sum(-1) + dot.bias)
+    fc = build_model("fit_fc", schema).scorer
+    ua, vb = fc.user_part(a), fc.item_part(b)
+    whole = fc.out(
+        F.relu(torch.cat([a, b], -1) @ torch.cat([fc.user_proj.weight, fc.item_proj.weight], 1).T + fc.item_proj.bias)
+    )
+    torch.testing.assert_close(fc(ua, vb), whole.squeeze(-1))
+
+
+def test_no_mqm_variant_is_a_plain_two_tower(schema: Schema, batch: Batch) -> None:
+    model = build_model("fit_no_mqm", schema).eval()
+    assert not hasattr(model, "selector") and not hasattr(model, "din")
+    with torch.no_grad():
+        user, item = model.encode_user(batch), model.encode_item(batch)
+    assert user["user"].shape == (len(batch), 4, 8) and set(item) == {"item"}
+    assert model.auxiliary_loss(batch, user, item) is None
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_score_is_much_cheaper_than_the_full_forward(name: str, schema: Schema, batch: Batch) -> None:
+    model = build_model(name, schema)
+    request = _one_request(batch, schema)
+    cost = score_cost(model, request)
+    with torch.no_grad(), FlopCounter() as counter:
+        model(request)
+    full_per_row = counter.flops / len(request)
+    assert 0 < cost["score_flops_per_candidate"] < full_per_row / 10
+    cfg = model.config
+    index_bytes = 8 if cfg.use_mqm else 0
+    item_floats = {"lss": 32, "summax": 32, "dot": cfg.rep_dim, "fc": cfg.fc_hidden}[cfg.scorer]
+    assert cost["item_cache_bytes_per_item"] == 4 * item_floats + index_bytes
+
+
+def test_lss_score_flops_follow_the_head_count(schema: Schema, batch: Batch) -> None:
+    request = _one_request(batch, schema)
+    small = score_cost(FIT(schema, FITConfig(user_heads=2, item_heads=2)), request)
+    big = score_cost(FIT(schema, FITConfig(user_heads=8, item_heads=8)), request)
+    # the H_u x H_v x d similarity matrix dominates: 16x the head pairs, well over 8x the FLOPs
+    assert big["score_flops_per_candidate"] > 8 * small["score_flops_per_candidate"]
+
+
+def test_per_row_user_state_without_selected_query_is_an_error(schema: Schema, batch: Batch) -> None:
+    model = FIT(schema).train()
+    user = model.encode_user(batch)
+    model.eval()
+    with pytest.raises(ValueError, match="query"):
+        model.score(user, model.encode_item(batch), batch)
+    with pytest.raises(ValueError, match="meta_index"):
+        model.score(model.encode_user(batch), {"item": model.encode_item(batch)["item"]}, batch)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"num_meta": 0}, "num_meta"),
+        ({"scorer": "cosine"}, "scorer"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"cluster_weight": -1.0}, "cluster_weight"),
+        ({"user_heads": 0}, "user_heads"),
+    ],
+)
+def test_bad_config_names_the_field(overrides: dict, field: str, schema: Schema) -> None:
+    with pytest.raises(ConfigError, match=field):
+        build_model("fit", schema, overrides)
+
+
+def test_checkpoint_round_trip(tmp_path: Path, schema: Schema, batch: Batch) -> None:
+    model = build_model("fit", schema).eval()
+    save_checkpoint(tmp_path / "fit.pt", "fit", model)
+    name, loaded, _ = load_model(tmp_path / "fit.pt")
+    assert name == "fit"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model(batch))
+
+
+def test_learns_a_user_item_interaction(schema: Schema, batch: Batch) -> None:
+    """A few steps of Adam on a label that is an interaction of user age and item category."""
+    torch.set_num_threads(1)
+    model = FIT(schema, FITConfig(hidden=(32,))).train()
+    label = ((batch.features["age"] % 2) == (batch.features["category_id"] % 2)).float()
+    data = Batch(features=batch.features, label=label)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def loss() -> torch.Tensor:
+        user, item = model.encode_user(data), model.encode_item(data)
+        main = F.binary_cross_entropy_with_logits(model.score(user, item, data), label)
+        return main + model.auxiliary_loss(data, user, item)
+
+    first = float(loss().detach())
+    for _ in range(60):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        final = F.binary_cross_entropy_with_logits(model(data), label)
+    assert final < 0.5 * first

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prerank.models.base import ConfigError
+from prerank.train.config import TrainConfig, load_run_config, train_config
+
+
+def test_defaults_are_valid() -> None:
+    assert TrainConfig().epochs >= 1
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"optimizer": "rmsprop"}, "optimizer"), ({"metric": "acc"}, "metric")],
+)
+def test_invalid_values_name_the_option(values: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        train_config(values)
+
+
+def test_unknown_option_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train_config({"learning_rate": 0.1})
+
+
+def test_yaml_run_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: two_tower\nmodel_config: {similarity: cosine}\ntrain: {epochs: 2, lr: 1e-2}\n")
+    run = load_run_config(path)
+    assert run.model == "two_tower" and run.model_config == {"similarity": "cosine"}
+    assert run.train.epochs == 2 and run.train.lr == pytest.approx(0.01)
+
+
+def test_yaml_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: lr\nepochs: 3\n")
+    with pytest.raises(ConfigError, match="epochs"):
+        load_run_config(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_run_config(broken)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "missing.yaml")
