@@ -97,7 +97,7 @@ def test_threads_setting(artifacts: dict[str, Path]) -> None:
         ({**USER, "user_ctr": "high"}, CANDIDATES, CROSS, None, "user.user_ctr", "finite number"),
         ({**USER, "hist_item_id": [1, 40]}, CANDIDATES, CROSS, None, "user.hist_item_id", "outside the vocabulary"),
         ({**USER, "hist_item_id": 4}, CANDIDATES, CROSS, None, "user.hist_item_id", "list of integer ids"),
-        ({**USER, "item_ctr": 0.3}, CANDIDATES, CROSS, None, "user.item_ctr", "an item feature"),
+        ({**USER, "item_ctr": 0.3}, CANDIDATES, CROSS, None, "user.item_ctr", "the item tower"),
         ({**USER, "agee": 1}, CANDIDATES, CROSS, None, "user.agee", "not in the schema"),
         ("alice", CANDIDATES, CROSS, None, "user", "must be an object"),
         (USER, [], CROSS, None, "candidates", "empty"),

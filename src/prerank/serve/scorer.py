@@ -92,6 +92,13 @@ def _check_ids(name: str, ids: np.ndarray, vocab: int) -> None:
         raise ScoringError(name, f"ids {bad[:5].tolist()} lie outside the vocabulary [0, {vocab})")
 
 
+def _unknown(f: FeatureSpec, n: int) -> Tensor:
+    """``n`` rows of a feature left out of a request: unknown (id 0, empty sequence, 0.0)."""
+    if f.kind == "dense":
+        return torch.zeros(n, dtype=torch.float32)
+    return torch.zeros((n, f.max_len) if f.kind == "sequence" else (n,), dtype=torch.int64)
+
+
 def _padded(ids: np.ndarray, max_len: int) -> np.ndarray:
     """Keep the last ``max_len`` ids, left-aligned and 0-padded (as the Parquet reader does)."""
     out = np.zeros(max_len, dtype=np.int64)
@@ -168,33 +175,27 @@ class Scorer:
         side = {f.name: f for f in self.schema.tower("user", "context")}
         for name in user:
             if name not in side:
-                where = f"a {self.schema[name].tower} feature" if name in self.schema else "not in the schema"
+                where = f"it belongs to the {self.schema[name].tower} tower" if name in self.schema else "not in the schema"
                 raise ScoringError(f"user.{name}", f"is not a user or context feature ({where})")
         missing = [n for n in self.required_user if n not in user]
         if missing:
             raise ScoringError("user", f"missing features {missing} that the model reads")
-        feats = {name: self._user_value(f, user.get(name)) for name, f in side.items()}
+        feats = {name: self._user_value(f, user[name]) if name in user else _unknown(f, 1) for name, f in side.items()}
         return Batch(features=feats)
 
     def _user_value(self, f: FeatureSpec, value: object) -> Tensor:
-        """One user feature as ``[1]`` (categorical, dense) or ``[1, L]`` (sequence); absent -> unknown."""
+        """One user feature as ``[1]`` (categorical, dense) or ``[1, L]`` (sequence)."""
         name = f"user.{f.name}"
         if f.kind == "dense":
-            if value is None:
-                return torch.zeros(1)
             if not _is_number(value) or not math.isfinite(float(value)):  # type: ignore[arg-type]
                 raise ScoringError(name, f"must be a finite number, got {value!r}")
             return torch.tensor([float(value)], dtype=torch.float32)  # type: ignore[arg-type]
         vocab = self.schema.vocab(f.name)
         if f.kind == "categorical":
-            if value is None:
-                return torch.zeros(1, dtype=torch.int64)
             if not _is_int(value):
                 raise ScoringError(name, f"must be an integer id, got {value!r}")
             _check_ids(name, np.array([value], dtype=np.int64), vocab)
             return torch.tensor([int(value)], dtype=torch.int64)  # type: ignore[call-overload]
-        if value is None:
-            value = []
         if not isinstance(value, (list, tuple, np.ndarray)) or any(not _is_int(v) for v in value):
             raise ScoringError(name, "must be a list of integer ids")
         ids = np.asarray(value, dtype=np.int64).reshape(-1)
@@ -230,14 +231,16 @@ class Scorer:
             raise ScoringError("cross", f"missing cross features {missing} that the model needs per candidate")
         if not specs:
             return None
-        return Batch(features={name: self._cross_column(f, cross.get(name), n) for name, f in specs.items()})
+        return Batch(
+            features={
+                name: self._cross_column(f, cross[name], n) if name in cross else _unknown(f, n)
+                for name, f in specs.items()
+            }
+        )
 
     def _cross_column(self, f: FeatureSpec, values: object, n: int) -> Tensor:
-        """One cross feature for ``n`` candidates: ``[n]`` or ``[n, L]``; absent -> unknown."""
+        """One cross feature for ``n`` candidates: ``[n]`` or ``[n, L]``."""
         name = f"cross.{f.name}"
-        if values is None:
-            shape = (n, f.max_len) if f.kind == "sequence" else (n,)
-            return torch.zeros(shape, dtype=torch.float32 if f.kind == "dense" else torch.int64)
         if not isinstance(values, (list, tuple, np.ndarray)) or len(values) != n:
             got = len(values) if isinstance(values, (list, tuple, np.ndarray)) else type(values).__name__
             raise ScoringError(name, f"must be a list with one value per candidate ({n}), got {got}")

@@ -56,7 +56,7 @@ histories (0 is padding).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -141,21 +141,19 @@ class RawMovieLens:
 
 
 def _locate(raw: Path, name: str) -> tuple[Source, str, tuple[str, ...]]:
-    sub = name
-    src = Source.open(raw, sub)
-    for attempt in range(2):
-        for layout, files in LAYOUTS[name]:
-            if src.has(files[0]):
-                missing = [f for f in files if not src.has(f)]
-                if missing:
-                    raise RecipeError(f"{name} raw data in {src.where} ({layout} layout) lacks {missing}")
-                return src, layout, files
-        if attempt == 0 and not src.is_zip and f"{name}.zip" in src.files:
-            src = Source.open(Path(src.files[f"{name}.zip"]), sub)
-            continue
-        break
+    """The first layout whose ratings file is present: in the folder, else in ``{name}.zip`` there."""
+    src = Source.open(raw, name)
+    zipped = f"{name}.zip"
+    if not src.is_zip and zipped in src.files and not any(src.has(f[0]) for _, f in LAYOUTS[name]):
+        src = Source.open(Path(src.files[zipped]), name)
+    for layout, files in LAYOUTS[name]:
+        if src.has(files[0]):
+            missing = [f for f in files if not src.has(f)]
+            if missing:
+                raise RecipeError(f"{name} raw data in {src.where} ({layout} layout) lacks {missing}")
+            return src, layout, files
     expected = "; or ".join(" + ".join(f) + f" ({layout})" for layout, f in LAYOUTS[name])
-    raise RecipeError(f"no {name} raw files in {raw}: expected {expected}; or {name}.zip")
+    raise RecipeError(f"no {name} raw files in {raw}: expected {expected}; or {zipped}")
 
 
 def _col(table: pa.Table, name: str, what: str) -> pa.ChunkedArray:
@@ -273,7 +271,7 @@ def read_movielens(raw: Path, name: str) -> RawMovieLens:
         year=year,
         genres=genres,
         layout=layout,
-        files=[str(src.where / f) if not src.is_zip else f"{src.where}!{f}" for f in files],
+        files=[src.describe(f) for f in files],
     )
 
 
@@ -411,6 +409,158 @@ def build_schema(name: str, protocol: str, vocab: dict[str, int], genre_len: int
     )
 
 
+@dataclass
+class _Rows:
+    """The kept ratings (rating 3 and, for ``temporal``, incomplete users removed) and their split."""
+
+    user: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray
+    ts: np.ndarray
+    has_ts: np.ndarray
+    split: np.ndarray
+    counts: dict[str, int]
+
+    @property
+    def label(self) -> np.ndarray:
+        return (self.rating > 3).astype(np.float32)
+
+    @property
+    def parts(self) -> list[np.ndarray]:
+        """Row indices of train, valid, test."""
+        return [np.nonzero(self.split == s)[0] for s in range(3)]
+
+
+def select_rows(data: RawMovieLens, protocol: str, cfg: MovieLensConfig, rng: np.random.Generator) -> _Rows:
+    """Drop rating 3 (and, for ``temporal``, users with any rating lacking a timestamp); assign splits."""
+    keep = data.rating != 3
+    users_missing_ts = np.unique(data.user[~data.has_ts])
+    if protocol == "temporal":
+        keep &= ~np.isin(data.user, users_missing_ts)
+        if not keep.any():
+            raise RecipeError("no user has timestamps on all ratings; the temporal protocol needs some")
+    idx = np.nonzero(keep)[0]
+    user, ts = data.user[idx], data.ts[idx]
+    split = split_paper(len(idx), cfg, rng) if protocol == "paper" else split_temporal(user, ts, cfg.temporal_frac)
+    if not (split == 0).any():
+        raise RecipeError(f"the training split is empty ({len(idx)} rows after filtering)")
+    counts = {
+        "raw_ratings": len(data.rating),
+        "dropped_rating_3": int((data.rating == 3).sum()),
+        "dropped_users_without_full_timestamps": len(users_missing_ts) if protocol == "temporal" else 0,
+        "rows_kept": len(idx),
+        "users": len(np.unique(user)),
+        "items": len(np.unique(data.item[idx])),
+        "rows_without_timestamp": int((~data.has_ts[idx]).sum()),
+    }
+    return _Rows(user, data.item[idx], data.rating[idx], ts, data.has_ts[idx], split, counts)
+
+
+@dataclass
+class _Encoded:
+    """Per-row categorical codes (train vocabularies) plus what the item catalogue needs."""
+
+    codes: dict[str, np.ndarray]
+    vocab_sizes: dict[str, int]
+    item_vocab: Vocab
+    row_year: np.ndarray
+    catalogue_genres: np.ndarray
+    catalogue_year_bucket: np.ndarray
+
+
+def encode(data: RawMovieLens, rows: _Rows) -> _Encoded:
+    """Fit every vocabulary on the training rows and encode all rows (unseen -> 0)."""
+    tr = rows.split == 0
+    u_at = _lookup(rows.user, data.user_ids)  # row -> users-table index (len = missing user)
+    m_at = _lookup(rows.item, data.movie_ids)
+    missing = np.array([""])
+    attrs = {
+        "gender": data.gender,
+        "age": data.age.astype(str),
+        "occupation": data.occupation,
+        "zip_prefix": data.zip_code.astype("<U2"),
+    }
+    attrs = {k: np.concatenate([v, missing])[u_at] for k, v in attrs.items()}
+    vocabs = {"user_id": Vocab.fit(rows.user[tr]), "item_id": Vocab.fit(rows.item[tr])}
+    vocabs |= {k: Vocab.fit(v[tr], missing="") for k, v in attrs.items()}
+    codes = {"user_id": vocabs["user_id"].encode(rows.user), "item_id": vocabs["item_id"].encode(rows.item)}
+    codes |= {k: vocabs[k].encode(v) for k, v in attrs.items()}
+
+    raw_genres = _genre_matrix(data.genres)  # last row: a movie missing from the movies file
+    train_genres = raw_genres[m_at[tr]]
+    vocabs["genres"] = Vocab.fit(train_genres[train_genres > 0])
+    movie_genres = vocabs["genres"].encode(raw_genres)
+    # genres unseen in training become 0: move them behind the known ones (left-aligned lists)
+    movie_genres = np.take_along_axis(movie_genres, np.argsort(movie_genres == 0, axis=1, kind="stable"), axis=1)
+    years = np.concatenate([data.year, [0]])
+    year_bucket = np.where(years > 0, np.searchsorted(YEAR_EDGES, years, side="right") + 1, 0)
+    codes["genres"] = movie_genres[m_at]
+    codes["year_bucket"] = year_bucket[m_at]
+    catalogue_at = _lookup(vocabs["item_id"].values, data.movie_ids)
+    return _Encoded(
+        codes=codes,
+        vocab_sizes={k: v.size for k, v in vocabs.items()},
+        item_vocab=vocabs["item_id"],
+        row_year=years[m_at],
+        catalogue_genres=movie_genres[catalogue_at],
+        catalogue_year_bucket=year_bucket[catalogue_at],
+    )
+
+
+def statistics(rows: _Rows, enc: _Encoded, cfg: MovieLensConfig, rng: np.random.Generator) -> dict[str, list]:
+    """Dense statistics and cross features per split (train, valid, test[, catalogue]); see the module docstring."""
+    parts = rows.parts
+    # Rows are the fold unit in both protocols: paper test rows are random rows of training
+    # sessions, and temporal test rows mostly share their day with training rows (MovieLens users
+    # rate in long sign-up sessions); folding by (user, day) would hide whole users from themselves.
+    folds = balanced_folds(len(parts[0]), cfg.n_folds, rng)
+    catalogue = Entries.single(np.arange(1, enc.item_vocab.size))
+    stats = SplitStats(parts, rows.label[parts[0]], folds, cfg.n_folds, cfg.smoothing, catalogue)
+    c = enc.codes
+    u_code, i_code, genres = c["user_id"], c["item_id"], c["genres"]
+    n_genres = enc.vocab_sizes["genres"]
+    n_gender = enc.vocab_sizes["gender"]
+    group = c["age"] * n_gender + c["gender"]
+    n_groups = enc.vocab_sizes["age"] * n_gender
+
+    def user_genre(p: np.ndarray) -> Entries:
+        return Entries.padded(u_code[p], genres[p], n_genres)
+
+    feats: dict[str, list] = {
+        "user_mean_label": stats.mean(lambda p: Entries.single(u_code[p])),
+        "user_count": stats.count(lambda p: Entries.single(u_code[p])),
+        "item_mean_label": stats.mean(lambda p: Entries.single(i_code[p]), catalogue=True),
+        "item_count": stats.count(lambda p: Entries.single(i_code[p]), catalogue=True),
+        "user_genre_affinity": stats.mean(user_genre),
+        "user_genre_count": stats.count(user_genre, per_entry=True),
+        "item_group_rate": stats.mean(lambda p: Entries.single(i_code[p] * n_groups + group[p])),
+    }
+    # Mean release year of the user's training movies reads no labels: whole training split.
+    year = enc.row_year
+    known = (rows.split == 0) & (year > 0)
+    n_users = enc.vocab_sizes["user_id"]
+    year_sum = np.bincount(u_code[known], weights=year[known], minlength=n_users)
+    year_n = np.bincount(u_code[known], minlength=n_users)
+    user_year = (year_sum / np.maximum(year_n, 1))[u_code]
+    gap = np.where((year_n[u_code] > 0) & (year > 0), (year - user_year) / 10.0, 0.0)
+    feats["year_gap"] = [np.clip(gap[p], -5, 5).astype(np.float32) for p in parts]
+    return feats
+
+
+def histories(rows: _Rows, item_code: np.ndarray, max_len: int) -> list[pa.Array]:
+    """``hist_item_id`` per split: the user's positively rated items strictly before the row's time.
+
+    Train and valid rows read training positives, test rows training and validation positives
+    (never the test split); items unseen in training (id 0) are left out.
+    """
+    pos = (rows.label == 1) & (item_code > 0)
+    out = []
+    for s, p in enumerate(rows.parts):
+        ev = pos & (rows.split <= max(s - 1, 0))
+        out.append(history(rows.user[p], rows.ts[p], rows.user[ev], rows.ts[ev], item_code[ev], max_len))
+    return out
+
+
 def prepare_movielens(
     name: str,
     raw: Path,
@@ -426,131 +576,46 @@ def prepare_movielens(
     if protocol not in PROTOCOLS:
         raise RecipeError(f"recipe {name!r} has no protocol {protocol!r}; choose one of {PROTOCOLS}")
     t_start = time.perf_counter()
-    steps = 6
+    steps = 5
     progress(f"reading {name} raw files", 0, steps)
     data = read_movielens(raw, name)
-    n_raw = len(data.rating)
-
-    progress("splitting", 1, steps)
-    keep = data.rating != 3
-    dropped_users = 0
-    if protocol == "temporal":
-        users_missing_ts = np.unique(data.user[~data.has_ts])
-        complete = ~np.isin(data.user, users_missing_ts)
-        dropped_users = int(len(users_missing_ts))
-        keep &= complete
-        if not keep.any():
-            raise RecipeError(f"{name}: no user has timestamps on all ratings; the temporal protocol needs some")
-    idx = np.nonzero(keep)[0]
-    user, item, rating, ts, has_ts = data.user[idx], data.item[idx], data.rating[idx], data.ts[idx], data.has_ts[idx]
-    label = (rating > 3).astype(np.float32)
     rng = np.random.default_rng(seed)
-    split = split_paper(len(idx), cfg, rng) if protocol == "paper" else split_temporal(user, ts, cfg.temporal_frac)
-    tr = split == 0
-    if not tr.any():
-        raise RecipeError(f"{name}: the training split is empty ({len(idx)} rows after filtering)")
-
-    progress("vocabularies", 2, steps)
-    u_at = _lookup(user, data.user_ids)  # row -> users-table index (len = missing)
-    m_at = _lookup(item, data.movie_ids)
-    missing_str = np.array([""])
-    attrs = {
-        "gender": np.concatenate([data.gender, missing_str])[u_at],
-        "age": np.concatenate([data.age.astype(str), missing_str])[u_at],
-        "occupation": np.concatenate([data.occupation, missing_str])[u_at],
-        "zip_prefix": np.concatenate([data.zip_code.astype("<U2"), missing_str])[u_at],
-    }
-    vocabs = {"user_id": Vocab.fit(user[tr]), "item_id": Vocab.fit(item[tr])}
-    vocabs.update({k: Vocab.fit(v[tr], missing="") for k, v in attrs.items()})
-    codes = {"user_id": vocabs["user_id"].encode(user), "item_id": vocabs["item_id"].encode(item)}
-    codes.update({k: vocabs[k].encode(v) for k, v in attrs.items()})
-    raw_genres = _genre_matrix(data.genres)  # last row = movie missing from the movies file
-    genre_vocab = Vocab.fit(raw_genres[m_at][tr][raw_genres[m_at][tr] > 0])
-    movie_genres = genre_vocab.encode(raw_genres)
-    movie_genres = np.take_along_axis(movie_genres, np.argsort(movie_genres == 0, axis=1, kind="stable"), axis=1)
-    genres = movie_genres[m_at]
-    years = np.concatenate([data.year, [0]])
-    year_bucket = np.where(years > 0, np.searchsorted(YEAR_EDGES, years, side="right") + 1, 0)
-    codes["genres"] = genres
-    codes["year_bucket"] = year_bucket[m_at]
-    row_year = years[m_at]
-
-    progress("statistics (out-of-fold for training rows)", 3, steps)
-    parts = [np.nonzero(split == s)[0] for s in range(3)]
-    # Rows are the fold unit in both protocols: paper test rows are random rows of training
-    # sessions, and temporal test rows mostly share their day with training rows (MovieLens users
-    # rate in long sign-up sessions); folding by (user, day) would hide whole users from themselves.
-    folds = balanced_folds(len(parts[0]), cfg.n_folds, rng)
-    n_items = vocabs["item_id"].size
-    catalogue_codes = np.arange(1, n_items)
-    catalogue_raw = vocabs["item_id"].values
-    catalogue_genres = movie_genres[_lookup(catalogue_raw, data.movie_ids)]
-    stats = SplitStats(parts, label[parts[0]], folds, cfg.n_folds, cfg.smoothing, Entries.single(catalogue_codes))
-    u_code, i_code = codes["user_id"], codes["item_id"]
-    n_genres = genre_vocab.size
-    n_gender = vocabs["gender"].size
-    group = codes["age"] * n_gender + codes["gender"]
-    feats: dict[str, list[np.ndarray]] = {}
-    feats["user_mean_label"] = stats.mean(lambda p: Entries.single(u_code[p]))
-    feats["item_mean_label"] = stats.mean(lambda p: Entries.single(i_code[p]), catalogue=True)
-    feats["user_count"] = stats.count(lambda p: Entries.single(u_code[p]))
-    feats["item_count"] = stats.count(lambda p: Entries.single(i_code[p]), catalogue=True)
-
-    progress("cross features", 4, steps)
-    feats["user_genre_affinity"] = stats.mean(lambda p: Entries.padded(u_code[p], genres[p], n_genres))
-    feats["user_genre_count"] = stats.count(lambda p: Entries.padded(u_code[p], genres[p], n_genres), per_entry=True)
-    n_groups = vocabs["age"].size * n_gender
-    feats["item_group_rate"] = stats.mean(lambda p: Entries.single(i_code[p] * n_groups + group[p]))
-    known_year = tr & (row_year > 0)
-    year_sum = np.bincount(u_code[known_year], weights=row_year[known_year], minlength=vocabs["user_id"].size)
-    year_n = np.bincount(u_code[known_year], minlength=vocabs["user_id"].size)
-    user_year = np.where(year_n > 0, year_sum / np.maximum(year_n, 1), 0.0)
-    gap = np.where((user_year[u_code] > 0) & (row_year > 0), (row_year - user_year[u_code]) / 10.0, 0.0)
-    feats["year_gap"] = [np.clip(gap[p], -5, 5).astype(np.float32) for p in parts]
-
-    hist: list[pa.Array] = []
+    progress("splitting and vocabularies", 1, steps)
+    rows = select_rows(data, protocol, cfg, rng)
+    enc = encode(data, rows)
+    progress("statistics and cross features (out-of-fold for training rows)", 2, steps)
+    feats = statistics(rows, enc, cfg, rng)
     if protocol == "temporal":
-        progress("behaviour histories", 5, steps)
-        pos = (label == 1) & (i_code > 0)
-        for s, p in enumerate(parts):
-            allowed = pos & (split <= max(s - 1, 0))
-            hist.append(history(user[p], ts[p], user[allowed], ts[allowed], i_code[allowed], cfg.hist_len))
+        progress("behaviour histories", 3, steps)
+        feats["hist_item_id"] = histories(rows, enc.codes["item_id"], cfg.hist_len)
 
-    progress("writing Parquet", 6, steps)
-    schema = build_schema(
-        name,
-        protocol,
-        {k: v.size for k, v in vocabs.items()} | {"genres": n_genres},
-        genres.shape[1],
-        cfg.hist_len,
-    )
+    progress("writing Parquet", 4, steps)
+    schema = build_schema(name, protocol, enc.vocab_sizes, enc.codes["genres"].shape[1], cfg.hist_len)
     tables = {}
-    for s, split_name in enumerate(("train", "valid", "test")):
-        p = parts[s]
+    for s, (split_name, p) in enumerate(zip(("train", "valid", "test"), rows.parts, strict=True)):
         cols: dict[str, pa.Array] = {
-            "request_id": pa.array(user[p], pa.int64()),
-            "label": pa.array(label[p], pa.float32()),
-            "label_level": pa.array(rating[p], pa.int8()),
-            "ts": pa.array(ts[p], pa.int64(), mask=~has_ts[p]),
+            "request_id": pa.array(rows.user[p], pa.int64()),
+            "label": pa.array(rows.label[p], pa.float32()),
+            "label_level": pa.array(rows.rating[p], pa.int8()),
+            "ts": pa.array(rows.ts[p], pa.int64(), mask=~rows.has_ts[p]),
         }
         for f in schema.features:
             if f.name == "hist_item_id":
-                cols[f.name] = hist[s]
-            elif f.name == "genres":
-                cols[f.name] = padded_to_list(genres[p])
+                cols[f.name] = feats[f.name][s]
             elif f.kind == "dense":
                 cols[f.name] = pa.array(feats[f.name][s], pa.float32())
+            elif f.kind == "sequence":
+                cols[f.name] = padded_to_list(enc.codes[f.name][p])
             else:
-                cols[f.name] = pa.array(codes[f.name][p], pa.int64())
-        table = pa.table(cols)
-        order = np.lexsort((p, ts[p], user[p]))
-        tables[split_name] = table.take(pa.array(order))
+                cols[f.name] = pa.array(enc.codes[f.name][p], pa.int64())
+        order = np.lexsort((p, rows.ts[p], rows.user[p]))  # requests contiguous, by time
+        tables[split_name] = pa.table(cols).take(pa.array(order))
     items = pa.table(
         {
-            "item_id": pa.array(catalogue_codes, pa.int64()),
-            "raw_item_id": pa.array(catalogue_raw, pa.int64()),
-            "genres": padded_to_list(catalogue_genres),
-            "year_bucket": pa.array(year_bucket[_lookup(catalogue_raw, data.movie_ids)], pa.int64()),
+            "item_id": pa.array(np.arange(1, enc.item_vocab.size), pa.int64()),
+            "raw_item_id": pa.array(enc.item_vocab.values, pa.int64()),
+            "genres": padded_to_list(enc.catalogue_genres),
+            "year_bucket": pa.array(enc.catalogue_year_bucket, pa.int64()),
             "item_mean_label": pa.array(feats["item_mean_label"][3], pa.float32()),
             "item_count": pa.array(feats["item_count"][3], pa.float32()),
         }
@@ -559,21 +624,13 @@ def prepare_movielens(
         "recipe": name,
         "protocol": protocol,
         "seed": seed,
-        "config": cfg.__dict__,
+        "config": asdict(cfg),
         "layout": data.layout,
         "raw_files": data.files,
-        "counts": {
-            "raw_ratings": n_raw,
-            "dropped_rating_3": int((data.rating == 3).sum()),
-            "dropped_users_without_full_timestamps": dropped_users,
-            "rows_kept": len(idx),
-            "users": int(len(np.unique(user))),
-            "items": int(len(np.unique(item))),
-            "train_users": vocabs["user_id"].size - 1,
-            "train_items": n_items - 1,
-            "rows_without_timestamp": int((~has_ts).sum()),
+        "counts": rows.counts | {"train_users": enc.vocab_sizes["user_id"] - 1, "train_items": enc.item_vocab.size - 1},
+        "label_rate": {
+            k: label_rate(rows.label[p]) for k, p in zip(("train", "valid", "test"), rows.parts, strict=True)
         },
-        "label_rate": {k: label_rate(label[p]) for k, p in zip(("train", "valid", "test"), parts, strict=True)},
         "request_id": "user id",
     }
     with staging_dir(out) as tmp:

@@ -46,10 +46,19 @@ class Source:
     def has(self, name: str) -> bool:
         return name in self.files or f"{name}.gz" in self.files
 
-    def read(self, name: str) -> bytes:
+    def _key(self, name: str) -> str:
         key = name if name in self.files else f"{name}.gz"
         if key not in self.files:
             raise RecipeError(f"{self.where} has no {name}")
+        return key
+
+    def describe(self, name: str) -> str:
+        """Where ``name`` was found: a path, or ``archive.zip!member``."""
+        key = self._key(name)
+        return f"{self.where}!{self.files[key]}" if self.is_zip else self.files[key]
+
+    def read(self, name: str) -> bytes:
+        key = self._key(name)
         try:
             if self.is_zip:
                 with zipfile.ZipFile(self.where) as zf:
