@@ -52,7 +52,9 @@ def tiny_table(n: int = 64, seed: int = 0, schema: Schema | None = None) -> pa.T
         else:
             vocab = schema.vocab(f.name)
             lens = rng.integers(0, f.max_len + 3, n)
-            cols[f.name] = pa.array([list(rng.integers(1, vocab, k).astype(np.int32)) for k in lens], pa.list_(pa.int32()))
+            cols[f.name] = pa.array(
+                [list(rng.integers(1, vocab, k).astype(np.int32)) for k in lens], pa.list_(pa.int32())
+            )
     return pa.table(cols)
 
 

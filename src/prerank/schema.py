@@ -22,11 +22,14 @@ TOWERS: tuple[str, ...] = ("user", "item", "context", "cross")
 KINDS: tuple[str, ...] = ("categorical", "sequence", "dense")
 POOLINGS: tuple[str, ...] = ("mean", "sum", "none")
 
-#: FSCD Table 1: relative operation cost o_j of each feature type. Type I: directly looked-up
-#: ids and raw values; II: statistics computed offline and joined (counts, rates); III: light
-#: online computation over a sequence or a cross of two fields; IV: heavy online computation
-#: (long-sequence matching, cross-feature aggregation over the behaviour log).
-COST_O: dict[str, float] = {"I": 1.0, "II": 2.0, "III": 3.0, "IV": 4.0}
+#: FSCD Table 1: the online computational cost ``o_j`` of each feature type.
+#: I: simple query/user features that directly look up embeddings (0.4);
+#: II: simple item-correlated features (1.5); III: complex query/user features (1.0), e.g.
+#: statistics or behaviour sequences of the user; IV: complex item-correlated features that require
+#: complicated computations (3.0), e.g. user-item cross features and item statistics joined online.
+#: (The extracted paper text is garbled; this reading keeps its two axes, simple/complex x
+#: user/item, and its four values.)
+COST_O: dict[str, float] = {"I": 0.4, "II": 1.5, "III": 1.0, "IV": 3.0}
 
 #: Columns with a fixed meaning; they are never features.
 RESERVED: tuple[str, ...] = (

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_schema, tiny_table
 
+from conftest import tiny_schema, tiny_table
 from prerank.data.parquet import BatchStream, DataError, ParquetSplit, make_loader, write_dataset
 from prerank.schema import FeatureSpec, Schema, SchemaError
 
@@ -58,7 +58,8 @@ def test_sequences_keep_the_most_recent_ids(tmp_path: Path) -> None:
     table = tiny_table(3, 0)
     table = table.set_column(
         table.column_names.index("hist_item_id"),
-        "hist_item_id", pa.array([[1, 2, 3, 4, 5, 6, 7, 8], [], [9]], pa.list_(pa.int32()))
+        "hist_item_id",
+        pa.array([[1, 2, 3, 4, 5, 6, 7, 8], [], [9]], pa.list_(pa.int32())),
     )
     (batch,) = _all_rows(_dataset(tmp_path, table, schema))
     seq = batch.features["hist_item_id"]
@@ -129,4 +130,4 @@ def test_schema_round_trip(tmp_path: Path) -> None:
     s = tiny_schema()
     s.save(tmp_path / "schema.json")
     assert Schema.load(tmp_path) == s
-    assert s["user_cat_clicks"].cost_o == 4.0
+    assert s["user_cat_clicks"].cost_o == 3.0

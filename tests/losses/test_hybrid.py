@@ -33,6 +33,10 @@ def test_hard_relevance_adds_the_impression_label() -> None:
     assert y[0].tolist() == [2.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0]
     # without stage every row is an impression: the feedback alone
     assert hard_relevance(d["label"], d["label_level"], None).tolist() == d["label_level"].float().tolist()
+    # a level that also grades negatives (MovieLens ratings, label = rating > 3) is feedback on positives only
+    ratings, liked = torch.tensor([[5, 2, 4, 1]]), torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    assert hard_relevance(liked, ratings, None).tolist() == [[5.0, 0.0, 4.0, 0.0]]
+    assert hard_relevance(None, ratings, None).tolist() == [[5.0, 2.0, 4.0, 1.0]]
     # feedback on an item that was never shown is ignored
     label = d["label"].clone()
     label[0, 3] = 1.0
@@ -146,6 +150,8 @@ def test_config_is_validated() -> None:
         HybridLossConfig(distillation_weight=0.0, sorting_weight=0.0, rankmax_weight=0.0)
     with pytest.raises(ValueError, match="sorting_temperature"):
         HybridLossConfig(sorting_temperature=0.0)
+    with pytest.raises(ValueError, match="margin_alpha"):
+        HybridLossConfig.from_options(margin_alpha="1.0")
     with pytest.raises(ValueError, match="lambda"):
         HybridLossConfig.from_options(lambda1=1.0)
 
@@ -155,9 +161,9 @@ def test_optimising_free_scores_learns_the_full_stage_order() -> None:
     d = lists()
     y = hard_relevance(d["label"], d["label_level"], d["stage"], d["mask"])
     z = torch.zeros(2, 7, requires_grad=True)
-    opt = torch.optim.Adam([z], lr=0.1)
+    opt = torch.optim.Adam([z], lr=0.2)
     cfg = HybridLossConfig(distillation_weight=0.0)
-    for _ in range(150):
+    for _ in range(40):
         opt.zero_grad()
         hybrid_loss(z, y, d["stage"], d["mask"], None, cfg).backward()
         opt.step()

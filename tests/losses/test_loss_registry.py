@@ -43,7 +43,9 @@ def test_options_reach_the_function() -> None:
     assert got.item() == pytest.approx(softmax_cross_entropy(z, relevance, batch.mask, temperature=2.0).item())
     impressions = batch.mask & (batch.stage == 0)
     got = build_loss("distill:softmax", temperature=0.5)(z, batch)
-    assert got.item() == pytest.approx(softmax_distillation(z, batch.teacher_logit, impressions, temperature=0.5).item())
+    assert got.item() == pytest.approx(
+        softmax_distillation(z, batch.teacher_logit, impressions, temperature=0.5).item()
+    )
     hybrid = build_loss("hybrid", rankmax_weight=0.0, sorting_weight=0.0)(z, batch)
     assert hybrid.item() == pytest.approx(softmax_distillation(z, batch.teacher_logit, impressions).item())
 

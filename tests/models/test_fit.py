@@ -243,3 +243,21 @@ def test_learns_a_user_item_interaction(schema: Schema, batch: Batch) -> None:
     with torch.no_grad():
         final = F.binary_cross_entropy_with_logits(model(data), label)
     assert final < 0.5 * first
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        ("user_id", "age", "hour", "item_id", "genres"),  # no user sequence: DIN keys are the user fields only
+        ("hist_item_id", "item_id"),  # only a behaviour sequence as DIN keys
+        ("user_id", "hist_item_id", "item_ctr"),  # dense-only item side: the key falls back to the dense field
+    ],
+)
+def test_feature_subsets_keep_both_paths_equal(features: tuple[str, ...], schema: Schema, batch: Batch) -> None:
+    model = FIT(schema, FITConfig(features=features)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model.score(model.encode_user(batch), model.encode_item(batch), batch))
+        keys = model.user_inputs(batch)["keys"]
+    n_singles = sum(schema[f].tower in ("user", "context") and schema[f].kind != "sequence" for f in features)
+    n_seq = sum(schema[f].max_len for f in features if schema[f].tower == "user" and schema[f].kind == "sequence")
+    assert keys.shape[1] == n_singles + n_seq

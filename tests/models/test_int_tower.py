@@ -46,8 +46,8 @@ def test_every_user_layer_feeds_the_score(schema: Schema, batch: Batch) -> None:
     model = IntTower(schema, SMALL).eval()
     with torch.no_grad():
         before = model(batch)
-        model.user_heads[0].weight.zero_()
-        model.user_heads[0].bias.zero_()
+        model.user_proj[0].weight.zero_()
+        model.user_proj[0].bias.zero_()
         assert not torch.allclose(before, model(batch))
 
 

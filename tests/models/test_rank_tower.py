@@ -171,10 +171,15 @@ def test_checkpoint_round_trip(schema: Schema, batch: Batch, tmp_path: Path) -> 
 def test_trains_with_the_hybrid_loss_on_request_lists(schema: Schema, batch: Batch) -> None:
     """The trainer's listwise path: model(batch.flat()) scattered back to [R, N] with to_lists."""
     r, n = 8, 8
-    lists = batch.select(slice(0, r * n))._map(lambda v: v.reshape(r, n, *v.shape[1:]))
-    lists.stage = torch.randint(0, 4, (r, n))
-    lists.teacher_logit = torch.randn(r, n)
-    lists.mask = torch.rand(r, n) < 0.8
+    rows = batch.select(slice(0, r * n))
+    lists = Batch(
+        features={k: v.reshape(r, n, *v.shape[1:]) for k, v in rows.features.items()},
+        label=rows.label.reshape(r, n),
+        label_level=rows.label_level.reshape(r, n),
+        stage=torch.randint(0, 4, (r, n)),
+        teacher_logit=torch.randn(r, n),
+        mask=torch.rand(r, n) < 0.8,
+    )
     model = build_model("rank_tower", schema).train()
     logits = to_lists(model(lists.flat()), lists.mask)
     loss = build_loss("hybrid")(logits, lists)

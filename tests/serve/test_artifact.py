@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import tiny_schema, tiny_table
 from typer.testing import CliRunner
 
 import prerank.cli.serve  # noqa: F401  (registers the commands)
 import prerank.serve.export as export_module
+from conftest import tiny_schema, tiny_table
 from prerank.cli import app
 from prerank.data.batch import Batch
 from prerank.data.parquet import table_to_batch, write_dataset
@@ -59,8 +59,10 @@ def artifact(tmp_path: Path, data_dir: Path) -> Path:
 def one_request(rows: Batch, schema: Schema, item_rows: Batch, row: int = 0) -> Batch:
     """Row ``row``'s user/context features against every catalogue item, cross features from the rows."""
     n = len(item_rows)
-    feats = {f.name: rows.features[f.name][row : row + 1].expand(n, *rows.features[f.name].shape[1:]).clone()
-             for f in schema.tower("user", "context")}
+    feats = {
+        f.name: rows.features[f.name][row : row + 1].expand(n, *rows.features[f.name].shape[1:]).clone()
+        for f in schema.tower("user", "context")
+    }
     feats.update(item_rows.features)
     feats.update({f.name: rows.features[f.name][:n] for f in schema.tower("cross")})
     return Batch(features=feats)
@@ -70,7 +72,9 @@ def user_dict(rows: Batch, schema: Schema, row: int = 0) -> dict:
     out = {}
     for f in schema.tower("user", "context"):
         v = rows.features[f.name][row]
-        out[f.name] = float(v) if f.kind == "dense" else ([int(x) for x in v if x > 0] if f.kind == "sequence" else int(v))
+        out[f.name] = (
+            float(v) if f.kind == "dense" else ([int(x) for x in v if x > 0] if f.kind == "sequence" else int(v))
+        )
     return out
 
 
@@ -215,6 +219,8 @@ def test_cli_export(tmp_path: Path, data_dir: Path) -> None:
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(ckpt), "--data", str(data_dir), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert load_artifact(out).cache.num_items == NUM_ITEMS
-    bad = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(data_dir),
-                                   "--out", str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        app,
+        ["export", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(data_dir), "--out", str(tmp_path / "x")],
+    )
     assert bad.exit_code != 0 and "does not exist" in " ".join(bad.output.split())

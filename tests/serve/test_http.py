@@ -64,7 +64,7 @@ def test_score_matches_the_scorer(client: httpx.Client, scorer: Scorer) -> None:
         ({**BODY, "user": {**USER, "age": 99}}, "user.age"),
         ({**BODY, "user": {**USER, "user_ctr": None}}, "user.user_ctr"),
         ({**BODY, "candidates": []}, "candidates"),
-        ({**BODY, "candidates": [5, 39]}, "candidates"),
+        ({**BODY, "candidates": [5, 39], "cross": {k: v[:2] for k, v in CROSS.items()}}, "candidates"),
         ({**BODY, "cross": {"user_cat_affinity": [0.5] * 5}}, "cross"),
         ({**BODY, "k": -1}, "k"),
         ({**BODY, "extra": 1}, "extra"),

@@ -41,7 +41,9 @@ def test_scores_follow_request_order_and_top_k_is_sorted(lr: Scorer) -> None:
     order = sorted(range(5), key=lambda i: -full.scores[i])[:3]
     assert top.ids == [CANDIDATES[i] for i in order]
     torch.testing.assert_close(torch.tensor(top.scores), torch.tensor([full.scores[i] for i in order]))
-    assert lr.score(USER, CANDIDATES, cross=CROSS, k=50).ids == [CANDIDATES[i] for i in sorted(range(5), key=lambda i: -full.scores[i])]
+    assert lr.score(USER, CANDIDATES, cross=CROSS, k=50).ids == [
+        CANDIDATES[i] for i in sorted(range(5), key=lambda i: -full.scores[i])
+    ]
 
 
 def test_cross_features_change_the_score(lr: Scorer) -> None:
@@ -93,6 +95,9 @@ def test_threads_setting(artifacts: dict[str, Path]) -> None:
         ({**USER, "age": 1.0}, CANDIDATES, CROSS, None, "user.age", "integer id"),
         ({**USER, "age": 5}, CANDIDATES, CROSS, None, "user.age", r"outside the vocabulary \[0, 5\)"),
         ({**USER, "user_id": -1}, CANDIDATES, CROSS, None, "user.user_id", "outside the vocabulary"),
+        ({**USER, "user_id": 2**70}, CANDIDATES, CROSS, None, "user.user_id", "outside the vocabulary"),
+        ({**USER, "hist_item_id": [2**70]}, CANDIDATES, CROSS, None, "user.hist_item_id", "integer ids"),
+        (USER, [2**64 - 1], CROSS, None, "candidates", "too large"),
         ({**USER, "user_ctr": math.nan}, CANDIDATES, CROSS, None, "user.user_ctr", "finite number"),
         ({**USER, "user_ctr": "high"}, CANDIDATES, CROSS, None, "user.user_ctr", "finite number"),
         ({**USER, "hist_item_id": [1, 40]}, CANDIDATES, CROSS, None, "user.hist_item_id", "outside the vocabulary"),
@@ -108,8 +113,14 @@ def test_threads_setting(artifacts: dict[str, Path]) -> None:
         (USER, CANDIDATES, {"user_cat_affinity": CROSS["user_cat_affinity"]}, None, "cross", "user_cat_clicks"),
         (USER, CANDIDATES, {**CROSS, "user_cat_clicks": [1, 2]}, None, "cross.user_cat_clicks", "one value per"),
         (USER, CANDIDATES, {**CROSS, "user_cat_clicks": [1, 2, 3, 4, 6]}, None, "cross.user_cat_clicks", "vocabulary"),
-        (USER, CANDIDATES, {**CROSS, "user_cat_affinity": [0, 1, math.inf, 0, 0]}, None, "cross.user_cat_affinity",
-         "finite"),
+        (
+            USER,
+            CANDIDATES,
+            {**CROSS, "user_cat_affinity": [0, 1, math.inf, 0, 0]},
+            None,
+            "cross.user_cat_affinity",
+            "finite",
+        ),
         (USER, CANDIDATES, {**CROSS, "user_cat_affinity": [True] * 5}, None, "cross.user_cat_affinity", "numbers"),
         (USER, CANDIDATES, {**CROSS, "bogus": [1] * 5}, None, "cross.bogus", "not a cross feature"),
         (USER, CANDIDATES, CROSS, 0, "k", ">= 1"),
@@ -144,4 +155,4 @@ def test_scorer_options_are_validated(artifacts: dict[str, Path]) -> None:
         Scorer.load(artifacts["lr"], unknown_items="drop")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_candidates"):
         Scorer.load(artifacts["lr"], max_candidates=0)
-    assert NUM_ITEMS == Scorer.load(artifacts["lr"]).metadata()["num_items"]
+    assert Scorer.load(artifacts["lr"]).metadata()["num_items"] == NUM_ITEMS

@@ -14,7 +14,12 @@ def test_defaults_are_valid() -> None:
 
 @pytest.mark.parametrize(
     "values, field",
-    [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"optimizer": "rmsprop"}, "optimizer"), ({"metric": "acc"}, "metric")],
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"metric": "acc"}, "metric"),
+    ],
 )
 def test_invalid_values_name_the_option(values: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):

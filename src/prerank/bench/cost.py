@@ -73,4 +73,7 @@ def score_cost(model: PreRanker, request: Batch) -> dict[str, float]:
         with FlopCounter() as counter:
             model.score(user, item, request)
         flops = counter.flops
-    return {"score_flops_per_candidate": flops / max(n, 1), "item_cache_bytes_per_item": float(state_bytes_per_row(item))}
+    return {
+        "score_flops_per_candidate": flops / max(n, 1),
+        "item_cache_bytes_per_item": float(state_bytes_per_row(item)),
+    }

@@ -262,7 +262,10 @@ def bench_target(
             scorer = Scorer(model, cache, threads=threads, max_candidates=n)
             t_cached = time_calls(lambda x, s=scorer: s.logits(*x), cached, config.requests, config.warmup)
             t_scorer = time_calls(
-                lambda x, s=scorer: s.score(x.user, x.candidates, cross=x.cross), samples, config.requests, config.warmup
+                lambda x, s=scorer: s.score(x.user, x.candidates, cross=x.cross),
+                samples,
+                config.requests,
+                config.warmup,
             )
             t_full = time_calls(model, full, config.requests, config.warmup)
             p50_cached, p50_full = float(np.percentile(t_cached, 50)), float(np.percentile(t_full, 50))

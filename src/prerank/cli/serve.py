@@ -13,6 +13,8 @@ from prerank.cli.common import friendly_errors
 from prerank.serve.scorer import DEFAULT_MAX_CANDIDATES
 
 console = Console()
+# the bench table has 14 columns; a pipe or a log gets them unwrapped
+wide = console if console.is_terminal else Console(width=220)
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
@@ -117,7 +119,7 @@ def bench_cmd(
         table.add_column(head, justify="right")
     for row in table_rows(records):
         table.add_row(*row)
-    console.print(table)
+    wide.print(table)
     if out is not None:
         write_report(records, out)
         console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", highlight=False)

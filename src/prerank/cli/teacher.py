@@ -118,7 +118,7 @@ def score(
     batch_size: int = typer.Option(8192, "--batch-size", help="Rows scored at once (bounds memory)."),
     threads: int = typer.Option(2, "--threads", help="torch intra-op threads."),
 ) -> None:
-    """Add a float32 ``teacher_logit`` column to every row of every split of DATA, file by file, atomically."""
+    """Add a float32 teacher_logit column to every row of every split of DATA, file by file, atomically."""
     from prerank.train.checkpoint import load_model
 
     if batch_size < 1:

@@ -239,4 +239,3 @@ def list_models() -> None:
     for name in MODELS:
         d = describe(name)
         typer.echo(f"{name:16s} {d['class']:14s} {json.dumps(d['config'])}")
-

@@ -373,9 +373,7 @@ def make_loader(
     stream = BatchStream(
         ParquetSplit(root, split, schema), batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size
     )
-    return DataLoader(
-        stream, batch_size=None, num_workers=num_workers, persistent_workers=False, collate_fn=_identity
-    )
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, collate_fn=_identity)
 
 
 def _identity(b: Batch) -> Batch:

@@ -6,12 +6,12 @@ drawn from a hidden world, deterministically from ``seed`` and in bounded memory
 The hidden world (:class:`World`, built by :func:`make_world`)
 ----------------------------------------------------------------
 * Items have a category, a brand (nested in the category), a price level 1-10, a popularity
-  (Zipf-like over a random rank) and a latent vector ``b_i = c_cat + 0.6 e_brand + 0.5 e_i`` in
+  (Zipf-like over a random rank) and a latent vector ``b_i = c_cat + 0.6 e_brand + e_i`` in
   ``R^d`` (``c``, ``e`` ~ N(0, I/d), so a category centre has unit norm).
 * Users belong to a hidden segment that shapes their observed age and gender, their category
   tastes and price sensitivity; each has an activity level (request rate and click propensity) and
   ``K`` interests: distinct categories ``cat_uk`` with strength ``w_uk`` and vectors
-  ``a_uk = w_uk (c_cat_uk + 0.5 e_uk)``.
+  ``a_uk = w_uk (c_cat_uk + e_uk)``.
 * The true click logit of user ``u`` shown item ``i`` at hour ``h`` on device ``v`` is::
 
       z = base + 0.4 pop_i + 0.3 act_u + hour_h + device_v
@@ -24,8 +24,8 @@ The hidden world (:class:`World`, built by :func:`make_world`)
   bilinear fit leaves a large residual, see the tests), while an interaction-focused model that
   sees the history, the item and the cross features can approximate it. Popularity and activity
   are main effects every model can learn.
-* Graded labels: click ~ Bernoulli(sigmoid(z)); cart | click ~ Bernoulli(sigmoid(-1 + 0.8 m - 0.15
-  (price - 5.5))); purchase | cart ~ Bernoulli(sigmoid(-0.3 + 0.5 m - 0.2 (price - 5.5))) with
+* Graded labels: click ~ Bernoulli(sigmoid(z)); cart | click ~ Bernoulli(sigmoid(-1.5 + 0.8 m - 0.15
+  (price - 5.5))); purchase | cart ~ Bernoulli(sigmoid(-0.8 + 0.5 m - 0.2 (price - 5.5))) with
   ``m = max_k <a_uk, b_i> - m0``. ``label_level`` is 0 exposure, 1 click, 2 cart, 3 purchase and
   ``label = label_level >= 1``.
 
@@ -107,7 +107,7 @@ class SyntheticConfig:
     n_categories: int = 20
     n_brands: int = 200
     n_segments: int = 6
-    n_interests: int = 3
+    n_interests: int = 4
     latent_dim: int = 16
     hist_len: int = 20
     log_len: int = 100
@@ -117,7 +117,7 @@ class SyntheticConfig:
     valid_share: float = 0.1
     test_share: float = 0.1
     interest_exposure: float = 0.5
-    base_logit: float = -2.7
+    base_logit: float = -3.5
     interaction_scale: float = 2.0
 
     def __post_init__(self) -> None:
@@ -315,7 +315,7 @@ def make_world(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Wo
         item_brand[members] = rng.choice(brands_per_cat[cat - 1], len(members))
     brand_vec = rng.normal(0, 1 / math.sqrt(d), (c.n_brands + 1, d))
     item_vec = (
-        centres[item_category] + 0.6 * brand_vec[item_brand] + 0.5 * rng.normal(0, 1 / math.sqrt(d), (n_items + 1, d))
+        centres[item_category] + 0.6 * brand_vec[item_brand] + rng.normal(0, 1 / math.sqrt(d), (n_items + 1, d))
     )
     brand_tier = rng.integers(1, _N_PRICES + 1, c.n_brands + 1)
     item_price = np.clip(brand_tier[item_brand] + np.rint(rng.normal(0, 1.2, n_items + 1)), 1, _N_PRICES).astype(
@@ -337,9 +337,9 @@ def make_world(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Wo
     activity = rng.normal(0, 1, U + 1)
     taste = np.log(rng.dirichlet(np.full(C, 0.5), S) + 1e-12)
     interest_cat = np.argsort(-(taste[segment] + rng.gumbel(size=(U + 1, C))), axis=1)[:, :K] + 1
-    interest_weight = rng.lognormal(0, 0.25, (U + 1, K)) * 0.8 ** np.arange(K)
+    interest_weight = rng.lognormal(0, 0.25, (U + 1, K)) * 0.9 ** np.arange(K)
     interest_vec = interest_weight[..., None] * (
-        centres[interest_cat] + 0.5 * rng.normal(0, 1 / math.sqrt(d), (U + 1, K, d))
+        centres[interest_cat] + rng.normal(0, 1 / math.sqrt(d), (U + 1, K, d))
     )
     for a in (segment, age, gender, home_device, activity):
         a[0] = 0
@@ -579,8 +579,8 @@ def _block(world: World, seed: int, plan: _Plan, block: int) -> tuple[pa.Table, 
     m = _interest_match(world, u, items)
     price = world.item_price[items] - _PRICE_MID
     click = rng.random(n) < _sigmoid(z)
-    cart = click & (rng.random(n) < _sigmoid(-1.0 + 0.8 * m - 0.15 * price))
-    purchase = cart & (rng.random(n) < _sigmoid(-0.3 + 0.5 * m - 0.2 * price))
+    cart = click & (rng.random(n) < _sigmoid(-1.5 + 0.8 * m - 0.15 * price))
+    purchase = cart & (rng.random(n) < _sigmoid(-0.8 + 0.5 * m - 0.2 * price))
     level = click.astype(np.int8) + cart + purchase
 
     icat = world.item_category[items]

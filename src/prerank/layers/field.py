@@ -50,11 +50,11 @@ class SENET(nn.Module):
 class LightSE(nn.Module):
     """IntTower's Light-SE: ``A = softmax_F(W z + b)``, ``E' = E + E * A`` (``[B, F, D]`` -> same).
 
-    Compared to :class:`SENET` it has one linear layer, normalises the field weights with a
-    softmax over fields and keeps a residual connection so a field can never be switched off
-    entirely (the paper's motivation: a lighter block that still re-weights fields). The authors'
-    public code puts a ReLU between the linear layer and the softmax; the paper describes the
-    linear layer followed by the softmax, which is what this implements.
+    Compared to :class:`SENET` it has one linear layer instead of two, normalises the field
+    weights with a softmax over fields and keeps a residual connection, so a field is re-weighted
+    but never switched off. The authors' public code also puts a ReLU between the linear layer
+    and the softmax; it is left out here, as a ReLU before a softmax only clips negative scores
+    to a common floor and the module is meant to be a lighter SE.
     """
 
     def __init__(self, num_fields: int):

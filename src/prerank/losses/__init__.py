@@ -10,21 +10,17 @@ Two layers:
 
 Names (``build_loss(name, **options)``; options are the keyword arguments of the function named):
 
-====================  =====================================================  ============================
-name                  loss                                                   options
-====================  =====================================================  ============================
-``bce``               :func:`binary_cross_entropy` on ``label`` (default)    none
-``hybrid``            RankTower Eq. 15 with its sample scopes                :class:`HybridLossConfig`
-``distill:softmax``   :func:`softmax_distillation` (RankTower Eq. 9)         temperature
-``distill:logloss``   :func:`weighted_logloss_distillation`                  temperature
-``distill:pairwise``  :func:`pairwise_distillation`                          sigma, min_gap
-``ranking:softmax``   :func:`softmax_cross_entropy`                          temperature
-``ranking:ranknet``   :func:`ranknet`                                        sigma
-``ranking:approx_ndcg``  :func:`approx_ndcg`                                 temperature
-``ranking:rankmax``   :func:`rankmax` (Eq. 12)                               margin
-``ranking:am_rankmax``  :func:`am_rankmax` (Eq. 13-14)                       alpha, beta, power
-``ranking:softsort``  :func:`softsort_loss` (Eq. 10-11)                      temperature, power, label_temperature
-====================  =====================================================  ============================
+- ``bce``: :func:`binary_cross_entropy` on ``label``, the trainer's default; no options.
+- ``hybrid``: RankTower Eq. 15 with its sample scopes; options are the fields of :class:`HybridLossConfig`.
+- ``distill:softmax``: :func:`softmax_distillation` (RankTower Eq. 9); ``temperature``.
+- ``distill:logloss``: :func:`weighted_logloss_distillation`; ``temperature``.
+- ``distill:pairwise``: :func:`pairwise_distillation`; ``sigma``, ``min_gap``.
+- ``ranking:softmax``: :func:`softmax_cross_entropy`; ``temperature``.
+- ``ranking:ranknet``: :func:`ranknet`; ``sigma``.
+- ``ranking:approx_ndcg``: :func:`approx_ndcg`; ``temperature``.
+- ``ranking:rankmax``: :func:`rankmax` (Eq. 12); ``margin``.
+- ``ranking:am_rankmax``: :func:`am_rankmax` (Eq. 13-14); ``alpha``, ``beta``, ``power``.
+- ``ranking:softsort``: :func:`softsort_loss` (Eq. 10-11); ``temperature``, ``power``, ``label_temperature``.
 
 ``ranking:*`` losses rank the whole list by the hard label of RankTower Sec. 3.2.1
 (:func:`hard_relevance`); ``distill:*`` losses match ``teacher_logit`` on impressions only when the

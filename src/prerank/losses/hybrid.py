@@ -54,15 +54,25 @@ def hard_relevance(
 ) -> Tensor:
     """RankTower Sec. 3.2.1 hard label ``[R, N]`` (float): graded feedback plus the impression label.
 
-    Feedback is ``label_level`` when present (already ordered by importance, e.g. purchase > cart >
-    click > exposure = 0), else the binary ``label``. With a ``stage`` tensor the impression label
-    is added: ``feedback + 1`` for impressions, 0 for candidates and random items (feedback on items
+    Feedback is the graded ``label_level`` of positive rows (``label > 0``) and 0 on negatives, so a
+    level that also grades non-positive rows (a MovieLens rating of 1, a Taobao page view at level 1)
+    never counts as feedback; without ``label_level`` it is the binary ``label``, without ``label``
+    the level itself. Levels keep their dataset's scale (e.g. ratings 4 and 5), which the margins of
+    AM-Rankmax and the distances of SoftSort see. With a ``stage`` tensor the impression label is
+    added: ``feedback + 1`` for impressions, 0 for candidates and random items (feedback on items
     never shown cannot exist and is ignored). Without ``stage`` every row is an impression, so the
     constant impression label carries no information and ``y = feedback``. Padding is 0.
     """
-    feedback = label_level if label_level is not None else label
-    if feedback is None:
+    if label is None and label_level is None:
         raise ValueError("a hard label needs batch.label or batch.label_level")
+    if label_level is None:
+        feedback = label
+    elif label is None:
+        feedback = label_level
+    else:
+        if label.shape != label_level.shape:
+            raise ValueError(f"label_level must have the shape of label {tuple(label.shape)}")
+        feedback = torch.where(label > 0, label_level, torch.zeros_like(label_level))
     feedback = feedback.to(torch.get_default_dtype())
     valid = torch.ones_like(feedback, dtype=torch.bool) if mask is None else mask
     if valid.shape != feedback.shape:
@@ -97,6 +107,10 @@ class HybridLossConfig:
     margin_power: float = 1.0
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "distillation" and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"HybridLossConfig.{f.name} must be a number, got {value!r}")
         for name in ("distillation_weight", "sorting_weight", "rankmax_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"HybridLossConfig.{name} must be >= 0, got {getattr(self, name)}")

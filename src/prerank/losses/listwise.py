@@ -4,7 +4,8 @@ Every loss takes ``logits`` ``[R, N]`` (R requests, N candidate slots), a target
 and an optional ``mask`` ``[R, N]`` (True = real item; None = every slot is real). Padding never
 affects the value or the gradient, even when it holds NaN. The value is the mean over the requests
 that have what the loss needs (a positive, an ordered pair...); when no request qualifies the result
-is a zero that is still connected to ``logits``, never NaN.
+is a zero that is still connected to ``logits``, never NaN. Pairwise, ApproxNDCG, Rankmax and SoftSort
+materialise ``[R, N, N]`` tensors: memory grows with the square of the list length.
 
 Losses (RankTower, Yan & Li 2024, Sec. 3.3, compares all of them in its Table 3):
 
@@ -52,7 +53,9 @@ def check_lists(logits: Tensor, mask: Tensor | None, **targets: Tensor | None) -
     if mask is None:
         mask = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
     elif mask.dtype != torch.bool or mask.shape != logits.shape:
-        raise ValueError(f"mask must be a bool tensor of shape {tuple(logits.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(logits.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+        )
     for name, t in targets.items():
         if t is None:
             continue

@@ -38,7 +38,9 @@ class FeatureSelection:
     cross: tuple[str, ...]
 
     @classmethod
-    def resolve(cls, schema: Schema, features: tuple[str, ...] | None = None, *, use_cross: bool = True) -> FeatureSelection:
+    def resolve(
+        cls, schema: Schema, features: tuple[str, ...] | None = None, *, use_cross: bool = True
+    ) -> FeatureSelection:
         """User side = ``user`` + ``context`` towers; item side = ``item``; pair side = ``cross``."""
         keep = set(features) if features is not None else set(schema.names)
         unknown = keep - set(schema.names)

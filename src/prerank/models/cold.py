@@ -43,7 +43,7 @@ class COLDConfig:
 class COLD(PreRanker):
     """``logit = MLP(relu(sum_f s_f W_f e_f + b_1))`` with SE field weights ``s`` ``[B, F]``.
 
-    SE block (paper Eq. 1, ``s = sigmoid(W [e_1, ..., e_M] + b)``, ``v_i = s_i e_i``). The paper gives
+    SE block (paper Sec. 4.1: ``s = sigmoid(W [e_1, ..., e_M] + b)``, ``v_i = s_i e_i``). The paper gives
     ``W`` the shape ``k x M`` (k the embedding width, M the number of feature groups) and says each
     ``e_i`` is compressed to the scalar ``s_i``, while writing ``W`` against the concatenation of all
     groups. ``se_block="linear"`` (default) takes the formula literally: one linear map from all

@@ -43,7 +43,10 @@ CATEGORY_NAMES: tuple[str, ...] = ("category_id", "category", "cate_id", "cat_id
 class DATConfig:
     """``out_dim`` is the width of ``p_u``, ``p_v`` and of the augmented vectors ``a_u``, ``a_v``.
 
-    ``user_id`` / ``item_id`` name the categorical features whose ids index the augmented vectors.
+    ``user_id`` / ``item_id`` name the categorical features whose ids index the augmented vectors
+    (used for that even when ``features`` leaves them out of the towers).
+    ``amm_weight_user`` / ``amm_weight_item`` / ``cal_weight`` weight loss_u, loss_v and CAL against
+    the main loss; they are tuning knobs, and the defaults are not values from the paper.
     ``category_feature``: ``"auto"`` looks for an item feature named like a category
     (:data:`CATEGORY_NAMES`), a feature name uses that item feature, ``None`` disables CAL.
     ``temperature`` is the initial value of the learnable temperature of the cosine score.

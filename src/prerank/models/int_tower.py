@@ -57,13 +57,14 @@ class IntTower(PreRanker):
     Towers: Light-SE over the side's fields ``[B, F, D]``, flattened, then ``L`` layers
     ``h^l = relu(W_l h^{l-1} + b_l)``. FE-Block: ``U^l = reshape(P_l h^l)`` for ``l = 1..L`` (each
     layer's output, so the interaction sees shallow as well as deep user representations) and
-    ``V = reshape(Q h_v^L)``. The public code projects each layer's *input* instead (raw
-    embeddings and ``h^1 .. h^{L-1}``); the paper's figure draws the heads on the layers'
-    representations, which is what this follows.
+    ``V = reshape(Q h_v^L)``. Reading: "multi-head representations at each layer of the user tower"
+    is taken as each layer's output ``h^1 .. h^L``; the public code projects each layer's *input*
+    instead (the raw embeddings and ``h^1 .. h^{L-1}``), which never lets the last layer interact.
 
     CIR: for each positive row ``i`` of the batch, a softmax over the batch's items
     ``cos(h_u^{L,i}, h_v^{L,j}) / tau`` with target ``j = i`` (the other rows' items are negatives),
-    averaged over positives, on the last-layer tower outputs.
+    averaged over positives, on the last-layer tower outputs. As in a plain in-batch softmax, another
+    row showing the same item counts as a negative (not masked: popular items make this happen).
 
     Cached per user: ``heads`` ``[L, H_u, d]``; per item: ``heads`` ``[H_i, d]`` (the last-layer
     ``rep`` ``[hidden[-1]]`` is added to the states in training mode only, for CIR); per candidate:
@@ -87,8 +88,8 @@ class IntTower(PreRanker):
         self.item_se = LightSE(len(self.sel.item))
         self.user_layers = _layers(len(self.sel.user) * d, config.hidden)
         self.item_layers = _layers(len(self.sel.item) * d, config.hidden)
-        self.user_heads = nn.ModuleList(nn.Linear(h, config.user_heads * config.head_dim) for h in config.hidden)
-        self.item_heads = nn.Linear(config.hidden[-1], config.item_heads * config.head_dim)
+        self.user_proj = nn.ModuleList(nn.Linear(h, config.user_heads * config.head_dim) for h in config.hidden)
+        self.item_proj = nn.Linear(config.hidden[-1], config.item_heads * config.head_dim)
         self.dropout = nn.Dropout(config.dropout)
         self.bias = nn.Parameter(torch.zeros(()))
 
@@ -105,13 +106,13 @@ class IntTower(PreRanker):
         hs = self._tower(self.user_layers, self.user_se(self.emb.fields(batch, self.sel.user)))
         c = self.config
         heads = torch.stack(
-            [p(h).view(-1, c.user_heads, c.head_dim) for p, h in zip(self.user_heads, hs, strict=True)], 1
+            [p(h).view(-1, c.user_heads, c.head_dim) for p, h in zip(self.user_proj, hs, strict=True)], 1
         )
         return {"heads": heads, "rep": hs[-1]} if self.training else {"heads": heads}
 
     def encode_item(self, batch: Batch) -> State:
         hs = self._tower(self.item_layers, self.item_se(self.emb.fields(batch, self.sel.item)))
-        heads = self.item_heads(hs[-1]).view(-1, self.config.item_heads, self.config.head_dim)
+        heads = self.item_proj(hs[-1]).view(-1, self.config.item_heads, self.config.head_dim)
         return {"heads": heads, "rep": hs[-1]} if self.training else {"heads": heads}
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:

@@ -45,9 +45,9 @@ def model_config(name: str, overrides: dict | None = None) -> Any:
 
 def build_model(name: str, schema: Schema, overrides: dict | None = None) -> PreRanker:
     """Instantiate a registered model for ``schema``."""
-    cls, _ = MODELS[name] if name in MODELS else (None, None)
-    config = model_config(name, overrides)
-    return cls(schema, config)  # type: ignore[misc]
+    config = model_config(name, overrides)  # raises ConfigError for unknown names
+    cls, _ = MODELS[name]
+    return cls(schema, config)
 
 
 def describe(name: str) -> dict:

@@ -53,7 +53,16 @@ MANIFEST = "manifest.json"
 ID_FEATURE = "item_id"
 
 # numpy cannot hold bfloat16; a model that caches it must cast in encode_item.
-_NPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.bool}
+_NPY_DTYPES = {
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.bool,
+}
 
 
 def weights_sha256(state_dict: dict[str, Tensor]) -> str:
@@ -97,10 +106,8 @@ class ItemCache:
 
     def rows(self, ids: Tensor) -> Tensor:
         """Cache rows ``[N]`` of item ids ``[N]`` (non-negative); 0 where an id is not cached."""
-        rows = torch.zeros_like(ids)
-        known = ids < self.row_of_id.shape[0]
-        rows[known] = self.row_of_id[ids[known]]
-        return rows
+        vocab = self.row_of_id.shape[0]
+        return torch.where(ids < vocab, self.row_of_id[ids.clamp_max(vocab - 1)], 0)
 
     def gather(self, rows: Tensor) -> State:
         """The item state of ``rows`` ``[N]``: every key ``[N, ...]``."""
@@ -202,12 +209,18 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        # a directory cannot be swapped atomically: move the old one aside, put it back if the rename fails
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -217,17 +230,15 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def export(
-    checkpoint: str | Path, data_dir: str | Path, out: str | Path, *, chunk_rows: int = 8192
-) -> dict[str, Any]:
+def export(checkpoint: str | Path, data_dir: str | Path, out: str | Path, *, chunk_rows: int = 8192) -> dict[str, Any]:
     """Export a checkpoint and the item cache of ``data_dir``'s catalogue to the artifact directory ``out``.
 
-    Refuses data whose schema differs from the checkpoint's (its ids would mean other things).
+    Refuses data whose features differ from the checkpoint's schema (its ids would mean other things).
     Returns the manifest.
     """
     name, model, _ = load_model(checkpoint)
     data_schema = Schema.load(data_dir)
-    if data_schema != model.schema:
+    if data_schema.features != model.schema.features:
         raise ValueError(_schema_diff(model.schema, data_schema, f"checkpoint {checkpoint}", f"data {data_dir}"))
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     digest = weights_sha256(state_dict)
@@ -270,9 +281,7 @@ def export(
             "torch_version": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": {"checkpoint": str(checkpoint), "data": str(data_dir)},
-            "files": {
-                str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-            },
+            "files": {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         _write_json(tmp / MANIFEST, manifest)
     return manifest
@@ -287,7 +296,7 @@ def _schema_diff(a: Schema, b: Schema, a_name: str, b_name: str) -> str:
     parts += [f"only in {b_name}: {only_b}"] if only_b else []
     parts += [f"features that differ: {changed}"] if changed else []
     if not parts:
-        parts = ["schema name or reserved-column flags differ"]
+        parts = ["the features are in another order"]
     return f"schema mismatch between {a_name} and {b_name}: " + "; ".join(parts)
 
 
@@ -322,7 +331,7 @@ def load_artifact(path: str | Path, *, expected_schema: Schema | None = None) ->
     Raises :class:`~prerank.io.CheckpointError` naming the problem: a missing file, a file whose sha256
     differs from the manifest (corrupt or truncated), an item cache whose stamp is not the hash of the
     loaded weights, weights that do not fit the schema, a cache whose shape does not fit the schema or
-    model, or (with ``expected_schema``) an artifact built on another schema.
+    model, or (with ``expected_schema``) an artifact whose features differ from it.
     """
     root = Path(path)
     what = f"artifact {root}"
@@ -358,7 +367,7 @@ def load_artifact(path: str | Path, *, expected_schema: Schema | None = None) ->
         schema = Schema.from_dict(_read_json(root / "schema.json", what))
     except ValueError as e:
         raise CheckpointError(f"{what}: schema.json is not a valid schema: {e}") from e
-    if expected_schema is not None and schema != expected_schema:
+    if expected_schema is not None and schema.features != expected_schema.features:
         raise CheckpointError(_schema_diff(schema, expected_schema, what, "the expected schema"))
     payload = {**model_info, "schema": schema.to_dict(), "state_dict": state_dict}
     try:

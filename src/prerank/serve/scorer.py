@@ -83,6 +83,8 @@ def _int_array(name: str, values: object, what: str) -> np.ndarray:
         raise ScoringError(name, f"must be a list of integer {what}: {e}") from e
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise ScoringError(name, f"must be a flat list of integer {what}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ScoringError(name, f"has {what} too large for int64")
     return arr.astype(np.int64, copy=False)
 
 
@@ -175,7 +177,9 @@ class Scorer:
         side = {f.name: f for f in self.schema.tower("user", "context")}
         for name in user:
             if name not in side:
-                where = f"it belongs to the {self.schema[name].tower} tower" if name in self.schema else "not in the schema"
+                where = (
+                    f"it belongs to the {self.schema[name].tower} tower" if name in self.schema else "not in the schema"
+                )
                 raise ScoringError(f"user.{name}", f"is not a user or context feature ({where})")
         missing = [n for n in self.required_user if n not in user]
         if missing:
@@ -194,11 +198,12 @@ class Scorer:
         if f.kind == "categorical":
             if not _is_int(value):
                 raise ScoringError(name, f"must be an integer id, got {value!r}")
-            _check_ids(name, np.array([value], dtype=np.int64), vocab)
+            if not 0 <= value < vocab:  # type: ignore[operator]
+                raise ScoringError(name, f"id {value} lies outside the vocabulary [0, {vocab})")
             return torch.tensor([int(value)], dtype=torch.int64)  # type: ignore[call-overload]
         if not isinstance(value, (list, tuple, np.ndarray)) or any(not _is_int(v) for v in value):
             raise ScoringError(name, "must be a list of integer ids")
-        ids = np.asarray(value, dtype=np.int64).reshape(-1)
+        ids = _int_array(name, value, "ids")
         _check_ids(name, ids, vocab)
         return torch.from_numpy(_padded(ids, f.max_len)).unsqueeze(0)
 
@@ -218,7 +223,10 @@ class Scorer:
         return torch.from_numpy(ids)
 
     def pair_batch(self, cross: Mapping[str, Sequence[object]] | None, n: int) -> Batch | None:
-        """Validate per-candidate cross features (each a list of ``n`` values) as a batch of ``n`` rows."""
+        """Validate per-candidate cross features (each a list of ``n`` values) as a batch of ``n`` rows.
+
+        Features the model does not read are checked for length only and passed on as unknown.
+        """
         cross = {} if cross is None else cross
         if not isinstance(cross, Mapping):
             raise ScoringError("cross", "must be an object mapping cross feature names to lists")
@@ -231,12 +239,17 @@ class Scorer:
             raise ScoringError("cross", f"missing cross features {missing} that the model needs per candidate")
         if not specs:
             return None
-        return Batch(
-            features={
-                name: self._cross_column(f, cross[name], n) if name in cross else _unknown(f, n)
-                for name, f in specs.items()
-            }
-        )
+        feats = {}
+        for name, f in specs.items():
+            given = cross.get(name)
+            if name in self.required_cross:
+                feats[name] = self._cross_column(f, given, n)
+                continue
+            # a cross feature the model does not read: check its length, skip converting N values for nothing
+            if given is not None and (not isinstance(given, (list, tuple, np.ndarray)) or len(given) != n):
+                raise ScoringError(f"cross.{name}", f"must be a list with one value per candidate ({n})")
+            feats[name] = _unknown(f, n)
+        return Batch(features=feats)
 
     def _cross_column(self, f: FeatureSpec, values: object, n: int) -> Tensor:
         """One cross feature for ``n`` candidates: ``[n]`` or ``[n, L]``."""

@@ -97,7 +97,13 @@ def train_loader(data_dir: Path, config: TrainConfig, epoch: int, schema: Schema
             stages=config.stages,
         )
     loader = make_loader(
-        data_dir, "train", config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers, schema=schema
+        data_dir,
+        "train",
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        schema=schema,
     )
     loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
     return loader
@@ -167,6 +173,7 @@ def train_model(
         log_path.unlink(missing_ok=True)
 
     n_train = ParquetSplit(data_dir, "train", schema).num_rows
+
     def finished() -> bool:
         return bad_epochs >= config.patience or bool(config.max_steps and steps >= config.max_steps)
 
@@ -304,5 +311,3 @@ def evaluate_split(
     model: PreRanker, data_dir: str | Path, split: str, batch_size: int = 16384, *, device: torch.device | str = "cpu"
 ) -> dict[str, float]:
     return evaluate_predictions(predict(model, data_dir, split, batch_size, device=device))
-
-

@@ -203,7 +203,7 @@ def _time_keys(
     order = np.argsort(ekey, kind="stable")
     ekey = ekey[order]
     qkey = qg.astype(np.int64) * span + (np.asarray(query_time, dtype=np.int64) - t0)
-    end = np.searchsorted(ekey, qkey, side="left")
+    end = np.searchsorted(ekey, qkey, side="right")
     start = np.searchsorted(ekey, qg.astype(np.int64) * span, side="left")
     return order, start, end, groups
 

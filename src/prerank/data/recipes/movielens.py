@@ -153,7 +153,7 @@ def _locate(raw: Path, name: str) -> tuple[Source, str, tuple[str, ...]]:
                 raise RecipeError(f"{name} raw data in {src.where} ({layout} layout) lacks {missing}")
             return src, layout, files
     expected = "; or ".join(" + ".join(f) + f" ({layout})" for layout, f in LAYOUTS[name])
-    raise RecipeError(f"no {name} raw files in {raw}: expected {expected}; or {zipped}")
+    raise RecipeError(f"no {name} raw files in {raw}: expected {expected} (each may be gzipped); or {zipped}")
 
 
 def _col(table: pa.Table, name: str, what: str) -> pa.ChunkedArray:
@@ -317,13 +317,17 @@ def _lookup(ids: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
 
 
 def _genre_matrix(genres: list[list[str]]) -> np.ndarray:
-    """``[n_movies + 1, G]`` raw genre codes (1 + index in the sorted genre names), 0-padded; last row empty."""
+    """``[n_movies + 1, G]`` raw genre codes (1 + index in the sorted genre names), ascending, 0-padded.
+
+    Genres are a set: sorting makes every layout agree. The last row (a movie missing from the
+    movies file) is empty.
+    """
     names = sorted({g for gs in genres for g in gs})
     code = {g: i + 1 for i, g in enumerate(names)}
-    width = max((len(gs) for gs in genres), default=1) or 1
-    mat = np.zeros((len(genres) + 1, width), dtype=np.int64)
-    for i, gs in enumerate(genres):
-        mat[i, : len(gs)] = [code[g] for g in gs]
+    sets = [sorted({code[g] for g in gs}) for gs in genres]
+    mat = np.zeros((len(genres) + 1, max(max(map(len, sets), default=1), 1)), dtype=np.int64)
+    for i, codes in enumerate(sets):
+        mat[i, : len(codes)] = codes
     return mat
 
 

@@ -1,0 +1,157 @@
+"""``prerank data``: prepare public datasets, download MovieLens, generate synthetic data, inspect a dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from prerank.cli import app
+from prerank.cli.common import ProgressOpt, console, friendly_errors, parse_options
+from prerank.data.recipes import RECIPES, prepare
+from prerank.data.recipes.common import Progress as ProgressFn
+from prerank.data.recipes.common import no_progress
+from prerank.data.recipes.download import ARCHIVES, download
+
+data_app = typer.Typer(
+    help="Datasets: prepare public raw data (MovieLens, Taobao), download MovieLens, generate synthetic data.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+RECIPE_NAMES = ", ".join(RECIPES)
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prerank"
+
+
+@contextmanager
+def _bar(enabled: bool, *, transfer: bool = False) -> Iterator[ProgressFn]:
+    """A rich progress bar as a recipe ``progress(message, done, total)`` callback."""
+    if not enabled:
+        yield no_progress
+        return
+    counter = (DownloadColumn(), TransferSpeedColumn()) if transfer else (MofNCompleteColumn(),)
+    with Progress(TextColumn("{task.description}"), BarColumn(), *counter, TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=total or None)
+
+        yield update
+
+
+@data_app.command("prepare")
+@friendly_errors
+def prepare_cmd(
+    name: str = typer.Argument(..., help=f"Recipe: {RECIPE_NAMES}."),
+    raw: Path = typer.Option(
+        ...,
+        "--raw",
+        help="Raw files: a folder (e.g. ../shared/data/ml-1m) or an archive (ml-1m.zip, UserBehavior.csv[.gz]).",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Dataset folder to write (must be new, empty, or an earlier prerank dataset)."
+    ),
+    protocol: str = typer.Option(
+        None,
+        "--protocol",
+        help="Evaluation protocol. MovieLens: 'paper' (default; random 80/20 rows, 10% of train as valid) or "
+        "'temporal' (per-user time split, behaviour history). Taobao: 'temporal' (by day; the only one).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of random splits and out-of-fold assignment."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Turn public raw files into a prerank dataset (schema.json, meta.json, train/valid/test, items.parquet).
+
+    Vocabularies and statistics are fitted on the training split only (out-of-fold for training rows);
+    see `prerank data info OUT` for the features and their FSCD cost types.
+    """
+    with _bar(progress) as bar:
+        path = prepare(name, raw, out, protocol, seed, progress=bar)
+    meta = json.loads((path / "meta.json").read_text())
+    rows = ", ".join(f"{k} {v:,}" for k, v in meta["rows"].items())
+    console.print(f"[green]wrote[/] {path}: {rows} rows in {meta['prepare_seconds']} s")
+
+
+@data_app.command("download")
+@friendly_errors
+def download_cmd(
+    name: str = typer.Argument(..., help=f"Dataset: {', '.join(ARCHIVES)}."),
+    cache: Path = typer.Option(None, "--cache", help="Folder for the zip (default $XDG_CACHE_HOME/prerank)."),
+    url: str = typer.Option(None, "--url", help="Mirror URL of the same official zip (the checksum still applies)."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Download the official GroupLens zip and verify its SHA-256; prints the zip's path.
+
+    Pass the zip to `prerank data prepare NAME --raw PATH`. A file with a wrong checksum is deleted.
+    """
+    with _bar(progress, transfer=True) as bar:
+        path = download(name, cache or default_cache(), url=url, progress=bar)
+    typer.echo(str(path))
+
+
+@data_app.command("synth")
+@friendly_errors
+def synth_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (new, empty or earlier synthetic)."),
+    rows: int = typer.Option(200_000, "--rows", help="Number of impressions."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the hidden world and of the sampling."),
+    users: int = typer.Option(None, "--users", help="Number of users (default 5000)."),
+    items: int = typer.Option(None, "--items", help="Number of items (default 2000)."),
+    option: list[str] = typer.Option(
+        None,
+        "--option",
+        help="Any other generator option key=value (repeatable), e.g. n_categories=20, days=14, hist_len=20, "
+        "max_request_size=50, interaction_scale=2.0 (see prerank.data.synthetic.SyntheticConfig).",
+    ),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Generate a synthetic cascade log with a known ground truth (the package's built-in dataset)."""
+    from prerank.data.synthetic import generate
+
+    options = parse_options(option, "--option")
+    options |= {k: v for k, v in (("n_users", users), ("n_items", items)) if v is not None}
+    path = generate(out, rows, seed, progress=progress, **options)
+    console.print(f"[green]wrote[/] {path}")
+
+
+@data_app.command("info")
+@friendly_errors
+def info_cmd(
+    root: Path = typer.Argument(..., help="Dataset folder."),
+) -> None:
+    """Show a dataset's features (tower, kind, vocabulary, FSCD cost type) and its meta.json counts."""
+    from prerank.data.parquet import read_meta
+    from prerank.schema import Schema
+
+    schema = Schema.load(root)
+    table = Table(title=f"{root} ({schema.name})")
+    for col in ("feature", "tower", "kind", "vocab", "len", "cost", "description"):
+        table.add_column(col)
+    for f in schema.features:
+        vocab = "" if f.kind == "dense" else str(schema.vocab(f.name)) + (f" ({f.shares})" if f.shares else "")
+        length = str(f.max_len) if f.kind == "sequence" else ""
+        table.add_row(f.name, f.tower, f.kind, vocab, length, f.cost_type, f.description)
+    out = Console()  # stdout: this is the command's result
+    out.print(table)
+    meta = read_meta(root)
+    for key in ("recipe", "protocol", "seed", "rows", "label_rate", "counts"):
+        if key in meta:
+            out.print(f"[bold]{key}[/]: {json.dumps(meta[key])}")
