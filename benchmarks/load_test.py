@@ -67,7 +67,9 @@ def payloads(data: Path, n_candidates: int, n_requests: int, seed: int) -> list[
     """Pre-serialised ``POST /score`` bodies (so JSON encoding does not slow the client down)."""
     schema = Schema.load(data)
     items = read_rows(data, "items", 1_000_000, schema).features["item_id"].numpy()
-    samples = sample_requests(request_rows(data, schema=schema), schema, np.unique(items), n_requests, n_candidates, seed)
+    samples = sample_requests(
+        request_rows(data, schema=schema), schema, np.unique(items), n_requests, n_candidates, seed
+    )
     return [json.dumps({**s.payload(), "k": 100}).encode() for s in samples]
 
 

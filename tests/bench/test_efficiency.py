@@ -16,6 +16,7 @@ from conftest import tiny_schema, tiny_table
 from prerank.bench.efficiency import (
     BenchConfig,
     matmul_gflops,
+    profile_score,
     request_rows,
     run_bench,
     sample_requests,
@@ -41,6 +42,8 @@ FIELDS = (
     "p99_ms_cached",
     "p50_ms_full",
     "p99_ms_full",
+    "p50_cpu_ms_cached",
+    "p50_cpu_ms_full",
     "flops_per_candidate",
     "flop_bound_ms",
     "item_cache_bytes_per_item",
@@ -106,8 +109,13 @@ def test_requests_come_from_the_data(data_dir: Path) -> None:
 
 def test_matmul_rate_and_timer() -> None:
     assert matmul_gflops(size=64, repeats=3) > 0.01
-    times = time_calls(lambda x: torch.ones(x).sum(), [10, 20], requests=4, warmup=1)
-    assert times.shape == (4,) and (times > 0).all()
+    wall, cpu = time_calls(lambda x: torch.ones(x).sum(), [10, 20], requests=4, warmup=1)
+    assert wall.shape == cpu.shape == (4,) and (wall > 0).all() and (cpu >= 0).all()
+
+
+def test_profile_score_names_the_operators(data_dir: Path) -> None:
+    text = profile_score(target_from_model("two_tower", data_dir), data_dir, 20, repeats=2)
+    assert text.startswith("two_tower: score of one request, N=20") and "aten::" in text
 
 
 def test_bench_config_is_validated() -> None:

@@ -13,6 +13,7 @@ from prerank.data.recipes.common import (
     Vocab,
     balanced_folds,
     count_before,
+    fscd_cost,
     group_count,
     history,
     log_scale,
@@ -117,3 +118,9 @@ def test_staging_dir_swaps_only_on_success(tmp_path: Path) -> None:
         raise RuntimeError("crash")
     assert (out / "schema.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no leftovers
+
+
+def test_fscd_cost_axes() -> None:
+    simple = [fscd_cost(t, complex_=False) for t in ("user", "context", "item", "cross")]
+    complex_ = [fscd_cost(t, complex_=True) for t in ("user", "context", "item", "cross")]
+    assert simple == ["I", "I", "II", "II"] and complex_ == ["III", "III", "IV", "IV"]

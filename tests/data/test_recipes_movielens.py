@@ -234,7 +234,13 @@ def test_paper_protocol_splits_labels_and_loads(tmp_path: Path) -> None:
     assert schema.has_label_level
     assert len(schema.tower("cross")) >= 4
     assert all(f.description for f in schema.features)
-    assert {f.cost_type for f in schema.features} == {"I", "II", "III", "IV"}
+    costs = {f.name: f.cost_type for f in schema.features}
+    assert (costs["gender"], costs["item_id"], costs["user_mean_label"], costs["user_genre_affinity"]) == (
+        "I",
+        "II",
+        "III",
+        "IV",
+    )
     meta = json.loads((root / "meta.json").read_text())
     assert meta["protocol"] == "paper" and meta["seed"] == 0 and meta["rows"] == n
     assert set(meta["label_rate"]) == {"train", "valid", "test"}
@@ -290,8 +296,8 @@ def test_out_of_fold_statistic_ignores_the_rows_own_label(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("protocol", ["paper", "temporal"])
 def test_test_labels_are_never_used(tmp_path: Path, protocol: str) -> None:
-    r = _unique_ts(make_ratings())
-    base = prepare("ml-1m", write_ml1m(tmp_path / "a", r), tmp_path / "da", protocol, seed=2)
+    r = _unique_ts(make_ratings(n_movies=30, per_user=25))  # >= 2 test rows per user (temporal)
+    base = prepare("ml-1m", write_ml1m(tmp_path / "a", r, n_movies=30), tmp_path / "da", protocol, seed=2)
     t = load_all(base)
     test = t["test"]
     lookup = {(u, ts): i for i, (u, ts) in enumerate(zip(r.user, r.ts, strict=True))}
@@ -303,7 +309,7 @@ def test_test_labels_are_never_used(tmp_path: Path, protocol: str) -> None:
     r2 = r
     for row in flips:
         r2 = r2.with_rating(row, 1)
-    flipped = load_all(prepare("ml-1m", write_ml1m(tmp_path / "b", r2), tmp_path / "db", protocol, seed=2))
+    flipped = load_all(prepare("ml-1m", write_ml1m(tmp_path / "b", r2, n_movies=30), tmp_path / "db", protocol, seed=2))
     assert float(np.asarray(flipped["test"].column("label")).sum()) == 0.0
     for split in ("train", "valid", "test"):
         feats = [c for c in t[split].column_names if c not in ("label", "label_level")]
@@ -370,8 +376,8 @@ def test_temporal_split_order_and_complete_users(tmp_path: Path) -> None:
 
 
 def test_temporal_history_is_strictly_earlier_positives(tmp_path: Path) -> None:
-    r = make_ratings(per_user=14)
-    root = prepare("ml-1m", write_ml1m(tmp_path / "raw", r), tmp_path / "out", "temporal")
+    r = make_ratings(n_movies=30, per_user=25)  # >= 2 valid and test rows per user
+    root = prepare("ml-1m", write_ml1m(tmp_path / "raw", r, n_movies=30), tmp_path / "out", "temporal")
     t = load_all(root)
     schema = Schema.load(root)
     assert schema["hist_item_id"].shares == "item_id" and schema["hist_item_id"].max_len == 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,13 @@ import pytest
 from conftest import SHARED_DATA
 from prerank.data.parquet import ParquetSplit, make_loader
 from prerank.data.recipes import RecipeError, prepare
-from prerank.data.recipes.taobao import DAY, DAY0
+from prerank.data.recipes.taobao import TaobaoConfig, prepare_taobao
 from prerank.schema import Schema
 
 H = 3600
+DAY = 24 * H
+#: 2017-11-25 00:00 China time, computed independently of the recipe's constant
+DAY0 = int(datetime(2017, 11, 25, tzinfo=timezone(timedelta(hours=8))).timestamp())
 
 
 def at(day: int, seconds: int) -> int:
@@ -156,6 +160,17 @@ def test_histories_and_log_features_are_strictly_before_the_day(prepared: Path) 
     (test_row,) = [r for r in rows["test"] if r["request_id"] == 108 and raw_item[r["item_id"]] == 12]
     # user 1 before 2017-12-03: (day 0: 10, 11), (day 1: 11), (day 7, valid: 10), oldest first
     assert [raw_item[i] for i in test_row["hist_item_id"]] == [10, 11, 11, 10]
+
+
+def test_test_days_never_see_each_other(tmp_path: Path) -> None:
+    raw = write_csv(tmp_path / "UserBehavior.csv", [*EVENTS, (1, 13, 300, "pv", at(6, H))])
+    root = prepare_taobao(raw, tmp_path / "out", "temporal", 0, config=TaobaoConfig(test_days=2))
+    rows = tables(root)
+    assert {r["request_id"] % 100 for r in rows["test"]} == {7, 8}
+    assert {r["request_id"] % 100 for r in rows["valid"]} == {6}
+    for s, expected in _brute_force(rows).items():
+        assert [r["hist_item_id"] for r in rows[s]] == [e[0] for e in expected], s
+        assert [r["user_item_before"] > 0 for r in rows[s]] == [e[4] > 0 for e in expected], s
 
 
 def test_test_labels_are_never_used(tmp_path: Path) -> None:

@@ -75,6 +75,15 @@ def test_two_tower_needs_no_cross_features(artifacts: dict[str, Path]) -> None:
     assert len(scorer.score(USER, CANDIDATES).scores) == 5
 
 
+def test_cross_features_a_model_does_not_read_are_only_length_checked(artifacts: dict[str, Path]) -> None:
+    scorer = Scorer.load(artifacts["two_tower"])
+    unread = {"user_cat_affinity": ["any"] * 5, "user_cat_clicks": [None] * 5}
+    assert scorer.score(USER, CANDIDATES, cross=unread).scores == scorer.score(USER, CANDIDATES).scores
+    with pytest.raises(ScoringError, match="one value per candidate") as e:
+        scorer.score(USER, CANDIDATES, cross={"user_cat_clicks": [1, 2]})
+    assert e.value.field == "cross.user_cat_clicks"
+
+
 def test_threads_setting(artifacts: dict[str, Path]) -> None:
     before = torch.get_num_threads()
     try:

@@ -187,18 +187,24 @@ def matmul_gflops(size: int = 512, repeats: int = 20) -> float:
     return 2 * size**3 / float(np.median(times)) / 1e9
 
 
-def time_calls(fn: Callable[[Any], object], inputs: list[Any], requests: int, warmup: int) -> np.ndarray:
-    """Milliseconds of ``requests`` calls of ``fn`` cycling over ``inputs``, after ``warmup`` untimed calls."""
+def time_calls(
+    fn: Callable[[Any], object], inputs: list[Any], requests: int, warmup: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Wall and process-CPU milliseconds of ``requests`` calls of ``fn`` cycling over ``inputs``, after warm-up.
+
+    CPU time (all threads of the process) is less disturbed than wall time when other processes share the
+    cores; wall time is what a request waits.
+    """
     with torch.inference_mode():
         for i in range(warmup):
             fn(inputs[i % len(inputs)])
-        out = np.empty(requests)
+        wall, cpu = np.empty(requests), np.empty(requests)
         for i in range(requests):
             x = inputs[i % len(inputs)]
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn(x)
-            out[i] = time.perf_counter() - t0
-    return out * 1e3
+            wall[i], cpu[i] = time.perf_counter() - t0, time.process_time() - c0
+    return wall * 1e3, cpu * 1e3
 
 
 def machine_info(gflops: float) -> dict[str, Any]:
@@ -260,14 +266,14 @@ def bench_target(
         bound_ms = flops * n / (gflops * 1e9) * 1e3
         for threads in config.threads:
             scorer = Scorer(model, cache, threads=threads, max_candidates=n)
-            t_cached = time_calls(lambda x, s=scorer: s.logits(*x), cached, config.requests, config.warmup)
-            t_scorer = time_calls(
+            t_cached, cpu_cached = time_calls(lambda x, s=scorer: s.logits(*x), cached, config.requests, config.warmup)
+            t_scorer, _ = time_calls(
                 lambda x, s=scorer: s.score(x.user, x.candidates, cross=x.cross),
                 samples,
                 config.requests,
                 config.warmup,
             )
-            t_full = time_calls(model, full, config.requests, config.warmup)
+            t_full, cpu_full = time_calls(model, full, config.requests, config.warmup)
             p50_cached, p50_full = float(np.percentile(t_cached, 50)), float(np.percentile(t_full, 50))
             target_ms = max(TARGET_FACTOR * bound_ms, TARGET_FLOOR_MS)
             records.append(
@@ -279,10 +285,12 @@ def bench_target(
                     "requests": config.requests,
                     "p50_ms_cached": p50_cached,
                     "p99_ms_cached": float(np.percentile(t_cached, 99)),
+                    "p50_cpu_ms_cached": float(np.percentile(cpu_cached, 50)),
                     "p50_ms_scorer": float(np.percentile(t_scorer, 50)),
                     "p99_ms_scorer": float(np.percentile(t_scorer, 99)),
                     "p50_ms_full": p50_full,
                     "p99_ms_full": float(np.percentile(t_full, 99)),
+                    "p50_cpu_ms_full": float(np.percentile(cpu_full, 50)),
                     "candidates_per_s": n / p50_cached * 1e3,
                     "speedup_cached_vs_full": p50_full / p50_cached,
                     "flops_per_candidate": flops,
@@ -309,6 +317,32 @@ def run_bench(targets: list[BenchTarget], data_dir: str | Path, config: BenchCon
     return records
 
 
+def profile_score(target: BenchTarget, data_dir: str | Path, n: int, repeats: int = 5, top: int = 8) -> str:
+    """Where ``score`` spends its time for one request of ``n`` candidates on 1 thread (torch.profiler).
+
+    Returns the profiler's table of the ``top`` operators by self CPU time, grouped by input shape, so a
+    model that misses its FLOP bound shows which operator (and which shapes) to fix.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model, cache = target.model.eval(), target.cache
+    sample = sample_requests(request_rows(data_dir, schema=model.schema), model.schema, cache.ids().numpy(), 1, n)[0]
+    scorer = Scorer(model, cache, threads=1, max_candidates=n)
+    with torch.inference_mode():
+        user = model.encode_user(scorer.user_batch(sample.user))
+        items = cache.gather(cache.rows(torch.tensor(sample.candidates)))
+        pair = scorer.pair_batch(sample.cross, n)
+        for _ in range(2):
+            model.score(user, items, pair)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(repeats):
+                model.score(user, items, pair)
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=32, max_shapes_column_width=64
+    )
+    return f"{target.name}: score of one request, N={n}, 1 thread, {repeats} calls\n{table}"
+
+
 # ----------------------------------------------------------------------------------- reports
 
 
@@ -318,6 +352,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("threads", "threads", "{}"),
     ("p50 cached ms", "p50_ms_cached", "{:.3f}"),
     ("p99 cached ms", "p99_ms_cached", "{:.3f}"),
+    ("p50 cached CPU ms", "p50_cpu_ms_cached", "{:.3f}"),
     ("p50 scorer ms", "p50_ms_scorer", "{:.3f}"),
     ("p50 full ms", "p50_ms_full", "{:.3f}"),
     ("p99 full ms", "p99_ms_full", "{:.3f}"),
@@ -345,7 +380,8 @@ def markdown(records: list[dict]) -> str:
         f"single-thread fp32 matmul {machine.get('matmul_gflops_1thread')} GFLOP/s (measured in this run).",
         "",
         "cached = encode_user + item-cache gather + score; scorer = cached + validation from Python lists; "
-        "full = model(batch) of N rows. Latencies are per request (one user, N candidates). "
+        "full = model(batch) of N rows. Latencies are per request (one user, N candidates); CPU ms is the "
+        "process CPU time of a request (less disturbed by other load than wall time). "
         f"Target: p50 cached <= max({TARGET_FACTOR:g} x FLOP bound, {TARGET_FLOOR_MS} ms).",
         "",
         "| " + " | ".join(head) + " |",

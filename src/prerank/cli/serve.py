@@ -90,11 +90,13 @@ def bench_cmd(
     requests: int = typer.Option(200, "--requests", min=1, help="Timed requests per setting."),
     warmup: int = typer.Option(20, "--warmup", min=0, help="Untimed requests before timing."),
     out: Path | None = typer.Option(None, "--out", help="Write bench.json and bench.md here."),
+    profile: bool = typer.Option(False, "--profile", help="Profile `score` of models that miss the latency target."),
 ) -> None:
     """Latency per request with the item cache vs the full forward, FLOPs per candidate and the FLOP bound."""
     from prerank.bench.efficiency import (
         COLUMNS,
         BenchConfig,
+        profile_score,
         run_bench,
         table_rows,
         target_from_artifact,
@@ -123,3 +125,8 @@ def bench_cmd(
     if out is not None:
         write_report(records, out)
         console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", highlight=False)
+    if profile:
+        n = max(config.candidates)
+        for target in targets:
+            if any(r["model"] == target.name and r["candidates"] == n and not r["latency_target_met"] for r in records):
+                wide.print(profile_score(target, data, n), highlight=False)

@@ -18,8 +18,8 @@ The builder proposes unexposed items by *item co-occurrence* counted on the TRAI
 two items co-occur when one request engaged positively (``label > 0``) with both within
 ``co_window`` positions of each other (time order). Each item keeps its ``neighbors`` most
 frequent co-occurring items. A request's seeds are the items of the user's behaviour history
-(``seed_from="history"``: the user-tower sequence feature that shares the item id table, read from
-the request's earliest row, so only what was known before the request is used) or, with
+(``seed_from="history"``: the user-tower sequence feature that shares the item id table; the union
+over the request's rows, each of which holds only behaviour before that row) or, with
 ``seed_from="positives"``, the request's own positive impressions (a look-alike reading of
 "co-engaged with the user's positives"; it lets the logged labels choose the negatives of that
 request, so prefer ``history`` where the schema has one). Candidates are scored by the summed
@@ -27,18 +27,21 @@ co-occurrence counts with the seeds; when fewer than ``retrieve`` unexposed item
 is filled with the most popular items of the training split (positives, then impressions).
 Exposed items of the request are never proposed, so no item is both impression and candidate.
 
-**Features of unexposed rows.** User and context features are copied from the request's earliest
-impression row; item features come from the catalogue. Cross features are recipe-specific
-functions of the (user, item) pair and cannot be recomputed here, so unexposed rows are given the
-padding value (0 / unknown id / empty list) when the teacher scores them. Because a student could
-then read the stage off a zero cross feature (a label leak), the default ``cross="drop"`` removes
-cross features from the output dataset altogether; ``cross="pad"`` keeps them with that caveat.
-The teacher scores impressions with their logged cross features.
+**Features of unexposed rows.** Each unexposed row copies the user and context features (and ``ts``)
+of a uniformly drawn impression row of its request, so within a request the user side of unexposed
+rows is distributed like that of the impressions and the stage cannot be read off it (copying one
+fixed row would: on a user-level request the earliest row has an empty history). Item features
+come from the catalogue. Cross features are recipe-specific functions of the (user, item) pair and
+cannot be recomputed here, so unexposed rows get the padding value (0 / unknown id / empty list)
+when the teacher scores them. Because a student could then read the stage off a zero cross
+feature (a label leak), the default ``cross="drop"`` removes cross features from the output
+dataset altogether; ``cross="pad"`` keeps them with that caveat. The teacher scores impressions
+with their logged cross features.
 
 **Filters and splits (Sec. 4.1.1).** Optionally keep only users with at least ``min_impressions``
 impressions and ``min_positives`` positives (counted over all splits; the user is ``user_field`` or,
-if unset, the request), and re-split 70/10/20 by time (requests ordered by their earliest ``ts``:
-the earliest 70% train) or by request (a seeded random assignment of whole requests). A re-split
+if unset, the request), and re-split 70/10/20 by time (requests ordered by their earliest ``ts``,
+unknown times last: the earliest 70% train) or by request (a seeded random assignment of whole requests). A re-split
 pools all source splits, so a request id present in several splits becomes one request. Features
 that a recipe fitted on its own train split (vocabularies, rates) keep that fit; re-splitting by
 time such a dataset can leak statistics of the new test period into features, so prefer letting
@@ -162,6 +165,12 @@ def _rank_within(groups: np.ndarray) -> np.ndarray:
     return idx - np.maximum.accumulate(np.where(new, idx, 0))
 
 
+def _unique(*arrays: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of the concatenated arrays (sort-based: NumPy's hash ``unique`` is slow on ints)."""
+    a = np.sort(np.concatenate(arrays))
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
+
+
 def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + l)`` for every (start, length)."""
     lengths = lengths.astype(np.int64)
@@ -171,6 +180,11 @@ def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def _column(table: pa.Table, name: str, dtype: type = np.int64) -> np.ndarray:
     return np.asarray(table.column(name).to_numpy(), dtype=dtype)
+
+
+def _ts(table: pa.Table) -> np.ndarray:
+    """The ``ts`` column; an unknown (null) time sorts after every known one."""
+    return np.asarray(table.column("ts").fill_null(np.iinfo(np.int64).max).to_numpy(), dtype=np.int64)
 
 
 def _check_ids(ids: np.ndarray, vocab: int, name: str, where: str) -> None:
@@ -310,7 +324,7 @@ def _index_split(split: ParquetSplit, cols: list[str], user_field: str | None) -
         }
         if "ts" in cols:
             ts = np.full(len(uniq), np.iinfo(np.int64).max)
-            np.minimum.at(ts, inv, _column(t, "ts"))
+            np.minimum.at(ts, inv, _ts(t))
             part["ts"] = ts
         if user_field is not None:
             user = _column(t, user_field)
@@ -428,7 +442,7 @@ def _spill(sources: dict[str, ParquetSplit], plan: _Plan, in_schema: pa.Schema, 
                 code = np.where(tgt >= 0, tgt * width + bkt, -1)
                 order = np.argsort(code, kind="stable")
                 sorted_code = code[order]
-                for c in np.unique(sorted_code[sorted_code >= 0]):
+                for c in _unique(sorted_code[sorted_code >= 0]):
                     lo, hi = np.searchsorted(sorted_code, [c, c + 1])
                     key = divmod(int(c), width)
                     if key not in writers:
@@ -536,7 +550,7 @@ class CoOccurrenceRetriever:
         if len(rows):
             taken_per_req = np.bincount(taken // V, minlength=n_requests)[rows] + (k - need[rows])
             pool = self.popular[: k + int(taken_per_req.max())]
-            blocked = np.union1d(taken, req * V + item)
+            blocked = _unique(taken, req * V + item)
             cand = rows[:, None] * V + pool[None, :]
             ok = ~np.isin(cand, blocked)
             fill = ok & (np.cumsum(ok, axis=1) <= need[rows][:, None])
@@ -548,25 +562,48 @@ class CoOccurrenceRetriever:
         return req, item, n_cooc
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 step on uint64 (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def request_uniforms(seed: int, stream: int, request_id: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """Uniforms in [0, 1) that depend only on (seed, stream, request id, draw index).
+
+    A counter-based generator: the random rows of a request do not depend on which other requests
+    share its chunk, so the output does not depend on ``chunk_rows``.
+    """
+    x = _mix64(np.full(len(request_id), seed, dtype=np.uint64) ^ np.uint64(stream))
+    x = _mix64(x ^ request_id.astype(np.uint64))
+    x = _mix64(x ^ draw.astype(np.uint64))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def _sample_random(
-    rng: np.random.Generator, catalogue: np.ndarray, taken: np.ndarray, n_requests: int, k: int, vocab: int
+    seed: int, request_ids: np.ndarray, catalogue: np.ndarray, taken: np.ndarray, k: int, vocab: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``k`` distinct catalogue items per request, uniformly, avoiding the sorted keys ``taken``.
 
-    Rejection sampling in a few vectorised rounds; requests still short afterwards (a catalogue
-    barely larger than their taken items) draw exactly from what is left.
+    ``request_ids`` ``[R]``; keys are ``request index * vocab + item``. Rejection sampling in a few
+    vectorised rounds; requests still short afterwards (a catalogue barely larger than their taken
+    items) draw exactly from what is left.
     """
+    n_requests = len(request_ids)
     if k == 0 or n_requests == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     need = np.full(n_requests, k, dtype=np.int64)
     got_req: list[np.ndarray] = []
     got_item: list[np.ndarray] = []
-    for _ in range(4):
+    for attempt in range(4):
         rows = np.flatnonzero(need > 0)
         if not len(rows):
             break
         req = np.repeat(rows, 2 * need[rows])
-        item = catalogue[rng.integers(0, len(catalogue), size=len(req))]
+        u = request_uniforms(seed, 1 + attempt, request_ids[req], _rank_within(req))
+        item = catalogue[(u * len(catalogue)).astype(np.int64)]
         keys = req * vocab + item
         _, first = np.unique(keys, return_index=True)
         fresh = np.zeros(len(keys), dtype=bool)
@@ -576,12 +613,12 @@ def _sample_random(
         keep = _rank_within(req) < need[req]
         got_req.append(req[keep])
         got_item.append(item[keep])
-        taken = np.union1d(taken, keys[keep])
+        taken = _unique(taken, keys[keep])
         need -= np.bincount(req[keep], minlength=n_requests)
     for r in np.flatnonzero(need > 0):
         lo, hi = np.searchsorted(taken, [r * vocab, (r + 1) * vocab])
         free = np.setdiff1d(catalogue, taken[lo:hi] - r * vocab)
-        pick = rng.permutation(free)[: need[r]]
+        pick = np.random.default_rng((seed, int(request_ids[r]))).permutation(free)[: need[r]]
         got_req.append(np.full(len(pick), r, dtype=np.int64))
         got_item.append(pick)
     req, item = np.concatenate(got_req), np.concatenate(got_item)
@@ -602,48 +639,50 @@ class _Context:
     retriever: CoOccurrenceRetriever
     item_field: str
     history_field: str | None
-    rng: np.random.Generator
 
 
 def _sort_requests(table: pa.Table) -> pa.Table:
     """Rows by request id, then ts (if any), then reading order."""
     keys = [np.arange(table.num_rows)]
     if "ts" in table.column_names:
-        keys.append(_column(table, "ts"))
+        keys.append(_ts(table))
     keys.append(_column(table, "request_id"))
     return table.take(pa.array(np.lexsort(keys)))
 
 
-def _seeds(
-    ctx: _Context, table: pa.Table, starts: np.ndarray, req_of_row: np.ndarray, where: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(request index, item) pairs the retrieval starts from, deduplicated per request."""
+def _seeds(ctx: _Context, table: pa.Table, req_of_row: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(request index, item) pairs the retrieval starts from, deduplicated per request.
+
+    History seeds are the union of the history sequences of all the request's rows: each holds only
+    what preceded its own row, and on a user-level request spanning a long period the earliest
+    row's history alone is often empty.
+    """
     if ctx.history_field is None:
         pos = _column(table, "label", np.float64) > 0
         req, item = req_of_row[pos], _column(table, ctx.item_field)[pos]
     else:
-        hist = table.column(ctx.history_field).take(pa.array(starts)).combine_chunks()
+        hist = table.column(ctx.history_field).combine_chunks()
         lengths = np.asarray(hist.value_lengths().fill_null(0).to_numpy(), dtype=np.int64)
         values = np.asarray(hist.flatten().to_numpy(), dtype=np.int64)
-        req = np.repeat(np.arange(len(starts)), lengths)
-        recent = _rank_within(req) >= np.repeat(lengths - ctx.schema[ctx.history_field].max_len, lengths)
-        req, item = req[recent], values[recent]
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        recent = _rank_within(row) >= np.repeat(lengths - ctx.schema[ctx.history_field].max_len, lengths)
+        req, item = req_of_row[row[recent]], values[recent]
     V = ctx.retriever.vocab
     _check_ids(item, V, ctx.history_field or ctx.item_field, where)
     valid = item > 0
-    keys = np.unique(req[valid] * V + item[valid])
+    keys = _unique(req[valid] * V + item[valid])
     return keys // V, keys % V
 
 
-def _candidate_rows(ctx: _Context, table: pa.Table, starts: np.ndarray, req: np.ndarray, item: np.ndarray) -> pa.Table:
-    """Rows for unexposed items: the request's earliest row's user side, the catalogue's item side."""
-    first = pa.array(starts[req])
+def _candidate_rows(ctx: _Context, table: pa.Table, anchor: np.ndarray, item: np.ndarray) -> pa.Table:
+    """Rows for unexposed items: user side (and ``ts``) of impression row ``anchor``, item side from the catalogue."""
+    anchor_rows = pa.array(anchor)
     cat_rows = pa.array(ctx.catalogue.row_of[item])
-    n = len(req)
+    n = len(anchor)
     cols: dict[str, pa.Array] = {}
     for name in table.column_names:
         if name in ("request_id", "ts"):
-            cols[name] = table.column(name).take(first)
+            cols[name] = table.column(name).take(anchor_rows)
         elif name == "label":
             cols[name] = pa.array(np.zeros(n, dtype=np.float32))
         elif name == "label_level":
@@ -655,7 +694,7 @@ def _candidate_rows(ctx: _Context, table: pa.Table, starts: np.ndarray, req: np.
             elif f.tower == "cross":
                 cols[name] = _pad_array(f.kind, n)
             else:
-                cols[name] = table.column(name).take(first)
+                cols[name] = table.column(name).take(anchor_rows)
     return pa.table(cols).cast(table.schema)
 
 
@@ -681,15 +720,24 @@ def _build_chunk(ctx: _Context, table: pa.Table, stats: _Stats, where: str) -> p
 
     items = _column(table, ctx.item_field)
     _check_ids(items, V, ctx.item_field, where)
-    exposed = np.unique(req_of_row * V + items)
-    seed_req, seed_item = _seeds(ctx, table, starts, req_of_row, where)
+    exposed = _unique(req_of_row * V + items)
+    seed_req, seed_item = _seeds(ctx, table, req_of_row, where)
     in_cat = ctx.catalogue.row_of >= 0
     ret_req, ret_item, n_cooc = ctx.retriever.retrieve(seed_req, seed_item, exposed, n_req, cfg.retrieve, in_cat)
-    taken = np.union1d(exposed, ret_req * V + ret_item)
-    rnd_req, rnd_item = _sample_random(ctx.rng, ctx.catalogue.ids, taken, n_req, cfg.random, V)
+    taken = _unique(exposed, ret_req * V + ret_item)
+    rnd_req, rnd_item = _sample_random(cfg.seed, rid[starts], ctx.catalogue.ids, taken, cfg.random, V)
 
     new_req = np.concatenate([ret_req, rnd_req])
-    cands = _candidate_rows(ctx, table, starts, new_req, np.concatenate([ret_item, rnd_item]))
+    # each unexposed row takes the user side of a uniformly drawn impression row of its request
+    lengths = np.diff(np.append(starts, len(rid)))
+    u = np.concatenate(  # streams 1-4 are the random items' draws
+        [
+            request_uniforms(cfg.seed, 10, rid[starts][ret_req], _rank_within(ret_req)),
+            request_uniforms(cfg.seed, 11, rid[starts][rnd_req], _rank_within(rnd_req)),
+        ]
+    )
+    anchor = starts[new_req] + (u * lengths[new_req]).astype(np.int64)
+    cands = _candidate_rows(ctx, table, anchor, np.concatenate([ret_item, rnd_item]))
     full = pa.concat_tables([table, cands])
     logits = _teacher_logits(ctx, full, where)
 
@@ -827,7 +875,6 @@ def build_cascade(
             retriever,
             item_field,
             history_field,
-            np.random.default_rng(config.seed),
         )
         with _progress(progress) as bar:
             task = bar.add_task("cascade", total=sum(len(p) for p in spilled.values()))

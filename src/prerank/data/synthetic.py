@@ -44,7 +44,7 @@ avoiding repeats inside a request. Features (FSCD Table 1 cost types as defined 
   ``hist_len`` log events before the request (sharing the ``item_id``/``category_id`` tables).
 * context (I): ``hour``, ``device``.
 * item (I): ``item_id``, ``category_id``, ``brand_id``, ``price_level``; (II) ``item_ctr`` and
-  ``item_log_impressions`` from the warm-up period.
+  ``item_popularity`` from the warm-up period.
 * cross: (III) ``user_cat_affinity``, the share of the visible history in the candidate's
   category; (IV) ``user_cat_clicks``, the user's whole earlier log aggregated per category
   (longer than the visible history), bucketed counts.
@@ -192,7 +192,7 @@ def synthetic_schema(config: SyntheticConfig = SyntheticConfig()) -> Schema:
             f("brand_id", "item", "categorical", c.n_brands + 1, 8, description="item brand (nested in category)"),
             f("price_level", "item", "categorical", _N_PRICES + 1, 4, description="price level 1-10"),
             f("item_ctr", "item", "dense", cost_type="II", description="smoothed click rate in a warm-up period"),
-            f("item_log_impressions", "item", "dense", cost_type="II", description="log1p warm-up impressions"),
+            f("item_popularity", "item", "dense", cost_type="II", description="log1p(warm-up impressions) / its maximum, in [0, 1]"),
             f(
                 "user_cat_affinity",
                 "cross",
@@ -242,7 +242,7 @@ class World:
     item_vec: np.ndarray  # [I+1, d]
     popularity: np.ndarray  # [I+1] standardised log popularity
     item_ctr: np.ndarray  # [I+1] warm-up statistic
-    item_log_impressions: np.ndarray  # [I+1]
+    item_popularity: np.ndarray  # [I+1]
     hour_effect: np.ndarray  # [24]
     device_effect: np.ndarray  # [_N_DEVICES + 1]
     context_table: np.ndarray  # [S, C+1, 4] segment x category x daypart
@@ -383,7 +383,7 @@ def make_world(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Wo
         item_vec=item_vec,
         popularity=popularity,
         item_ctr=np.zeros(n_items + 1),
-        item_log_impressions=np.zeros(n_items + 1),
+        item_popularity=np.zeros(n_items + 1),
         hour_effect=hour_effect,
         device_effect=device_effect,
         context_table=context_table,
@@ -408,7 +408,7 @@ def make_world(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Wo
         log_ts=log_ts,
         user_ctr=user_ctr,
         item_ctr=item_ctr,
-        item_log_impressions=item_log_impr,
+        item_popularity=item_log_impr,
     )
 
 
@@ -428,7 +428,8 @@ def _behaviour_logs(world: World, rng: np.random.Generator) -> tuple[np.ndarray,
     items = np.arange(1, n_items + 1)
     for lo in range(1, U + 1, 256):
         users = np.arange(lo, min(lo + 256, U + 1))
-        match = np.einsum("ukd,id->uik", world.interest_vec[users], world.item_vec[items]).max(-1)
+        vec = world.interest_vec[users]  # [u, K, d]
+        match = (vec.reshape(-1, vec.shape[-1]) @ world.item_vec[items].T).reshape(len(users), -1, n_items).max(1)
         logit = _HIST_TEMPERATURE * match + 0.5 * world.popularity[items]
         p = np.exp(logit - logit.max(1, keepdims=True))
         cdf = np.cumsum(p, 1)
@@ -472,7 +473,8 @@ def _warm_up_statistics(world: World, rng: np.random.Generator) -> tuple[np.ndar
     prior = (clicks_item.sum() + clicks_user.sum()) / max(n_item.sum() + n_user.sum(), 1)
     item_ctr = np.concatenate(([0.0], (clicks_item + 10 * prior) / (n_item + 10)))
     user_ctr = np.concatenate(([0.0], (clicks_user + 10 * prior) / (n_user + 10)))
-    return user_ctr, item_ctr, np.concatenate(([0.0], np.log1p(n_item)))
+    log_impressions = np.log1p(n_item)
+    return user_ctr, item_ctr, np.concatenate(([0.0], log_impressions / max(log_impressions.max(), 1.0)))
 
 
 # ----------------------------------------------------------------------------------- requests
@@ -632,7 +634,7 @@ def _item_columns(world: World, items: np.ndarray) -> dict[str, np.ndarray]:
         "brand_id": world.item_brand[items],
         "price_level": world.item_price[items],
         "item_ctr": world.item_ctr[items].astype(np.float32),
-        "item_log_impressions": world.item_log_impressions[items].astype(np.float32),
+        "item_popularity": world.item_popularity[items].astype(np.float32),
     }
 
 

@@ -11,11 +11,12 @@ sorting          impressions + rank/pre-rank cands.    hard label ``y`` (Eq. 11)
 AM-Rankmax       all: + random samples (Sec. 3.3.3)    hard label ``y`` (Eq. 14)
 ===============  ====================================  ==========================
 
-Hard label (Sec. 3.2.1): user feedback aggregated by importance plus the impression label
-(1 for impressions, 0 otherwise), so ``y = label_level + 1`` on impressions and 0 on every
-unexposed candidate and random item. Candidates and random items tie at the bottom, as in the
-paper ("... > exposed items > candidate items and randomly sampled items"); what separates them
-is the scopes: random items only enter AM-Rankmax, as plain negatives.
+Hard label (Sec. 3.2.1, :func:`hard_relevance`): user feedback aggregated by importance plus the
+impression label (1 for impressions, 0 otherwise), so ``y = feedback + 1`` on impressions (feedback =
+``label_level`` of positives, 0 for shown-but-ignored items) and 0 on every unexposed candidate and
+random item. Candidates and random items tie at the bottom, as in the paper ("... > exposed items >
+candidate items and randomly sampled items"); what separates them is the scopes: random items only
+enter AM-Rankmax, as plain negatives.
 """
 
 from __future__ import annotations

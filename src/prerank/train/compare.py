@@ -24,11 +24,12 @@ def resolve_loss(name: str, options: dict[str, Any] | None = None) -> Loss:
     """A training loss by name: ``bce`` (pointwise, default) or any name of :data:`prerank.losses.LOSSES`."""
     if name == "bce" and not options:
         return bce_loss
-    from prerank.losses import LOSSES
+    from prerank.losses import build_loss
 
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; known: bce, {', '.join(sorted(LOSSES))}")
-    return LOSSES[name](**(options or {}))
+    try:
+        return build_loss(name, **(options or {}))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _cost(model, data_dir: Path, rows: int = 256) -> dict[str, float]:  # type: ignore[no-untyped-def]

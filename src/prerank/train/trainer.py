@@ -12,7 +12,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,9 @@ def train_model(
     model.to(device)
     optimizer = make_optimizer(model, config)
     loss_fn = loss or bce_loss
+    if getattr(loss_fn, "requires_lists", False) and config.batching == "rows":
+        log("this loss needs whole requests: training with batching=requests")
+        config = replace(config, batching="requests")
     ParquetSplit(data_dir, "valid", schema)  # fail before training if the valid split is missing
 
     history: list[dict[str, Any]] = []

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from prerank.schema import CostType
+
 #: ``progress(message, done, total)``; the CLI turns it into a progress bar.
 Progress = Callable[[str, int, int], None]
 
@@ -37,6 +39,19 @@ class RecipeError(ValueError):
 
 def no_progress(message: str, done: int, total: int) -> None:
     """Default progress callback: report nothing."""
+
+
+def fscd_cost(tower: str, *, complex_: bool) -> CostType:
+    """FSCD Table 1 type of a feature (reading of :data:`prerank.schema.COST_O`).
+
+    Two axes: *simple* features look up embeddings of ids (I user/query, II item-correlated),
+    *complex* ones need computation: statistics, behaviour sequences, crosses (III user/query,
+    computed once per request; IV item-correlated, computed per candidate).
+    """
+    per_request = tower in ("user", "context")
+    if complex_:
+        return "III" if per_request else "IV"
+    return "I" if per_request else "II"
 
 
 @dataclass(frozen=True)
@@ -203,7 +218,7 @@ def _time_keys(
     order = np.argsort(ekey, kind="stable")
     ekey = ekey[order]
     qkey = qg.astype(np.int64) * span + (np.asarray(query_time, dtype=np.int64) - t0)
-    end = np.searchsorted(ekey, qkey, side="right")
+    end = np.searchsorted(ekey, qkey, side="left")
     start = np.searchsorted(ekey, qg.astype(np.int64) * span, side="left")
     return order, start, end, groups
 

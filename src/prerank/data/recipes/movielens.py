@@ -22,8 +22,11 @@ Protocols (rating 3 is dropped in both; label = rating > 3; ``label_level`` = th
   train (``round(0.1 n)`` rows each). Adds ``hist_item_id``. ``request_id`` = user id: MovieLens
   has no sessions, and a user x day id would leave most test requests with a single row.
 
-Features (FSCD Table 1 cost types as defined in :data:`prerank.schema.COST_O`; every statistic is
-fitted on the training split only, out-of-fold for training rows, see :mod:`.common`):
+Features. Cost types follow FSCD Table 1 as read in :data:`prerank.schema.COST_O` (see
+:func:`.common.fscd_cost`): I simple user ids, II simple item ids, III complex user features
+(statistics, sequences; once per request), IV complex item-correlated features (item statistics
+and user x item crosses; per candidate). Every statistic is fitted on the training split only,
+out-of-fold for training rows (see :mod:`.common`):
 
 ======================  =====  =====  =================================================================
 name                    tower  type   meaning
@@ -31,21 +34,24 @@ name                    tower  type   meaning
 user_id                 user   I      user id (train vocabulary)
 gender, age,            user   I      demographics; ML-100K ages are cut into ML-1M's age groups
 occupation, zip_prefix                (1, 18, 25, 35, 45, 50, 56); zip_prefix = first two characters
-user_mean_label         user   II     smoothed positive rate of the user's training rows
-user_count              user   II     log-scaled number of the user's training rows
+user_mean_label         user   III    smoothed positive rate of the user's training rows
+user_count              user   III    log-scaled number of the user's training rows
 hist_item_id            user   III    (temporal) last 20 positively rated items strictly before the row
-item_id                 item   I      movie id (train vocabulary)
-genres                  item   I      the movie's genres (multi-valued, mean pooling)
-year_bucket             item   I      release year in fixed buckets (no fitting)
-item_mean_label         item   II     smoothed positive rate of the movie's training rows
-item_count              item   II     log-scaled number of the movie's training rows
+item_id                 item   II     movie id (train vocabulary)
+genres                  item   II     the movie's genres (multi-valued, mean pooling)
+year_bucket             item   II     release year in fixed buckets (no fitting)
+item_mean_label         item   IV     smoothed positive rate of the movie's training rows
+item_count              item   IV     log-scaled number of the movie's training rows
 user_genre_affinity     cross  IV     smoothed positive rate of the user's training rows in the movie's genres
 user_genre_count        cross  IV     log-scaled mean number of the user's training rows per genre of the movie
-item_group_rate         cross  III    smoothed positive rate of the movie among training rows of the user's
+item_group_rate         cross  IV     smoothed positive rate of the movie among training rows of the user's
                                       age x gender group
-year_gap                cross  III    (movie year - mean year of the user's training movies) / 10, clipped to
+year_gap                cross  IV     (movie year - mean year of the user's training movies) / 10, clipped to
                                       [-5, 5]; 0 when either is unknown
 ======================  =====  =====  =================================================================
+
+Smoothing: ``(positives + m * prior) / (rows + m)`` with ``m = 10`` pseudo-rows of the training
+mean; counts are ``log1p(count) / log1p(largest training count)``.
 
 History events never come from the test split: train and valid rows see training positives, test
 rows training and validation positives (both lie wholly before a user's test rows), always
@@ -56,7 +62,7 @@ histories (0 is padding).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +77,7 @@ from prerank.data.recipes.common import (
     SplitStats,
     Vocab,
     balanced_folds,
+    fscd_cost,
     history,
     label_rate,
     no_progress,
@@ -78,7 +85,7 @@ from prerank.data.recipes.common import (
     staging_dir,
 )
 from prerank.data.recipes.rawfiles import Source, read_delimited
-from prerank.schema import FeatureSpec, Schema
+from prerank.schema import FeatureSpec, Schema, Tower
 
 PROTOCOLS: tuple[str, ...] = ("paper", "temporal")
 
@@ -134,7 +141,7 @@ class RawMovieLens:
     year: np.ndarray
     genres: list[list[str]]
     layout: str
-    files: list[str] = field(default_factory=list)
+    files: list[str]
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -191,74 +198,91 @@ def _year_from_text(col: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.cast(years, pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
+_Parsed = tuple[pa.Table, pa.Table, pa.Table, np.ndarray, list[list[str]]]
+"""ratings (user, item, rating, ts), users (user, gender, age, occupation, zip), movies (item, ...), year, genres."""
+
+LATIN = "latin-1"
+
+
+def _read_ml1m(src: Source, layout: str, files: tuple[str, ...]) -> _Parsed:
+    r_name, u_name, m_name = files
+    names = ["user", "item", "rating", "ts"]
+    if layout == "staged":
+        r = read_delimited(src.read(r_name), r_name, delimiter=",", types={"Timestamp": pa.int64()})
+        r = r.rename_columns({"UserID": "user", "MovieID": "item", "Rating": "rating", "Timestamp": "ts"})
+    else:
+        r = read_delimited(src.read(r_name), r_name, delimiter="::", names=names)
+    u = read_delimited(
+        src.read(u_name),
+        u_name,
+        delimiter="::",
+        names=["user", "gender", "age", "occupation", "zip"],
+        types={"occupation": pa.string(), "zip": pa.string()},
+    )
+    m = read_delimited(src.read(m_name), m_name, delimiter="::", names=["item", "title", "genres"], encoding=LATIN)
+    genres = [g.split("|") if g else [] for g in _strs(m, "genres", m_name)]
+    return r, u, m, _year_from_title(_col(m, "title", m_name)), genres
+
+
+def _read_recbole(src: Source, files: tuple[str, ...]) -> _Parsed:
+    r_name, u_name, m_name = files
+
+    def atomic(name: str, rename: dict[str, str], types: dict | None = None, encoding: str = "utf8") -> pa.Table:
+        t = read_delimited(src.read(name), name, delimiter="\t", types=types, encoding=encoding)
+        return t.rename_columns([rename.get(c.split(":")[0], c.split(":")[0]) for c in t.column_names])
+
+    r = atomic(r_name, {"user_id": "user", "item_id": "item", "timestamp": "ts"})
+    u = atomic(u_name, {"user_id": "user", "zip_code": "zip"}, types={"zip_code:token": pa.string()})
+    m = atomic(m_name, {"item_id": "item"}, encoding=LATIN)
+    genres = [[g for g in s.split(" ") if g and g != "unknown"] for s in _strs(m, "class", m_name)]
+    return r, u, m, _year_from_text(_col(m, "release_year", m_name)), genres
+
+
+def _read_ml100k(src: Source, files: tuple[str, ...]) -> _Parsed:
+    r_name, u_name, m_name = files
+    r = read_delimited(src.read(r_name), r_name, delimiter="\t", names=["user", "item", "rating", "ts"])
+    u = read_delimited(
+        src.read(u_name),
+        u_name,
+        delimiter="|",
+        names=["user", "age", "gender", "occupation", "zip"],
+        types={"zip": pa.string()},
+    )
+    flag_names = [f"g{i}" for i in range(len(ML100K_GENRES))]
+    m = read_delimited(
+        src.read(m_name),
+        m_name,
+        delimiter="|",
+        encoding=LATIN,
+        names=["item", "title", "release", "video", "url", *flag_names],
+        types={"release": pa.string(), **{g: pa.int8() for g in flag_names}},
+    )
+    flags = np.stack([_ints(m, g, m_name) for g in flag_names], axis=1)
+    genres = [[ML100K_GENRES[j] for j in np.nonzero(row)[0] if j > 0] for row in flags]  # 0 is "unknown"
+    return r, u, m, _year_from_text(_col(m, "release", m_name)), genres
+
+
 def read_movielens(raw: Path, name: str) -> RawMovieLens:
     """Detect the layout of ``raw`` and parse ratings, users and movies (see the module docstring)."""
     src, layout, files = _locate(raw, name)
-    r_name, u_name, m_name = files
-    latin = "latin-1"
     if name == "ml-1m":
-        if layout == "staged":
-            r = read_delimited(src.read(r_name), r_name, delimiter=",", types={"Timestamp": pa.int64()})
-            r_cols = ("UserID", "MovieID", "Rating", "Timestamp")
-        else:
-            r_cols = ("user", "item", "rating", "ts")
-            r = read_delimited(src.read(r_name), r_name, delimiter="::", names=list(r_cols))
-        u = read_delimited(
-            src.read(u_name),
-            u_name,
-            delimiter="::",
-            names=["user", "gender", "age", "occupation", "zip"],
-            types={"occupation": pa.string(), "zip": pa.string()},
-        )
-        m = read_delimited(src.read(m_name), m_name, delimiter="::", names=["item", "title", "genres"], encoding=latin)
-        year = _year_from_title(_col(m, "title", m_name))
-        genres = [g.split("|") if g else [] for g in _strs(m, "genres", m_name)]
+        r, u, m, year, genres = _read_ml1m(src, layout, files)
     elif layout == "recbole":
-        r = read_delimited(src.read(r_name), r_name, delimiter="\t")
-        r = r.rename_columns([c.split(":")[0] for c in r.column_names])
-        r_cols = ("user_id", "item_id", "rating", "timestamp")
-        u = read_delimited(src.read(u_name), u_name, delimiter="\t", types={"zip_code:token": pa.string()})
-        u = u.rename_columns([c.split(":")[0] for c in u.column_names])
-        u = u.rename_columns(["user" if c == "user_id" else "zip" if c == "zip_code" else c for c in u.column_names])
-        m = read_delimited(src.read(m_name), m_name, delimiter="\t", encoding=latin)
-        m = m.rename_columns([c.split(":")[0] for c in m.column_names])
-        m = m.rename_columns(["item" if c == "item_id" else c for c in m.column_names])
-        year = _year_from_text(_col(m, "release_year", m_name))
-        genres = [[g for g in s.split(" ") if g and g != "unknown"] for s in _strs(m, "class", m_name)]
+        r, u, m, year, genres = _read_recbole(src, files)
     else:
-        r_cols = ("user", "item", "rating", "ts")
-        r = read_delimited(src.read(r_name), r_name, delimiter="\t", names=list(r_cols))
-        u = read_delimited(
-            src.read(u_name),
-            u_name,
-            delimiter="|",
-            names=["user", "age", "gender", "occupation", "zip"],
-            types={"zip": pa.string()},
-        )
-        flag_names = [f"g{i}" for i in range(len(ML100K_GENRES))]
-        m = read_delimited(
-            src.read(m_name),
-            m_name,
-            delimiter="|",
-            encoding=latin,
-            names=["item", "title", "release", "video", "url", *flag_names],
-            types={"release": pa.string(), **{g: pa.int8() for g in flag_names}},
-        )
-        year = _year_from_text(_col(m, "release", m_name))
-        flags = np.stack([m.column(g).to_numpy() for g in flag_names], axis=1)
-        genres = [[ML100K_GENRES[j] for j in np.nonzero(row)[0] if j > 0] for row in flags]
-
-    ts_col = _col(r, r_cols[3], r_name)
+        r, u, m, year, genres = _read_ml100k(src, files)
+    r_name, u_name, m_name = files
+    ts_col = _col(r, "ts", r_name)
     has_ts = ~np.asarray(ts_col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     ts = np.asarray(pc.fill_null(pc.cast(ts_col, pa.int64()), 0).to_numpy(), dtype=np.int64)
-    rating = _ints(r, r_cols[2], r_name)
+    rating = _ints(r, "rating", r_name)
     bad = (rating < 1) | (rating > 5)
     if bad.any():
         raise RecipeError(f"{r_name}: {int(bad.sum())} ratings outside 1..5 (first: {rating[bad][0]})")
     ages = _ints(u, "age", u_name)
     return RawMovieLens(
-        user=_ints(r, r_cols[0], r_name),
-        item=_ints(r, r_cols[1], r_name),
+        user=_ints(r, "user", r_name),
+        item=_ints(r, "item", r_name),
         rating=rating.astype(np.int8),
         ts=ts,
         has_ts=has_ts,
@@ -331,12 +355,17 @@ def _genre_matrix(genres: list[list[str]]) -> np.ndarray:
     return mat
 
 
-def _dense(name: str, tower: str, cost: str, description: str) -> FeatureSpec:
-    return FeatureSpec(name, tower, "dense", cost_type=cost, description=description)  # type: ignore[arg-type]
+def _dense(name: str, tower: Tower, description: str) -> FeatureSpec:
+    """A statistic or cross: a complex feature (FSCD type III on the user side, IV per candidate)."""
+    return FeatureSpec(name, tower, "dense", cost_type=fscd_cost(tower, complex_=True), description=description)
 
 
-def _cat(name: str, tower: str, vocab: int, description: str) -> FeatureSpec:
-    return FeatureSpec(name, tower, "categorical", vocab_size=max(vocab, 2), description=description)  # type: ignore[arg-type]
+def _cat(name: str, tower: Tower, vocab: int, description: str) -> FeatureSpec:
+    """An id looked up directly: a simple feature (FSCD type I on the user side, II per candidate)."""
+    return FeatureSpec(
+        name, tower, "categorical", vocab_size=max(vocab, 2), cost_type=fscd_cost(tower, complex_=False),
+        description=description,
+    )  # fmt: skip
 
 
 def build_schema(name: str, protocol: str, vocab: dict[str, int], genre_len: int, hist_len: int) -> Schema:
@@ -347,8 +376,8 @@ def build_schema(name: str, protocol: str, vocab: dict[str, int], genre_len: int
         _cat("age", "user", vocab["age"], "age group (ML-1M codes 1,18,25,35,45,50,56)"),
         _cat("occupation", "user", vocab["occupation"], "occupation"),
         _cat("zip_prefix", "user", vocab["zip_prefix"], "first two characters of the zip code"),
-        _dense("user_mean_label", "user", "II", "smoothed positive rate of the user's training rows (out-of-fold)"),
-        _dense("user_count", "user", "II", "log1p(number of the user's training rows) / log1p(max)"),
+        _dense("user_mean_label", "user", "smoothed positive rate of the user's training rows (out-of-fold)"),
+        _dense("user_count", "user", "log1p(number of the user's training rows) / log1p(max)"),
     ]
     if protocol == "temporal":
         user.append(
@@ -358,9 +387,10 @@ def build_schema(name: str, protocol: str, vocab: dict[str, int], genre_len: int
                 "sequence",
                 max_len=hist_len,
                 shares="item_id",
-                cost_type="III",
+                cost_type=fscd_cost("user", complex_=True),
                 n_values=hist_len,
-                description=f"last {hist_len} positively rated movies strictly before the row",
+                description=f"last {hist_len} positively rated movies strictly before the row's time "
+                "(training positives; test rows also validation positives)",
             )
         )
     item = [
@@ -372,36 +402,33 @@ def build_schema(name: str, protocol: str, vocab: dict[str, int], genre_len: int
             vocab_size=max(vocab["genres"], 2),
             max_len=genre_len,
             pooling="mean",
+            cost_type=fscd_cost("item", complex_=False),
             n_values=genre_len,
             description="the movie's genres (multi-valued)",
         ),
         _cat("year_bucket", "item", len(YEAR_EDGES) + 2, f"release year bucket, edges {YEAR_EDGES.tolist()}"),
-        _dense("item_mean_label", "item", "II", "smoothed positive rate of the movie's training rows (out-of-fold)"),
-        _dense("item_count", "item", "II", "log1p(number of the movie's training rows) / log1p(max)"),
+        _dense("item_mean_label", "item", "smoothed positive rate of the movie's training rows (out-of-fold)"),
+        _dense("item_count", "item", "log1p(number of the movie's training rows) / log1p(max)"),
     ]
     cross = [
         _dense(
             "user_genre_affinity",
             "cross",
-            "IV",
             "smoothed positive rate of the user's training rows in the movie's genres (out-of-fold)",
         ),
         _dense(
             "user_genre_count",
             "cross",
-            "IV",
             "log-scaled mean number of the user's training rows per genre of the movie",
         ),
         _dense(
             "item_group_rate",
             "cross",
-            "III",
             "smoothed positive rate of the movie among training rows of the user's age x gender group (out-of-fold)",
         ),
         _dense(
             "year_gap",
             "cross",
-            "III",
             "(movie year - mean year of the user's training movies) / 10 in [-5, 5]; 0 if unknown",
         ),
     ]

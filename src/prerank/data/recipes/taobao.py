@@ -13,27 +13,36 @@ Rows and labels
 
 Split (by day, global): days 0-6 train, day 7 (2017-12-02) valid, day 8 (2017-12-03) test.
 
-Features (cost types as in :data:`prerank.schema.COST_O`):
+Memory: the CSV is parsed into memory (about 40 bytes per event); the 814-user sample is
+small, the full 100M-event file needs several GB.
+
+Features (FSCD cost types as in :func:`.common.fscd_cost`: I/II simple user/item ids, III complex
+per-request user features, IV complex per-candidate features):
 
 =====================  =====  =====  =================================================================
 name                   tower  type   meaning
 =====================  =====  =====  =================================================================
 user_id                user   I      user id (train vocabulary)
-user_mean_label        user   II     smoothed positive rate of the user's training rows (out-of-fold)
-user_count             user   II     log-scaled number of the user's training rows
-hist_item_id           user   III    the user's last ``hist_len`` items before the request's day
+user_mean_label        user   III    smoothed positive rate of the user's training rows (out-of-fold)
+user_count             user   III    log-scaled number of the user's training rows
+hist_item_id           user   III    the user's last ``hist_len`` (50) items before the request's day
 hist_category_id       user   III    their categories
-item_id                item   I      item id (train vocabulary)
-category_id            item   I      item category (train vocabulary)
-item_mean_label        item   II     smoothed positive rate of the item's training rows (out-of-fold)
-item_count             item   II     log-scaled number of the item's training rows
-user_cat_rate          cross  III    smoothed positive rate of the user's training rows in the item's
-                                     category (out-of-fold): an offline table keyed by two fields
+item_id                item   II     item id (train vocabulary)
+category_id            item   II     item category (train vocabulary)
+item_mean_label        item   IV     smoothed positive rate of the item's training rows (out-of-fold)
+item_count             item   IV     log-scaled number of the item's training rows
+user_cat_rate          cross  IV     smoothed positive rate of the user's training rows in the item's
+                                     category (out-of-fold)
 user_cat_before        cross  IV     log-scaled number of the user's rows in the item's category on
                                      earlier days (aggregation over the behaviour log)
 user_cat_pos_before    cross  IV     the same, counting only rows with fav/cart/buy
-user_item_before       cross  III    log-scaled number of earlier days the user interacted with the item
+user_item_before       cross  IV     log-scaled number of earlier days the user interacted with the item
 =====================  =====  =====  =================================================================
+
+Out-of-fold folds are drawn per request (user, day), not per row: test requests are days never
+seen in training, and a row's own session labels (a user who carts several items that day) are
+far more telling than anything a test row can see, so row-level folds would let training rows
+learn to over-trust their statistics.
 
 "Earlier" means strictly before the request's day (not merely before the row's first event), so
 every row of a request shares one user state, and nothing of the day being predicted leaks into
@@ -61,13 +70,14 @@ from prerank.data.recipes.common import (
     Vocab,
     balanced_folds,
     count_before,
+    fscd_cost,
     history,
     label_rate,
     log_scale,
     no_progress,
     staging_dir,
 )
-from prerank.schema import FeatureSpec, Schema
+from prerank.schema import FeatureSpec, Schema, Tower
 
 PROTOCOLS: tuple[str, ...] = ("temporal",)
 #: Graded label of each behaviour (RankTower's hard-label aggregation needs the order).
@@ -148,35 +158,35 @@ def aggregate(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def build_schema(vocab: dict[str, int], hist_len: int) -> Schema:
     """The Taobao schema; see the module docstring for every feature."""
 
-    def cat(name: str, tower: str, description: str) -> FeatureSpec:
-        return FeatureSpec(name, tower, "categorical", vocab_size=max(vocab[name], 2), description=description)  # type: ignore[arg-type]
+    def cat(name: str, tower: Tower, description: str) -> FeatureSpec:
+        cost = fscd_cost(tower, complex_=False)
+        return FeatureSpec(
+            name, tower, "categorical", vocab_size=max(vocab[name], 2), cost_type=cost, description=description
+        )
 
-    def dense(name: str, tower: str, cost: str, description: str) -> FeatureSpec:
-        return FeatureSpec(name, tower, "dense", cost_type=cost, description=description)  # type: ignore[arg-type]
+    def dense(name: str, tower: Tower, description: str) -> FeatureSpec:
+        return FeatureSpec(name, tower, "dense", cost_type=fscd_cost(tower, complex_=True), description=description)
 
     def seq(name: str, shares: str, description: str) -> FeatureSpec:
         return FeatureSpec(
-            name, "user", "sequence", max_len=hist_len, shares=shares, cost_type="III", n_values=hist_len,
-            description=description,
+            name, "user", "sequence", max_len=hist_len, shares=shares, cost_type=fscd_cost("user", complex_=True),
+            n_values=hist_len, description=description,
         )  # fmt: skip
 
     features = (
         cat("user_id", "user", "user id, vocabulary fitted on training rows"),
-        dense("user_mean_label", "user", "II", "smoothed positive rate of the user's training rows (out-of-fold)"),
-        dense("user_count", "user", "II", "log1p(number of the user's training rows) / log1p(max)"),
+        dense("user_mean_label", "user", "smoothed positive rate of the user's training rows (out-of-fold)"),
+        dense("user_count", "user", "log1p(number of the user's training rows) / log1p(max)"),
         seq("hist_item_id", "item_id", f"the user's last {hist_len} items on days before the request's day"),
         seq("hist_category_id", "category_id", "categories of the user's items on days before the request's day"),
         cat("item_id", "item", "item id, vocabulary fitted on training rows"),
         cat("category_id", "item", "item category, vocabulary fitted on training rows"),
-        dense("item_mean_label", "item", "II", "smoothed positive rate of the item's training rows (out-of-fold)"),
-        dense("item_count", "item", "II", "log1p(number of the item's training rows) / log1p(max)"),
-        dense(
-            "user_cat_rate", "cross", "III",
-            "smoothed positive rate of the user's training rows in the item's category (out-of-fold)",
-        ),
-        dense("user_cat_before", "cross", "IV", "log-scaled count of the user's rows in the category on earlier days"),
-        dense("user_cat_pos_before", "cross", "IV", "as user_cat_before, counting fav/cart/buy rows only"),
-        dense("user_item_before", "cross", "III", "log-scaled number of earlier days the user saw the item"),
+        dense("item_mean_label", "item", "smoothed positive rate of the item's training rows (out-of-fold)"),
+        dense("item_count", "item", "log1p(number of the item's training rows) / log1p(max)"),
+        dense("user_cat_rate", "cross", "smoothed positive rate of the user's training rows in the category (OOF)"),
+        dense("user_cat_before", "cross", "log-scaled count of the user's rows in the category on earlier days"),
+        dense("user_cat_pos_before", "cross", "as user_cat_before, counting fav/cart/buy rows only"),
+        dense("user_item_before", "cross", "log-scaled number of earlier days the user saw the item"),
     )  # fmt: skip
     return Schema(
         features=features,
