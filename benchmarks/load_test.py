@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -63,6 +64,12 @@ def start_server(artifact: Path, port: int, threads: int, max_candidates: int, l
     raise RuntimeError("the server did not answer /health within 120 s")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def payloads(data: Path, n_candidates: int, n_requests: int, seed: int) -> list[bytes]:
     """Pre-serialised ``POST /score`` bodies (so JSON encoding does not slow the client down)."""
     schema = Schema.load(data)
@@ -103,10 +110,17 @@ async def run_rate(
                 await asyncio.sleep(delay)
             lag = max(lag, loop.time() - scheduled)
             tasks.append(asyncio.create_task(one(i, scheduled)))
-        results = await asyncio.gather(*tasks)
+        # the phase ends `timeout` seconds after its last scheduled send; what is still running then is cut off
+        finished, pending = await asyncio.wait(tasks, timeout=max(0.0, t0 + n / rate + timeout - loop.time()))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    results = [task.result() for task in finished]
     ok = np.array([lat for status, lat, _ in results if status == "200"]) * 1e3
-    elapsed = max(done for _, _, done in results) - t0
+    elapsed = max((done for _, _, done in results), default=loop.time()) - t0
     errors = Counter(status for status, _, _ in results if status != "200")
+    if pending:
+        errors["unfinished"] = len(pending)
     pct = (lambda q: float(np.percentile(ok, q))) if ok.size else (lambda q: float("nan"))
     return {
         "target_rps": rate,
@@ -155,14 +169,22 @@ def main() -> None:
     try:
         meta = httpx.get(f"{url}/metadata", timeout=10).json()
         print(f"server: {meta['model']} ({meta['num_items']:,} items, {meta['threads']} threads) at {url}")
-        print(f"{'rate':>6} {'sent':>6} {'ok':>6} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  errors")
+        print(
+            f"{'rate':>6} {'sent':>6} {'ok':>6} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+            f"{'srv CPU ms/req':>14}  errors"
+        )
         results = []
         for rate in rates:
+            cpu0 = cpu_seconds(proc.pid) if proc is not None else None
             r = asyncio.run(run_rate(url, bodies, rate, args.duration, args.max_requests, args.timeout))
+            if cpu0 is not None and r["ok"]:
+                # the server's own CPU per answered request: what the service costs, whatever else runs here
+                r["server_cpu_ms_per_request"] = (cpu_seconds(proc.pid) - cpu0) / r["ok"] * 1e3
             results.append(r)
             print(
                 f"{rate:>6g} {r['sent']:>6} {r['ok']:>6} {r['achieved_rps']:>10.1f} {r['p50_ms']:>8.2f} "
-                f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f}  {r['errors'] or '-'}"
+                f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r.get('server_cpu_ms_per_request', float('nan')):>14.2f}"
+                f"  {r['errors'] or '-'}"
             )
     finally:
         if proc is not None:

@@ -95,31 +95,61 @@ def test_no_item_is_both_impression_and_candidate(cascade: Path) -> None:
 
 
 USER_SIDE = ("user_id", "age", "user_ctr", "hist_item_id", "hour")
+ITEM_SIDE = ("category_id", "genres", "item_ctr")
 
 
-def test_unexposed_rows_take_user_side_of_impressions_and_catalogue_items(cascade: Path) -> None:
+def _side(row: dict, names: tuple[str, ...]) -> tuple:
+    return tuple(
+        tuple(v) if isinstance(v, list) else round(v, 6) if isinstance(v, float) else v for v in map(row.get, names)
+    )
+
+
+def test_unexposed_rows_take_user_side_of_their_impressions(cascade: Path) -> None:
     out = read_split(cascade, "test")
-    catalogue = pq.read_table(cascade / "items.parquet")
-    cat_ids = col(catalogue, "item_id")
-    assert len(np.unique(cat_ids)) == len(cat_ids)
-    stage = col(out, "stage")
-    unexposed = stage != IMP
-    assert np.isin(col(out, "item_id")[unexposed], cat_ids).all()
+    unexposed = col(out, "stage") != IMP
     assert (col(out, "label")[unexposed] == 0).all() and (col(out, "label_level")[unexposed] == 0).all()
-    by_item = {row["item_id"]: row for row in catalogue.to_pylist()}
     user_sides: dict[int, list[tuple]] = {}
     anchors: dict[int, set[tuple]] = {}
     for row, u in zip(out.to_pylist(), unexposed, strict=True):
-        side = tuple(tuple(v) if isinstance(v, list) else v for v in (row[n] for n in USER_SIDE))
+        side = _side(row, USER_SIDE)
         if not u:
             user_sides.setdefault(row["request_id"], []).append(side)
             continue
-        for name in ("category_id", "genres", "item_ctr"):
-            assert row[name] == pytest.approx(by_item[row["item_id"]][name])
         assert side in user_sides[row["request_id"]]  # the user side of one of its impressions
         anchors.setdefault(row["request_id"], set()).add(side)
     # drawn per row, not one fixed row: most requests' candidates carry several impressions' user sides
     assert np.mean([len(a) > 1 for a in anchors.values()]) > 0.8
+
+
+@pytest.mark.parametrize("item_side", ["logged", "catalogue"])
+def test_unexposed_rows_take_item_side_of_logged_rows_or_catalogue(
+    tiny_dataset: Path, teacher: Path, tmp_path: Path, item_side: str
+) -> None:
+    out = tmp_path / item_side
+    build_cascade(tiny_dataset, teacher, out, CascadeConfig(**{**SMALL.__dict__, "item_side": item_side}))
+    catalogue = pq.read_table(out / "items.parquet")
+    cat_ids = col(catalogue, "item_id")
+    assert len(np.unique(cat_ids)) == len(cat_ids)
+    by_item = {row["item_id"]: _side(row, ITEM_SIDE) for row in catalogue.to_pylist()}
+    logged: dict[int, set[tuple]] = {}
+    for row in read_split(tiny_dataset, "train").to_pylist():
+        logged.setdefault(row["item_id"], set()).add(_side(row, ITEM_SIDE))
+    t = read_split(out, "train")
+    unexposed = col(t, "stage") != IMP
+    assert np.isin(col(t, "item_id")[unexposed], cat_ids).all()
+    n_logged = 0
+    used: dict[int, set[tuple]] = {}
+    for row in (r for r, u in zip(t.to_pylist(), unexposed, strict=True) if u):
+        side = _side(row, ITEM_SIDE)
+        used.setdefault(row["item_id"], set()).add(side)
+        if item_side == "logged" and row["item_id"] in logged:
+            assert side in logged[row["item_id"]]
+            n_logged += 1
+        else:
+            assert side == by_item[row["item_id"]]
+    assert (n_logged > 0) == (item_side == "logged")
+    # drawn per row: items logged several ways show several of them among their unexposed rows
+    assert any(len(v) > 1 for v in used.values()) == (item_side == "logged")
 
 
 def test_schema_and_meta(cascade: Path) -> None:
@@ -401,3 +431,13 @@ def test_cli_build(tiny_dataset: Path, teacher: Path, tmp_path: Path) -> None:
     assert Schema.load(out).has_stage
     bad = CliRunner().invoke(app, args[:8] + ["--retrieve", "2", "--rank-candidates", "2", "--prerank-candidates", "3"])
     assert bad.exit_code == 2 and "retrieve" in bad.output
+
+
+def test_filter_leaving_no_training_request_is_an_error_and_keeps_old_output(
+    tiny_dataset: Path, teacher: Path, cascade: Path
+) -> None:
+    before = read_split(cascade, "train")
+    cfg = CascadeConfig(**{**SMALL.__dict__, "min_impressions": 10_000})
+    with pytest.raises(DataError, match="no training requests"):
+        build_cascade(tiny_dataset, teacher, cascade, cfg, overwrite=True)
+    assert read_split(cascade, "train").equals(before)

@@ -8,7 +8,8 @@ Public logs hold impressions only. For every request of every split the builder 
   "have advanced to the ranking stage" (Sec. 3.1.2);
 * ``prerank_candidate`` rows: the next unexposed items in the teacher's order -- easy negatives
   "filtered out before reaching the ranking stage" (Sec. 3.1.2);
-* ``random`` rows: items drawn uniformly from the whole catalogue ``items.parquet`` (Sec. 3.1.3).
+* ``random`` rows: items drawn uniformly from the whole catalogue ``items.parquet`` (Sec. 3.1.3),
+  without replacement and apart from the request's impressions and retrieved items.
 
 Every row gets ``stage`` and ``teacher_logit`` (the teacher scores impressions too, for distillation,
 Eq. 9). Unexposed rows have ``label`` 0 and ``label_level`` 0.
@@ -31,7 +32,12 @@ Exposed items of the request are never proposed, so no item is both impression a
 of a uniformly drawn impression row of its request, so within a request the user side of unexposed
 rows is distributed like that of the impressions and the stage cannot be read off it (copying one
 fixed row would: on a user-level request the earliest row has an empty history). Item features
-come from the catalogue. Cross features are recipe-specific functions of the (user, item) pair and
+follow the same rule (``item_side="logged"``): those of a uniformly drawn logged row of the same
+item in the same split (a sample of :data:`ITEM_VARIANTS` rows per item is kept), or the
+catalogue's for items never logged in the split. Recipes fit item statistics out-of-fold on
+training rows, so an item's catalogue values differ from all its training impressions' and would
+mark a training row as unexposed; ``item_side="catalogue"`` takes the catalogue's serving-time
+features regardless. Cross features are recipe-specific functions of the (user, item) pair and
 cannot be recomputed here, so unexposed rows get the padding value (0 / unknown id / empty list)
 when the teacher scores them. Because a student could then read the stage off a zero cross
 feature (a label leak), the default ``cross="drop"`` removes cross features from the output
@@ -41,8 +47,9 @@ with their logged cross features.
 **Filters and splits (Sec. 4.1.1).** Optionally keep only users with at least ``min_impressions``
 impressions and ``min_positives`` positives (counted over all splits; the user is ``user_field`` or,
 if unset, the request), and re-split 70/10/20 by time (requests ordered by their earliest ``ts``,
-unknown times last: the earliest 70% train) or by request (a seeded random assignment of whole requests). A re-split
-pools all source splits, so a request id present in several splits becomes one request. Features
+unknown times last: the earliest 70% train) or by request (a seeded random assignment of whole
+requests). A re-split pools all source splits, so a request id present in several splits becomes
+one request. Features
 that a recipe fitted on its own train split (vocabularies, rates) keep that fit; re-splitting by
 time such a dataset can leak statistics of the new test period into features, so prefer letting
 the recipe make the split the experiment needs.
@@ -101,6 +108,7 @@ class CascadeConfig:
     co_window: int = 5
     neighbors: int = 100
     cross: Literal["drop", "pad"] = "drop"
+    item_side: Literal["logged", "catalogue"] = "logged"
     min_impressions: int = 0
     min_positives: int = 0
     user_field: str | None = None
@@ -127,6 +135,8 @@ class CascadeConfig:
             )
         if self.seed_from not in ("history", "positives"):
             raise ConfigError(f"cascade option seed_from must be 'history' or 'positives', got {self.seed_from!r}")
+        if self.item_side not in ("logged", "catalogue"):
+            raise ConfigError(f"cascade option item_side must be 'logged' or 'catalogue', got {self.item_side!r}")
         if self.cross not in ("drop", "pad"):
             raise ConfigError(f"cascade option cross must be 'drop' or 'pad', got {self.cross!r}")
         if self.resplit_by not in ("time", "request"):
@@ -145,6 +155,7 @@ class _Stats:
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
     retrieved_cooccurrence: int = 0
     retrieved_popularity: int = 0
+    item_side_from_catalogue: int = 0
 
     def to_dict(self) -> dict:
         per_request = {s: (n / self.requests if self.requests else 0.0) for s, n in self.rows.items()}
@@ -367,13 +378,17 @@ def _plan(sources: dict[str, ParquetSplit], config: CascadeConfig, has_ts: bool)
 
     keep = {s: np.ones(len(ix["rid"]), dtype=bool) for s, ix in index.items()}
     if config.min_impressions or config.min_positives:
-        key = "user" if config.user_field is not None else "rid"
-        users = np.concatenate([ix[key] for ix in index.values()])
+        # the user of a request; an unknown user id (0) stands for nobody else, so such a request counts alone
+        user_of = {
+            s: np.where(ix["user"] > 0, ix["user"], -1 - ix["rid"]) if "user" in ix else ix["rid"]
+            for s, ix in index.items()
+        }
+        users = np.concatenate(list(user_of.values()))
         uniq, inv = np.unique(users, return_inverse=True)
         rows = np.bincount(inv, weights=np.concatenate([ix["rows"] for ix in index.values()]), minlength=len(uniq))
         pos = np.bincount(inv, weights=np.concatenate([ix["pos"] for ix in index.values()]), minlength=len(uniq))
         good = uniq[(rows >= config.min_impressions) & (pos >= config.min_positives)]
-        keep = {s: np.isin(ix[key], good) for s, ix in index.items()}
+        keep = {s: np.isin(user_of[s], good) for s in index}
 
     kept = {s: {k: v[keep[s]] for k, v in ix.items()} for s, ix in index.items()}
     if config.resplit is None:
@@ -381,7 +396,6 @@ def _plan(sources: dict[str, ParquetSplit], config: CascadeConfig, has_ts: bool)
     else:
         targets = _resplit(_merge_requests(list(kept.values())), config.resplit, config.resplit_by, config.seed)
     splits = [s for s in SPLITS if s in targets and len(targets[s]["rid"])]
-    splits += sorted(s for s in targets if s not in SPLITS and len(targets[s]["rid"]))
     request_ids = {s: targets[s]["rid"] for s in splits}
     buckets = {}
     for s in splits:
@@ -626,6 +640,62 @@ def _sample_random(
     return req[order], item[order]
 
 
+# ----------------------------------------------------------------------------------- item side
+
+#: Logged item-feature rows kept per item and split to draw unexposed rows' item features from.
+ITEM_VARIANTS = 8
+
+
+@dataclass
+class _ItemSide:
+    """Item features for the unexposed rows of one split.
+
+    ``table`` holds up to :data:`ITEM_VARIANTS` logged rows per item (a uniform sample: the rows
+    with the smallest hash keys) sorted by item, ``start`` / ``count`` ``[V]`` locate them, and the
+    catalogue follows at ``catalogue_offset`` for items never logged in the split.
+    """
+
+    table: pa.Table
+    start: np.ndarray
+    count: np.ndarray
+    catalogue_offset: int
+    catalogue_row_of: np.ndarray
+
+    @classmethod
+    def build(
+        cls, catalogue: _Catalogue, vocab: int, item_field: str, paths: list[Path] | None, seed: int
+    ) -> _ItemSide:
+        """From the split's spilled ``paths``; ``None`` takes every item's features from the catalogue."""
+        names = catalogue.table.column_names
+        kept = catalogue.table.slice(0, 0)
+        kept_keys = np.zeros(0)
+        for path in paths or []:
+            t = _sort_requests(pq.read_table(path, columns=[*names, "request_id", *_ts_column(path)]))
+            rid = _column(t, "request_id")
+            # keys depend on (request, position in request) only, so the sample does not depend on chunking
+            keys = np.concatenate([kept_keys, request_uniforms(seed, 20, rid, _rank_within(rid))])
+            both = pa.concat_tables([kept, t.select(names)])
+            ids = _column(both, item_field)
+            order = np.lexsort((keys, ids))
+            sel = order[_rank_within(ids[order]) < ITEM_VARIANTS]
+            kept, kept_keys = both.take(pa.array(sel)), keys[sel]
+        ids = _column(kept, item_field)
+        count = np.bincount(ids, minlength=vocab)
+        start = np.cumsum(count) - count
+        table = pa.concat_tables([kept, catalogue.table])
+        return cls(table, start, count, kept.num_rows, catalogue.row_of)
+
+    def rows(self, item: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Row of ``table`` per unexposed item: a logged variant drawn with uniforms ``u``, else the catalogue's."""
+        n = self.count[item]
+        logged = self.start[item] + (u * n).astype(np.int64)
+        return np.where(n > 0, logged, self.catalogue_offset + self.catalogue_row_of[item])
+
+
+def _ts_column(path: Path) -> list[str]:
+    return ["ts"] if "ts" in pq.read_schema(path).names else []
+
+
 # ----------------------------------------------------------------------------------- one chunk
 
 
@@ -674,10 +744,12 @@ def _seeds(ctx: _Context, table: pa.Table, req_of_row: np.ndarray, where: str) -
     return keys // V, keys % V
 
 
-def _candidate_rows(ctx: _Context, table: pa.Table, anchor: np.ndarray, item: np.ndarray) -> pa.Table:
-    """Rows for unexposed items: user side (and ``ts``) of impression row ``anchor``, item side from the catalogue."""
+def _candidate_rows(
+    ctx: _Context, table: pa.Table, anchor: np.ndarray, item_side: _ItemSide, item_rows: np.ndarray
+) -> pa.Table:
+    """Unexposed rows: user side (and ``ts``) of impression rows ``anchor``, item side of ``item_rows``."""
     anchor_rows = pa.array(anchor)
-    cat_rows = pa.array(ctx.catalogue.row_of[item])
+    item_rows_a = pa.array(item_rows)
     n = len(anchor)
     cols: dict[str, pa.Array] = {}
     for name in table.column_names:
@@ -690,7 +762,7 @@ def _candidate_rows(ctx: _Context, table: pa.Table, anchor: np.ndarray, item: np
         else:
             f = ctx.schema[name]
             if f.tower == "item":
-                cols[name] = ctx.catalogue.table.column(name).take(cat_rows)
+                cols[name] = item_side.table.column(name).take(item_rows_a)
             elif f.tower == "cross":
                 cols[name] = _pad_array(f.kind, n)
             else:
@@ -707,7 +779,7 @@ def _teacher_logits(ctx: _Context, table: pa.Table, where: str) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def _build_chunk(ctx: _Context, table: pa.Table, stats: _Stats, where: str) -> pa.Table:
+def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _Stats, where: str) -> pa.Table:
     """All stages for the whole requests in ``table``; returns the output rows, request-sorted."""
     cfg, V = ctx.config, ctx.retriever.vocab
     table = _sort_requests(table)
@@ -728,16 +800,14 @@ def _build_chunk(ctx: _Context, table: pa.Table, stats: _Stats, where: str) -> p
     rnd_req, rnd_item = _sample_random(cfg.seed, rid[starts], ctx.catalogue.ids, taken, cfg.random, V)
 
     new_req = np.concatenate([ret_req, rnd_req])
-    # each unexposed row takes the user side of a uniformly drawn impression row of its request
+    new_item = np.concatenate([ret_item, rnd_item])
+    new_rid = rid[starts][new_req]
+    # draws keyed by (request id, position among its unexposed rows): independent of chunking
+    draw = np.concatenate([_rank_within(ret_req), cfg.retrieve + _rank_within(rnd_req)])
     lengths = np.diff(np.append(starts, len(rid)))
-    u = np.concatenate(  # streams 1-4 are the random items' draws
-        [
-            request_uniforms(cfg.seed, 10, rid[starts][ret_req], _rank_within(ret_req)),
-            request_uniforms(cfg.seed, 11, rid[starts][rnd_req], _rank_within(rnd_req)),
-        ]
-    )
-    anchor = starts[new_req] + (u * lengths[new_req]).astype(np.int64)
-    cands = _candidate_rows(ctx, table, anchor, np.concatenate([ret_item, rnd_item]))
+    anchor = starts[new_req] + (request_uniforms(cfg.seed, 10, new_rid, draw) * lengths[new_req]).astype(np.int64)
+    item_rows = item_side.rows(new_item, request_uniforms(cfg.seed, 11, new_rid, draw))
+    cands = _candidate_rows(ctx, table, anchor, item_side, item_rows)
     full = pa.concat_tables([table, cands])
     logits = _teacher_logits(ctx, full, where)
 
@@ -769,6 +839,8 @@ def _build_chunk(ctx: _Context, table: pa.Table, stats: _Stats, where: str) -> p
         stats.rows[s] += int((kept_stage == i).sum())
     stats.retrieved_cooccurrence += n_cooc
     stats.retrieved_popularity += n_ret - n_cooc
+    from_catalogue = np.concatenate([np.zeros(n_imp, dtype=bool), item_side.count[new_item] == 0])
+    stats.item_side_from_catalogue += int(from_catalogue[keep].sum())
     return out.select(ctx.out_arrow.names).cast(ctx.out_arrow)
 
 
@@ -839,10 +911,13 @@ def build_cascade(
     if config.resplit is not None and config.resplit_by == "time" and "ts" not in present:
         raise ConfigError("cascade option resplit_by='time' needs a 'ts' column; use resplit_by='request'")
     catalogue = _Catalogue.load(src, schema, item_field)
+    has_level, has_ts = "label_level" in present, "ts" in present
+    plan = _plan(sources, config, has_ts)
+    if "train" not in plan.splits:
+        raise DataError("no training requests are left (user filter / re-split); co-occurrence is fitted on train")
     _prepare_out(src, out, overwrite)
 
     in_schema = _input_schema(schema, present)
-    has_level, has_ts = "label_level" in present, "ts" in present
     out_schema = replace(
         schema,
         features=tuple(f for f in schema.features if config.cross == "pad" or f.tower != "cross"),
@@ -852,12 +927,9 @@ def build_cascade(
     )
     reserved = ("request_id", "label") + (("label_level",) if has_level else ()) + ("stage", "teacher_logit")
     out_arrow = arrow_schema(out_schema, reserved + (("ts",) if has_ts else ()))
-    plan = _plan(sources, config, has_ts)
     stats = {s: _Stats() for s in plan.splits}
     with tempfile.TemporaryDirectory(dir=out, prefix=".cascade-tmp-") as tmp:
         spilled = _spill(sources, plan, in_schema, Path(tmp))
-        if "train" not in spilled or not spilled["train"]:
-            raise DataError("no training requests left after filtering; co-occurrence retrieval is fitted on train")
         retriever = CoOccurrenceRetriever.fit(
             _train_tables(spilled["train"], item_field),
             item_field,
@@ -866,22 +938,16 @@ def build_cascade(
             config.co_window,
             config.neighbors,
         )
-        ctx = _Context(
-            schema,
-            out_arrow,
-            config,
-            model,
-            catalogue,
-            retriever,
-            item_field,
-            history_field,
-        )
+        ctx = _Context(schema, out_arrow, config, model, catalogue, retriever, item_field, history_field)
         with _progress(progress) as bar:
             task = bar.add_task("cascade", total=sum(len(p) for p in spilled.values()))
             for s in plan.splits:
+                logged = spilled[s] if config.item_side == "logged" else None
+                item_side = _ItemSide.build(catalogue, schema.vocab(item_field), item_field, logged, config.seed)
                 writer = SplitWriter(out, s)
                 for path in spilled[s]:
-                    writer.write(_build_chunk(ctx, pq.read_table(path), stats[s], f"{s} chunk {path.stem}"))
+                    chunk = _build_chunk(ctx, item_side, pq.read_table(path), stats[s], f"{s} chunk {path.stem}")
+                    writer.write(chunk)
                     bar.advance(task)
                 writer.close()
 
@@ -893,6 +959,9 @@ def build_cascade(
         "retrieval": "item co-occurrence on train positives (window co_window) + popularity fill-in",
         "seeds": f"history sequence {history_field!r}" if history_field else "the request's positive impressions",
         "cross_features": "dropped" if config.cross == "drop" else "padding value on unexposed rows",
+        "item_side": "a logged row of the item in the split (catalogue if never logged)"
+        if config.item_side == "logged"
+        else "the catalogue",
         "catalogue_items": len(catalogue.ids),
         "catalogue_rows_dropped": catalogue.rows_dropped,
         "config": asdict(config),

@@ -68,7 +68,7 @@ import json
 import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,14 @@ _AUC_BINS = np.linspace(-20.0, 20.0, 40_001)  # 1e-3 logit resolution for the st
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Options of :func:`generate` (every field is also a keyword of ``generate``)."""
+    """Options of :func:`generate` (every field is also a keyword of ``generate``).
+
+    Sizes of the world (``n_*``, ``latent_dim`` = d, ``n_interests`` = K), of the visible history
+    (``hist_len``) and of each user's behaviour log (``log_len``); request sizes; the logged period
+    (``days``) and the valid/test shares of requests (the latest ones); ``interest_exposure``, how
+    often the previous system targets the user's interests; ``base_logit`` sets the click rate
+    (about 17% by default) and ``interaction_scale`` the weight of the non-separable term.
+    """
 
     n_users: int = 5000
     n_items: int = 2000
@@ -121,8 +128,8 @@ class SyntheticConfig:
     interaction_scale: float = 2.0
 
     def __post_init__(self) -> None:
-        positive = ("n_users", "n_items", "n_categories", "n_brands", "n_segments", "n_interests", "latent_dim")
-        for name in (*positive, "hist_len", "log_len", "min_request_size", "days"):
+        counts = ("n_users", "n_items", "n_categories", "n_brands", "n_segments", "n_interests", "latent_dim")
+        for name in (*counts, "hist_len", "log_len", "min_request_size", "days"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -192,7 +199,13 @@ def synthetic_schema(config: SyntheticConfig = SyntheticConfig()) -> Schema:
             f("brand_id", "item", "categorical", c.n_brands + 1, 8, description="item brand (nested in category)"),
             f("price_level", "item", "categorical", _N_PRICES + 1, 4, description="price level 1-10"),
             f("item_ctr", "item", "dense", cost_type="II", description="smoothed click rate in a warm-up period"),
-            f("item_popularity", "item", "dense", cost_type="II", description="log1p(warm-up impressions) / its maximum, in [0, 1]"),
+            f(
+                "item_popularity",
+                "item",
+                "dense",
+                cost_type="II",
+                description="log1p(warm-up impressions) / its maximum, in [0, 1]",
+            ),
             f(
                 "user_cat_affinity",
                 "cross",
@@ -233,16 +246,16 @@ class World:
     interest_cat: np.ndarray  # [U+1, K] distinct categories
     interest_weight: np.ndarray  # [U+1, K]
     interest_vec: np.ndarray  # [U+1, K, d]
-    user_ctr: np.ndarray  # [U+1] warm-up statistic
+    user_ctr: np.ndarray  # [U+1] observed feature (warm-up statistic)
     log_items: np.ndarray  # [U+1, H] 0-padded at the end
     log_ts: np.ndarray  # [U+1, H] sorted, int64 max on padding
     item_category: np.ndarray  # [I+1]
     item_brand: np.ndarray  # [I+1]
     item_price: np.ndarray  # [I+1] 1.._N_PRICES
     item_vec: np.ndarray  # [I+1, d]
-    popularity: np.ndarray  # [I+1] standardised log popularity
-    item_ctr: np.ndarray  # [I+1] warm-up statistic
-    item_popularity: np.ndarray  # [I+1]
+    popularity: np.ndarray  # [I+1] hidden: standardised log popularity
+    item_ctr: np.ndarray  # [I+1] observed feature (warm-up statistic)
+    item_popularity: np.ndarray  # [I+1] observed feature (warm-up statistic)
     hour_effect: np.ndarray  # [24]
     device_effect: np.ndarray  # [_N_DEVICES + 1]
     context_table: np.ndarray  # [S, C+1, 4] segment x category x daypart
@@ -303,9 +316,9 @@ def make_world(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Wo
     rng = _rng(seed, 0)
     U, n_items, C, S, K, d = c.n_users, c.n_items, c.n_categories, c.n_segments, c.n_interests, c.latent_dim
 
-    # items: categories of uneven size, brands nested in categories, Zipf-like popularity
+    # items: categories of uneven size (each has at least one item), brands nested in categories,
+    # Zipf-like popularity over a random rank
     centres = rng.normal(0, 1 / math.sqrt(d), (C + 1, d))
-    # every category gets one item, the rest fall into categories of uneven size
     drawn = _draw(_normalised_cdf(rng.dirichlet(np.full(C, 2.0))), rng.random(n_items - C)) + 1
     item_category = np.concatenate(([0], rng.permutation(np.concatenate((np.arange(1, C + 1), drawn)))))
     brands_per_cat = [np.arange(cat, c.n_brands + 1, C) for cat in range(1, C + 1)]  # brand b is in cat (b-1)%C+1
@@ -314,13 +327,10 @@ def make_world(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Wo
         members = np.flatnonzero(item_category == cat)
         item_brand[members] = rng.choice(brands_per_cat[cat - 1], len(members))
     brand_vec = rng.normal(0, 1 / math.sqrt(d), (c.n_brands + 1, d))
-    item_vec = (
-        centres[item_category] + 0.6 * brand_vec[item_brand] + rng.normal(0, 1 / math.sqrt(d), (n_items + 1, d))
-    )
+    item_vec = centres[item_category] + 0.6 * brand_vec[item_brand] + rng.normal(0, 1 / math.sqrt(d), (n_items + 1, d))
     brand_tier = rng.integers(1, _N_PRICES + 1, c.n_brands + 1)
-    item_price = np.clip(brand_tier[item_brand] + np.rint(rng.normal(0, 1.2, n_items + 1)), 1, _N_PRICES).astype(
-        np.int64
-    )
+    item_price = np.clip(brand_tier[item_brand] + np.rint(rng.normal(0, 1.2, n_items + 1)), 1, _N_PRICES)
+    item_price = item_price.astype(np.int64)
     log_pop = -1.0 * np.log(rng.permutation(n_items) + 1.0)
     popularity = np.concatenate(([0.0], (log_pop - log_pop.mean()) / log_pop.std()))
     exposure = np.exp(0.9 * log_pop)
@@ -338,9 +348,7 @@ def make_world(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Wo
     taste = np.log(rng.dirichlet(np.full(C, 0.5), S) + 1e-12)
     interest_cat = np.argsort(-(taste[segment] + rng.gumbel(size=(U + 1, C))), axis=1)[:, :K] + 1
     interest_weight = rng.lognormal(0, 0.25, (U + 1, K)) * 0.9 ** np.arange(K)
-    interest_vec = interest_weight[..., None] * (
-        centres[interest_cat] + rng.normal(0, 1 / math.sqrt(d), (U + 1, K, d))
-    )
+    interest_vec = interest_weight[..., None] * (centres[interest_cat] + rng.normal(0, 1 / math.sqrt(d), (U + 1, K, d)))
     for a in (segment, age, gender, home_device, activity):
         a[0] = 0
     interest_cat[0], interest_weight[0], interest_vec[0] = 0, 0.0, 0.0
@@ -399,21 +407,12 @@ def make_world(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Wo
     )
     pu, pi = rng.integers(1, U + 1, 20_000), rng.integers(1, n_items + 1, 20_000)
     offset = float(_interest_match(partial, pu, pi).mean())
-    world = _replace(partial, match_offset=offset)
+    world = replace(partial, match_offset=offset)
     log_items, log_ts = _behaviour_logs(world, rng)
-    user_ctr, item_ctr, item_log_impr = _warm_up_statistics(world, rng)
-    return _replace(
-        world,
-        log_items=log_items,
-        log_ts=log_ts,
-        user_ctr=user_ctr,
-        item_ctr=item_ctr,
-        item_popularity=item_log_impr,
+    user_ctr, item_ctr, item_popularity = _warm_up_statistics(world, rng)
+    return replace(
+        world, log_items=log_items, log_ts=log_ts, user_ctr=user_ctr, item_ctr=item_ctr, item_popularity=item_popularity
     )
-
-
-def _replace(world: World, **changes: Any) -> World:
-    return World(**{**{f.name: getattr(world, f.name) for f in fields(World)}, **changes})
 
 
 def _behaviour_logs(world: World, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -437,12 +436,10 @@ def _behaviour_logs(world: World, rng: np.random.Generator) -> tuple[np.ndarray,
         u = rng.random((len(users), H)) + np.arange(len(users))[:, None]
         idx = np.minimum(np.searchsorted(cdf.ravel(), u.ravel(), side="right").reshape(len(users), H), cdf.size - 1)
         log_items[users] = items[idx % n_items]
-    ts = np.sort(start + rng.integers(0, span, (U + 1, H)), axis=1)
+    # the first `length` slots are the events (items are i.i.d., so sorting times alone keeps them exchangeable)
     valid = np.arange(H)[None, :] < lengths[:, None]
-    # keep the first `length` slots: times stay sorted, padding sorts last
-    log_items = np.where(valid, log_items, 0)
-    log_ts = np.where(valid, ts, np.iinfo(np.int64).max)
-    return log_items, log_ts
+    log_ts = np.sort(np.where(valid, start + rng.integers(0, span, (U + 1, H)), np.iinfo(np.int64).max), axis=1)
+    return np.where(valid, log_items, 0), log_ts
 
 
 def _warm_up_statistics(world: World, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -707,7 +704,7 @@ def generate(
     seed: int = 0,
     *,
     progress: bool = True,
-    rows_per_file: int = 1_000_000,
+    rows_per_file: int = 500_000,
     **options: Any,
 ) -> Path:
     """Write a synthetic dataset of exactly ``rows`` impressions to ``out`` and return ``out``.

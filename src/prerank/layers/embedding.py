@@ -43,6 +43,11 @@ class EmbeddingTables(nn.Module):
             nn.init.normal_(t.weight, std=init_std)
             with torch.no_grad():
                 t.weight[0].zero_()
+        # dense values start as small as id embeddings: nn.Linear(1, D)'s default U(-1, 1) init would
+        # give every dense feature a large random effect that the model must first unlearn
+        for lin in self.dense.values():
+            nn.init.normal_(lin.weight, std=init_std)
+            nn.init.zeros_(lin.bias)
 
     def field(self, batch: Batch, name: str) -> Tensor:
         """One feature as ``[B, D]``; sequences are pooled by their schema ``pooling`` (mean if none)."""

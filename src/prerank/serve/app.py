@@ -28,7 +28,8 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prerank.serve.scorer import RequestTooLarge, Scorer, ScoringError
@@ -147,11 +148,29 @@ def create_app(scorer: Scorer, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     def get_metadata() -> dict[str, Any]:
         return metadata
 
-    @app.post("/score", response_model=ScoreResponse)
-    def score(request: ScoreRequest) -> JSONResponse:
+    def run(body: ScoreRequest) -> JSONResponse:
         with lock:
-            result = scorer.score(request.user, request.candidates, k=request.k, cross=request.cross)
+            result = scorer.score(body.user, body.candidates, k=body.k, cross=body.cross)
         return JSONResponse(asdict(result))
+
+    # The body is parsed by pydantic's own JSON parser straight from bytes: for a request of 1,000
+    # candidates with cross features that is several times faster than json.loads + validation.
+    @app.post(
+        "/score",
+        response_model=ScoreResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ScoreRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def score(request: Request) -> JSONResponse:
+        try:
+            body = ScoreRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+        return await run_in_threadpool(run, body)
 
     return app
 
