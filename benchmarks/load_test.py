@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -161,12 +162,14 @@ def main() -> None:
 
     bodies = payloads(args.data, args.candidates, 64, args.seed)
     proc, url = None, args.url
-    if args.artifact is not None:
-        port = free_port()
-        log = Path(f"/tmp/prerank-load-test-{port}.log")
-        proc = start_server(args.artifact, port, args.threads, max(args.candidates, 10_000), log)
-        url = f"http://127.0.0.1:{port}"
+    fd, name = tempfile.mkstemp(prefix="prerank-load-test-", suffix=".log")
+    os.close(fd)
+    log = Path(name)
     try:
+        if args.artifact is not None:
+            port = free_port()
+            proc = start_server(args.artifact, port, args.threads, max(args.candidates, 10_000), log)
+            url = f"http://127.0.0.1:{port}"
         meta = httpx.get(f"{url}/metadata", timeout=10).json()
         print(f"server: {meta['model']} ({meta['num_items']:,} items, {meta['threads']} threads) at {url}")
         print(
@@ -190,6 +193,7 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
+        log.unlink()
     if args.out is not None:
         record = {"url": url, "candidates": args.candidates, "model": meta["model"], "threads": meta["threads"]}
         atomic_write_text(args.out, json.dumps({**record, "results": results}, indent=2))

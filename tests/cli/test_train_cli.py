@@ -48,8 +48,14 @@ def test_compare_writes_records_and_table(tiny_dataset: Path, tmp_path: Path) ->
 def test_per_model_option_and_unknown_model(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     base = ["compare", "--data", str(tiny_dataset), "--seeds", "1", "--out", str(out), *FAST]
-    res = runner.invoke(app, [*base, "--models", "two_tower", "--model-option", "two_tower.similarity=cosine"])
+    res = runner.invoke(
+        app,
+        [*base, "--models", "lr,two_tower", "--model-option", "two_tower.similarity=cosine"]
+        + ["--train-option", "lr.lr=0.05"],
+    )
     assert res.exit_code == 0, res.output
+    lrs = {r["model"]: r["lr"] for r in json.loads((out / "results.json").read_text())}
+    assert lrs == {"lr": 0.05, "two_tower": 0.001}
     res = runner.invoke(app, [*base, "--models", "nope"])
     assert res.exit_code == 2 and "unknown models" in res.output
 

@@ -172,6 +172,10 @@ def test_bad_options_and_targets(tmp_path: Path, dataset: Path) -> None:
         generate(tmp_path / "x", rows=1000, n_user=5)
     with pytest.raises(ValueError, match="hist_len must not exceed log_len"):
         generate(tmp_path / "x", rows=1000, hist_len=50, log_len=20)
+    with pytest.raises(ValueError, match="days must be a positive integer"):
+        generate(tmp_path / "x", rows=1000, days=0)
+    with pytest.raises(ValueError, match="base_logit must be a finite number"):
+        generate(tmp_path / "x", rows=1000, base_logit="high")
     with pytest.raises(ValueError, match="rows must be a positive integer"):
         generate(tmp_path / "x", rows=0)
     with pytest.raises(ValueError, match="too few for train/valid/test"):

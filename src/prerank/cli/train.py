@@ -139,6 +139,9 @@ def compare(
     model_option: list[str] = typer.Option(
         None, "--model-option", help="Per-model override MODEL.key=value, or key=value for all models (repeatable)."
     ),
+    train_option: list[str] = typer.Option(
+        None, "--train-option", help="Per-model training override MODEL.key=value, e.g. lr.lr=0.02 (repeatable)."
+    ),
     loss: str = LossOpt,
     loss_option: list[str] = LossOptOpt,
     epochs: int = EpochsOpt,
@@ -174,6 +177,7 @@ def compare(
     )
     names = [m.strip() for m in models.split(",") if m.strip()]
     overrides = _per_model_overrides(names, model_option, run.model_config or {})
+    train_overrides = _per_model_overrides(names, train_option, {}, shared_allowed=False)
     run_compare(
         data,
         names,
@@ -181,6 +185,7 @@ def compare(
         out,
         config=cfg,
         model_overrides=overrides,
+        train_overrides=train_overrides,
         loss=run.loss,
         loss_options=run.loss_options,
         resume=resume,
@@ -189,16 +194,21 @@ def compare(
     typer.echo((out / "results.md").read_text())
 
 
-def _per_model_overrides(names: list[str], pairs: list[str] | None, shared: dict[str, Any]) -> dict[str, dict]:
+def _per_model_overrides(
+    names: list[str], pairs: list[str] | None, shared: dict[str, Any], *, shared_allowed: bool = True
+) -> dict[str, dict]:
+    """``MODEL.key=value`` pairs (and, where allowed, plain ``key=value`` for every model) per model."""
     from prerank.cli.common import parse_options
 
     out: dict[str, dict] = {n: dict(shared) for n in names}
-    for key, value in parse_options(pairs, "--model-option").items():
+    for key, value in parse_options(pairs, "option").items():
         if "." in key:
             model, field = key.split(".", 1)
             if model not in out:
-                raise ValueError(f"--model-option {key}: {model!r} is not among --models")
+                raise ValueError(f"option {key}: {model!r} is not among --models")
             out[model][field] = value
+        elif not shared_allowed:
+            raise ValueError(f"option {key}: write MODEL.{key}=... (use the plain flag for every model)")
         else:
             for n in names:
                 out[n][key] = value

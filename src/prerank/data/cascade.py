@@ -77,6 +77,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from prerank.data.parquet import SPLITS, DataError, ParquetSplit, SplitWriter, arrow_schema, read_meta, table_to_batch
+from prerank.data.requests import ragged_arange, rank_within
 from prerank.io import atomic_write, atomic_write_text
 from prerank.models.base import ConfigError, PreRanker
 from prerank.schema import STAGES, Schema, SchemaError
@@ -165,28 +166,10 @@ class _Stats:
 # ----------------------------------------------------------------------------------- array helpers
 
 
-def _rank_within(groups: np.ndarray) -> np.ndarray:
-    """Position of each element inside its run of equal consecutive ``groups`` values (sorted input)."""
-    n = len(groups)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    new = np.ones(n, dtype=bool)
-    new[1:] = groups[1:] != groups[:-1]
-    idx = np.arange(n)
-    return idx - np.maximum.accumulate(np.where(new, idx, 0))
-
-
 def _unique(*arrays: np.ndarray) -> np.ndarray:
     """Sorted distinct values of the concatenated arrays (sort-based: NumPy's hash ``unique`` is slow on ints)."""
     a = np.sort(np.concatenate(arrays))
     return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
-
-
-def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + l)`` for every (start, length)."""
-    lengths = lengths.astype(np.int64)
-    before = np.cumsum(lengths) - lengths
-    return np.repeat(starts.astype(np.int64) - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
 def _column(table: pa.Table, name: str, dtype: type = np.int64) -> np.ndarray:
@@ -520,7 +503,7 @@ class CoOccurrenceRetriever:
         src, dst = k // vocab, k % vocab
         order = np.lexsort((dst, -c, src))
         src, dst, c = src[order], dst[order], c[order]
-        keep = _rank_within(src) < top
+        keep = rank_within(src) < top
         src, dst, c = src[keep], dst[keep], c[keep]
         indptr = np.concatenate(([0], np.cumsum(np.bincount(src, minlength=vocab))))
         cat = np.asarray(catalogue, dtype=np.int64)
@@ -546,7 +529,7 @@ class CoOccurrenceRetriever:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
         lo = self.indptr[seed_item]
         n = self.indptr[seed_item + 1] - lo
-        idx = _ragged_arange(lo, n)
+        idx = ragged_arange(lo, n)
         keys = np.repeat(seed_req, n) * V + self.neighbors[idx]
         uniq, inv = np.unique(keys, return_inverse=True)
         score = np.bincount(inv, weights=self.counts[idx], minlength=len(uniq))
@@ -555,7 +538,7 @@ class CoOccurrenceRetriever:
         req, item = uniq // V, uniq % V
         order = np.lexsort((item, -score, req))
         req, item = req[order], item[order]
-        first = _rank_within(req) < k
+        first = rank_within(req) < k
         req, item = req[first], item[first]
         n_cooc = len(req)
 
@@ -616,7 +599,7 @@ def _sample_random(
         if not len(rows):
             break
         req = np.repeat(rows, 2 * need[rows])
-        u = request_uniforms(seed, 1 + attempt, request_ids[req], _rank_within(req))
+        u = request_uniforms(seed, 1 + attempt, request_ids[req], rank_within(req))
         item = catalogue[(u * len(catalogue)).astype(np.int64)]
         keys = req * vocab + item
         _, first = np.unique(keys, return_index=True)
@@ -624,7 +607,7 @@ def _sample_random(
         fresh[first] = True
         fresh &= ~np.isin(keys, taken)
         req, item, keys = req[fresh], item[fresh], keys[fresh]
-        keep = _rank_within(req) < need[req]
+        keep = rank_within(req) < need[req]
         got_req.append(req[keep])
         got_item.append(item[keep])
         taken = _unique(taken, keys[keep])
@@ -673,11 +656,11 @@ class _ItemSide:
             t = _sort_requests(pq.read_table(path, columns=[*names, "request_id", *_ts_column(path)]))
             rid = _column(t, "request_id")
             # keys depend on (request, position in request) only, so the sample does not depend on chunking
-            keys = np.concatenate([kept_keys, request_uniforms(seed, 20, rid, _rank_within(rid))])
+            keys = np.concatenate([kept_keys, request_uniforms(seed, 20, rid, rank_within(rid))])
             both = pa.concat_tables([kept, t.select(names)])
             ids = _column(both, item_field)
             order = np.lexsort((keys, ids))
-            sel = order[_rank_within(ids[order]) < ITEM_VARIANTS]
+            sel = order[rank_within(ids[order]) < ITEM_VARIANTS]
             kept, kept_keys = both.take(pa.array(sel)), keys[sel]
         ids = _column(kept, item_field)
         count = np.bincount(ids, minlength=vocab)
@@ -735,7 +718,7 @@ def _seeds(ctx: _Context, table: pa.Table, req_of_row: np.ndarray, where: str) -
         lengths = np.asarray(hist.value_lengths().fill_null(0).to_numpy(), dtype=np.int64)
         values = np.asarray(hist.flatten().to_numpy(), dtype=np.int64)
         row = np.repeat(np.arange(len(lengths)), lengths)
-        recent = _rank_within(row) >= np.repeat(lengths - ctx.schema[ctx.history_field].max_len, lengths)
+        recent = rank_within(row) >= np.repeat(lengths - ctx.schema[ctx.history_field].max_len, lengths)
         req, item = req_of_row[row[recent]], values[recent]
     V = ctx.retriever.vocab
     _check_ids(item, V, ctx.history_field or ctx.item_field, where)
@@ -803,7 +786,7 @@ def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _S
     new_item = np.concatenate([ret_item, rnd_item])
     new_rid = rid[starts][new_req]
     # draws keyed by (request id, position among its unexposed rows): independent of chunking
-    draw = np.concatenate([_rank_within(ret_req), cfg.retrieve + _rank_within(rnd_req)])
+    draw = np.concatenate([rank_within(ret_req), cfg.retrieve + rank_within(rnd_req)])
     lengths = np.diff(np.append(starts, len(rid)))
     anchor = starts[new_req] + (request_uniforms(cfg.seed, 10, new_rid, draw) * lengths[new_req]).astype(np.int64)
     item_rows = item_side.rows(new_item, request_uniforms(cfg.seed, 11, new_rid, draw))
@@ -816,11 +799,11 @@ def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _S
         [np.full(n_imp, IMPRESSION), np.full(n_ret, _RETRIEVED), np.full(len(rnd_req), RANDOM)]
     ).astype(np.int64)
     req = np.concatenate([req_of_row, new_req])
-    within = np.concatenate([np.arange(n_imp), np.zeros(n_ret, dtype=np.int64), _rank_within(rnd_req)])
+    within = np.concatenate([np.arange(n_imp), np.zeros(n_ret, dtype=np.int64), rank_within(rnd_req)])
     # the teacher's order splits the retrieved items: top -> rank candidates, next -> pre-rank candidates
     ret = np.arange(n_imp, n_imp + n_ret)
     ret = ret[np.lexsort((-logits[ret], req[ret]))]
-    rank = _rank_within(req[ret])
+    rank = rank_within(req[ret])
     within[ret] = rank
     stage[ret] = np.select(
         [rank < cfg.rank_candidates, rank < cfg.rank_candidates + cfg.prerank_candidates],

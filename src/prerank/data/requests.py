@@ -61,8 +61,8 @@ def resolve_stages(stages: str | Sequence[str] | None) -> tuple[str, ...] | None
     return tuple(s for s in STAGES if s in stages)
 
 
-def _rank_within(groups: np.ndarray) -> np.ndarray:
-    """Position of each element inside its run of equal consecutive values."""
+def rank_within(groups: np.ndarray) -> np.ndarray:
+    """Position of each element inside its run of equal consecutive ``groups`` values (0, 1, ...)."""
     n = len(groups)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -72,9 +72,10 @@ def _rank_within(groups: np.ndarray) -> np.ndarray:
     return idx - np.maximum.accumulate(np.where(new, idx, 0))
 
 
-def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + n)`` for every (start, length)."""
-    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+    starts, lengths = starts.astype(np.int64), lengths.astype(np.int64)
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
 def _zero_padding(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -259,15 +260,15 @@ class RequestStream(IterableDataset):
                 yield self._batch(rows, starts[rest], lengths[rest], rng)
             return None
         rest = np.sort(rest)
-        return rows.select(torch.from_numpy(_ragged_arange(starts[rest], lengths[rest])))
+        return rows.select(torch.from_numpy(ragged_arange(starts[rest], lengths[rest])))
 
     def _batch(self, rows: Batch, starts: np.ndarray, lengths: np.ndarray, rng: np.random.Generator) -> Batch:
         """Pad the requests at ``starts`` (with ``lengths``) of ``rows`` into an ``[R, N]`` batch."""
         req = np.repeat(np.arange(len(starts)), lengths)
-        idx = _ragged_arange(starts, lengths)
+        idx = ragged_arange(starts, lengths)
         if self.max_list_len is not None and lengths.max() > self.max_list_len:
             req, idx = self._subsample(rows, req, idx, rng)
-        col = _rank_within(req)
+        col = rank_within(req)
         n_cols = int(col.max()) + 1
         index = torch.zeros(len(starts), n_cols, dtype=torch.long)
         mask = torch.zeros(len(starts), n_cols, dtype=torch.bool)
@@ -286,7 +287,7 @@ class RequestStream(IterableDataset):
         positive = rows.label.numpy()[idx] > 0 if rows.label is not None else np.zeros(len(idx), dtype=bool)
         tier = np.where(impression & positive, 0, np.where(impression, 1, 2))
         order = np.lexsort((rng.random(len(idx)), tier, req))
-        keep = order[_rank_within(req[order]) < self.max_list_len]
+        keep = order[rank_within(req[order]) < self.max_list_len]
         keep.sort()  # back to request order, original order inside each request
         return req[keep], idx[keep]
 
@@ -332,4 +333,12 @@ def _identity(b: Batch) -> Batch:
     return b
 
 
-__all__ = ["STAGE_PRESETS", "RequestStream", "make_request_loader", "pad_requests", "resolve_stages"]
+__all__ = [
+    "STAGE_PRESETS",
+    "RequestStream",
+    "make_request_loader",
+    "pad_requests",
+    "ragged_arange",
+    "rank_within",
+    "resolve_stages",
+]

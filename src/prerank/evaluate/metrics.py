@@ -13,7 +13,8 @@ the expected value under random tie-breaking -- the convention of scikit-learn's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from numbers import Integral
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -47,7 +48,7 @@ class GroupedMetric:
         return getattr(self, key)
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"value": self.value, "n_groups_used": self.n_groups_used, "n_groups_skipped": self.n_groups_skipped}
+        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -98,7 +99,7 @@ def _group_codes(groups: ArrayLike) -> tuple[np.ndarray, int]:
 
 
 def _positive_int(name: str, k: int) -> int:
-    if isinstance(k, bool) or int(k) != k or k < 1:
+    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
         raise ValueError(f"{name} must be a positive integer, got {k!r}")
     return int(k)
 
@@ -203,6 +204,8 @@ def logloss(labels: ArrayLike, logits: ArrayLike, *, probabilities: bool = False
 def gauc(labels: ArrayLike, scores: ArrayLike, groups: ArrayLike) -> GroupedMetric:
     """Group AUC: ``sum_g n_g * AUC_g / sum_g n_g`` over requests ``g`` that have both classes.
 
+    The impression-weighted GAUC of DIN (Zhou et al., KDD 2018, "Metrics") with requests as groups.
+
     ``n_g`` is the number of rows of request ``g`` (its impressions when the caller passes
     impressions only). Requests with a single class have no AUC and are counted in
     ``n_groups_skipped``; if every request is skipped the value is undefined and this raises.
@@ -221,7 +224,10 @@ def gauc(labels: ArrayLike, scores: ArrayLike, groups: ArrayLike) -> GroupedMetr
 
 
 def relaimpr(auc_model: float, auc_base: float) -> float:
-    """RelaImpr in percent: ``((AUC_model - 0.5) / (AUC_base - 0.5) - 1) * 100`` (base: Two-Tower)."""
+    """RelaImpr in percent: ``((AUC_model - 0.5) / (AUC_base - 0.5) - 1) * 100`` (DIN, Zhou et al., KDD 2018).
+
+    The base is Two-Tower unless the caller says otherwise (DESIGN.md "Definitions").
+    """
     for name, v in (("auc_model", auc_model), ("auc_base", auc_base)):
         if not np.isfinite(v) or not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be an AUC in [0, 1], got {v!r}")
@@ -260,6 +266,8 @@ def recall_at_k(relevance: ArrayLike, scores: ArrayLike, groups: ArrayLike, k: i
 
 def ndcg_at_k(relevance: ArrayLike, scores: ArrayLike, groups: ArrayLike, k: int) -> GroupedMetric:
     """NDCG@K per request with gain ``2^rel - 1`` and discount ``1 / log2(position + 1)`` (positions from 1).
+
+    Jarvelin and Kekalainen (TOIS 2002) with the exponential gain of Burges et al. (ICML 2005).
 
     ``DCG@K = sum_{p <= K} (2^rel_p - 1) / log2(p + 1)``; IDCG@K is the DCG of the request sorted by
     relevance. Averaged (unweighted) over requests with at least one ``relevance > 0``; the rest

@@ -90,8 +90,9 @@ class LightweightSimilarityScorer(nn.Module):
 
     1. The user and item representations ``[..., D']`` are mapped into ``H_u`` and ``H_v`` sub-spaces
        of width ``d``: ``U = P u`` ``[..., H_u, d]``, ``V = Q v`` ``[..., H_v, d]``.
-    2. The similarity matrix of all head pairs: ``S_ij = <U_i, V_j> / sqrt(d)`` ``[N, H_u, H_v]``
-       (the ``sqrt(d)`` keeps its scale independent of the head width).
+    2. The similarity matrix of all head pairs: ``S_ij = <U_i, V_j>`` ``[N, H_u, H_v]``, plain dot
+       products as on the slide (no ``1/sqrt(d)``: the representations start small, and shrinking
+       ``S`` further only lengthens the early phase where the output is near-constant).
     3. A row-wise FC then a column-wise FC reduce ``S`` to one score:
        ``r_i = PReLU(sum_j W_ij S_ij + b_i)`` ``[N, H_u]``, then ``logit = sum_i c_i r_i + c_0``.
 
@@ -128,7 +129,7 @@ class LightweightSimilarityScorer(nn.Module):
 
     def forward(self, user: Tensor, item: Tensor) -> Tensor:
         """User heads ``[N, H_u, d]``, item heads ``[N, H_v, d]`` -> logits ``[N]``."""
-        sim = torch.einsum("nid,njd->nij", user, item) / math.sqrt(self.head_dim)
+        sim = torch.einsum("nid,njd->nij", user, item)
         rows = self.activation((sim * self.row_weight).sum(-1) + self.row_bias)
         return self.column(rows).squeeze(-1)
 

@@ -14,7 +14,7 @@ from prerank.evaluate.report import results_table
 from prerank.io import atomic_write_text
 from prerank.models.base import ConfigError, num_params
 from prerank.models.registry import MODELS
-from prerank.train.config import TrainConfig
+from prerank.train.config import TrainConfig, train_config
 from prerank.train.trainer import Loss, bce_loss, evaluate_split, train_model
 
 BASELINE = "two_tower"
@@ -46,6 +46,7 @@ def run_compare(
     *,
     config: TrainConfig = TrainConfig(),
     model_overrides: dict[str, dict] | None = None,
+    train_overrides: dict[str, dict] | None = None,
     loss: str = "bce",
     loss_options: dict[str, Any] | None = None,
     resume: bool = False,
@@ -57,6 +58,8 @@ def run_compare(
     atomically after every run, so an interruption loses at most the run in progress; with
     ``resume=True`` runs already recorded are skipped and unfinished ones resume from ``last.pt``.
     RelaImpr is computed against Two-Tower of the same seed when Two-Tower is among the models.
+    ``train_overrides`` changes training options for one model (e.g. a larger learning rate for
+    LR, chosen on the valid split); the record keeps the options it was trained with.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = [m for m in models if m not in MODELS]
@@ -77,7 +80,7 @@ def run_compare(
             if (name, seed) in done:
                 log(f"skipping {name} seed {seed}: already in {results_path}")
                 continue
-            run_config = TrainConfig(**{**config.to_dict(), "seed": seed})
+            run_config = train_config({**(train_overrides or {}).get(name, {}), "seed": seed}, config)
             run_dir = out_dir / "runs" / name / f"seed{seed}"
             result = train_model(
                 name,
@@ -106,7 +109,8 @@ def run_compare(
                 "epochs": result.epochs,
                 "best_valid": result.best_metric,
                 "valid_metric": config.metric,
-                "threads": config.threads,
+                "threads": run_config.threads,
+                "lr": run_config.lr,
                 "checkpoint": str(result.checkpoint),
                 **_cost(result.model, data_dir),
             }
