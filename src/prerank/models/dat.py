@@ -165,10 +165,14 @@ def category_alignment_loss(reps: Tensor, categories: Tensor) -> Tensor:
     x = reps[keep]
     if int((counts >= 2).sum()) < 2:
         return reps.sum() * 0.0
-    onehot = F.one_hot(group, len(values)).to(x.dtype).T  # [G, B']
-    means = onehot @ x / counts[:, None].to(x.dtype)  # [G, D]
+    n_groups, d = len(values), x.shape[-1]
+    size = counts[:, None].to(x.dtype)
+    means = x.new_zeros(n_groups, d).index_add(0, group, x) / size  # [G, D]
     centred = x - means[group]
-    cov = torch.einsum("gb,bd,be->gde", onehot, centred, centred) / (counts - 1).clamp_min(1)[:, None, None].to(x.dtype)
+    # per-row outer products summed per category: O(B D^2), not O(G B D^2) as a one-hot einsum would be
+    outer = (centred.unsqueeze(2) * centred.unsqueeze(1)).flatten(1)  # [B', D*D]
+    cov = x.new_zeros(n_groups, d * d).index_add(0, group, outer).view(n_groups, d, d)
+    cov = cov / (size - 1).clamp_min(1)[:, :, None]
     valid = counts >= 2
     major = int(torch.argmax(counts))
     gap = ((cov - cov[major]) ** 2).sum((-2, -1))

@@ -109,11 +109,11 @@ class FIT(PreRanker):
     bias-free linear map of the item's categorical and sequence field embeddings, and
     :class:`MetaQuerySelector` keeps the most similar meta vector; the item embeddings are trained
     through that choice as well as through the scorer. Why not a map of ``v`` or of the dense fields:
-    the selection is by cosine, and anything shared by all items (the MLP's biases, the affine
-    embedding of a dense value) dominates those vectors at initialisation, sends every item to the
-    same meta vector and the clustering loss then keeps them there; id embeddings start as
-    independent random vectors per item. Dense item features enter the key only if the item side
-    has nothing else.
+    the selection is by cosine, and what all items share (the MLP's biases; a dense value's
+    embedding ``w x + b``, one direction for every item) dominates those vectors at initialisation,
+    sends every item to the same meta vector (seen in testing) and the clustering loss then keeps
+    them there; id embeddings start as independent random vectors per item. Dense item features
+    enter the key only if the item side has nothing else.
 
     **MQM interaction unit** (MQM slide, point 3). For a query ``q`` ``[.., D]`` (a meta vector) the
     DIN activation unit (Zhou et al., KDD 2018, Sec. 4.3) attends over the user's *keys*: one key
@@ -133,7 +133,9 @@ class FIT(PreRanker):
     output layer selects the final representation solely through the index"): in eval mode
     ``encode_user`` runs the MQM once per meta vector and stores the scorer's user part for each;
     ``encode_item`` stores the item's scorer part and its meta index; ``score`` gathers the user
-    part by that index and runs only the scorer. Both paths give the same scores in eval mode.
+    part by that index and runs only the scorer. Both paths give the same scores in eval mode;
+    ``forward`` keeps the one-query path there too because offline evaluation has one user per
+    row, where it costs one DIN pass per row instead of M.
 
     **Scorer** (LSS slide): see :class:`~prerank.layers.fit_parts.LightweightSimilarityScorer`.
 
