@@ -21,7 +21,7 @@ from prerank.data.parquet import table_to_batch, write_dataset
 from prerank.io import CheckpointError
 from prerank.models.registry import MODELS, build_model
 from prerank.schema import FeatureSpec, Schema
-from prerank.serve.export import export, load_artifact
+from prerank.serve.export import build_item_cache, export, load_artifact
 from prerank.serve.scorer import Scorer
 from prerank.train.checkpoint import save_checkpoint
 
@@ -98,6 +98,21 @@ def test_round_trip_scores_equal_the_model_on_raw_features(name: str, tmp_path: 
     result = scorer.score(user_dict(rows, schema), ids, cross=cross)
     assert result.ids == ids and result.skipped == []
     torch.testing.assert_close(torch.tensor(result.scores), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_item_cache_is_built_in_bounded_chunks_and_keyed_by_id(data_dir: Path) -> None:
+    schema = tiny_schema()
+    model = build_model("two_tower", schema).eval()
+    sizes: list[int] = []
+    encode = model.encode_item
+    model.encode_item = lambda b: (sizes.append(len(b)), encode(b))[1]  # type: ignore[method-assign]
+    cache = build_item_cache(model, data_dir, chunk_rows=4)
+    assert max(sizes) <= 4 and sum(sizes) == NUM_ITEMS + 1  # + the unknown item of row 0
+    items = table_to_batch(pa.parquet.read_table(data_dir / "items.parquet"), schema)
+    ids = items.features["item_id"]
+    with torch.no_grad():
+        torch.testing.assert_close(cache.gather(cache.rows(ids))["i"], encode(items)["i"])
+    assert cache.rows(torch.tensor([0, 35, 10_000])).tolist() == [0, 0, 0]
 
 
 def test_manifest_and_files(artifact: Path) -> None:

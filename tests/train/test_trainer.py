@@ -56,6 +56,14 @@ def test_resume_refuses_other_model(tiny_dataset: Path, tmp_path: Path) -> None:
         train_model("two_tower", tiny_dataset, out, config=FAST, resume=True, log=lambda _: None)
 
 
+def test_resume_refuses_other_training_options(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train_model("lr", tiny_dataset, out, config=FAST, log=lambda _: None)
+    other = TrainConfig(**{**FAST.to_dict(), "lr": 0.05})
+    with pytest.raises(CheckpointError, match="lr: 0.001 -> 0.05"):
+        train_model("lr", tiny_dataset, out, config=other, resume=True, log=lambda _: None)
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

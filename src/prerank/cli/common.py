@@ -64,6 +64,10 @@ def run_config(
 ) -> tuple[RunConfig, TrainConfig]:
     """Merge a YAML run file (optional) with command-line flags; flags win."""
     base = load_run_config(config_file) if config_file else RunConfig()
+    if isinstance(train_flags.get("stages"), str):
+        from prerank.data.requests import resolve_stages
+
+        train_flags["stages"] = resolve_stages(train_flags["stages"])
     train = train_config(train_flags, base.train)
     merged = RunConfig(
         model=model or base.model,
@@ -94,4 +98,10 @@ ModelOptOpt = typer.Option(None, "--model-option", help="Model config override k
 LossOpt = typer.Option(None, "--loss", help="Training loss: bce (default) or a name from prerank.losses.")
 LossOptOpt = typer.Option(None, "--loss-option", help="Loss option key=value (repeatable).")
 BatchingOpt = typer.Option(None, "--batching", help="rows (pointwise) or requests (listwise, cascade data).")
+StagesOpt = typer.Option(
+    None,
+    "--stages",
+    help="Cascade stages to train on (request batching): full, no_random, no_candidates, no_candidates_random,"
+    " or stage names joined by commas (RankTower Table 2).",
+)
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")

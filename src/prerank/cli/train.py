@@ -23,6 +23,7 @@ from prerank.cli.common import (
     PatienceOpt,
     ProgressOpt,
     SeedOpt,
+    StagesOpt,
     ThreadsOpt,
     WorkersOpt,
     console,
@@ -54,6 +55,7 @@ def train(
     max_steps: int = MaxStepsOpt,
     num_workers: int = WorkersOpt,
     batching: str = BatchingOpt,
+    stages: str = StagesOpt,
     progress: bool = ProgressOpt,
 ) -> None:
     """Train one model; early-stop on the valid split; report valid and test metrics."""
@@ -76,6 +78,7 @@ def train(
         max_steps=max_steps,
         num_workers=num_workers,
         batching=batching,
+        stages=stages,
         progress=progress,
     )
     if not run.model:
@@ -154,6 +157,7 @@ def compare(
     max_steps: int = MaxStepsOpt,
     num_workers: int = WorkersOpt,
     batching: str = BatchingOpt,
+    stages: str = StagesOpt,
     progress: bool = ProgressOpt,
 ) -> None:
     """Train each model for each seed and write results.json and results.md (mean ± std per model)."""
@@ -173,6 +177,7 @@ def compare(
         max_steps=max_steps,
         num_workers=num_workers,
         batching=batching,
+        stages=stages,
         progress=progress,
     )
     names = [m.strip() for m in models.split(",") if m.strip()]

@@ -18,6 +18,7 @@ from prerank.train.config import TrainConfig, train_config
 from prerank.train.trainer import Loss, bce_loss, evaluate_split, train_model
 
 BASELINE = "two_tower"
+LISTWISE_PREFIXES = ("recall@", "ndcg@", "cascade_recall@")
 
 
 def resolve_loss(name: str, options: dict[str, Any] | None = None) -> Loss:
@@ -30,6 +31,15 @@ def resolve_loss(name: str, options: dict[str, Any] | None = None) -> Loss:
         return build_loss(name, **(options or {}))
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def _test_metrics(model, data_dir: Path, batch_size: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Test metrics; on cascade data (a ``stage`` column) also Recall@K, NDCG@K and cascade recall."""
+    if model.schema.has_stage:
+        from prerank.evaluate.listwise import evaluate_listwise
+
+        return evaluate_listwise(model, data_dir, "test", batch_size=batch_size)
+    return evaluate_split(model, data_dir, "test", batch_size)
 
 
 def _cost(model, data_dir: Path, rows: int = 256) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -92,7 +102,7 @@ def run_compare(
                 resume=resume,
                 log=log,
             )
-            test = evaluate_split(result.model, data_dir, "test", config.eval_batch_size)
+            test = _test_metrics(result.model, data_dir, config.eval_batch_size)
             record: dict[str, Any] = {
                 "model": name,
                 "seed": seed,
@@ -113,6 +123,7 @@ def run_compare(
                 "lr": run_config.lr,
                 "checkpoint": str(result.checkpoint),
                 **_cost(result.model, data_dir),
+                **{k: v for k, v in test.items() if k.startswith(LISTWISE_PREFIXES) or k == "list_len_mean"},
             }
             records.append(record)
             _fill_relaimpr(records)

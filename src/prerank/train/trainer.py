@@ -163,8 +163,11 @@ def train_model(
         state = read_checkpoint(last_path)
         if state["model_name"] != name or state["schema"] != schema.to_dict():
             raise CheckpointError(f"{last_path} was trained for another model or dataset; not resuming from it")
-        model.load_state_dict(state["state_dict"])
         t = state["trainer"]
+        changed = _changed_options(t.get("config", {}), config)
+        if changed:
+            raise CheckpointError(f"{last_path} was trained with other options ({', '.join(changed)}); not resuming")
+        model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(t["optimizer"])
         start_epoch, best, bad_epochs = t["epoch"] + 1, t["best"], t["bad_epochs"]
         history, steps = list(t["history"]), t["steps"]
@@ -258,6 +261,21 @@ def train_model(
         samples_per_second=samples / max(train_seconds, 1e-9),
         history=history,
     )
+
+
+#: Options that may change when a run resumes (how long and how fast it runs, not what it learns).
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "patience", "max_steps", "threads", "num_workers", "progress", "eval_batch_size"}
+)
+
+
+def _changed_options(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    now = config.to_dict()
+    return [
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        for k in now
+        if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]
+    ]
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
