@@ -38,6 +38,7 @@ def test_compare_writes_records_and_table(tiny_dataset: Path, tmp_path: Path) ->
     for r in records:
         assert need <= set(r)
     assert all(r["relaimpr"] == pytest.approx(0.0) for r in records if r["model"] == "two_tower")
+    assert {r["model"]: r["lr"] for r in records} == {"lr": 0.01, "two_tower": 0.001}  # LR's own default
     table = (out / "results.md").read_text()
     assert "| lr | 2 |" in table and "| two_tower | 2 |" in table
     # resume: nothing left to do, nothing lost
