@@ -115,7 +115,7 @@ def test_matmul_rate_and_timer() -> None:
 
 def test_profile_score_names_the_operators(data_dir: Path) -> None:
     text = profile_score(target_from_model("two_tower", data_dir), data_dir, 20, repeats=2)
-    assert text.startswith("two_tower: score of one request, N=20") and "aten::" in text
+    assert text.startswith("two_tower, one request of N=20 on 1 thread: encode_user") and "aten::" in text
 
 
 def test_bench_config_is_validated() -> None:

@@ -228,6 +228,7 @@ def demo(
     models: str = typer.Option("lr,two_tower", "--models", help="Models to compare."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per model."),
     epochs: int = typer.Option(3, "--epochs", help="Maximum epochs."),
+    batch_size: int = typer.Option(2048, "--batch-size", help="Rows per training batch."),
     threads: int = typer.Option(2, "--threads", help="torch intra-op threads."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data generator and the first training seed."),
     progress: bool = ProgressOpt,
@@ -240,7 +241,7 @@ def demo(
     data = out / "data"
     console.print(f"generating {rows:,} synthetic rows into {data}")
     generate(data, rows=rows, seed=seed, progress=progress)
-    cfg = TrainConfig(epochs=epochs, threads=threads, seed=seed, progress=progress)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, threads=threads, seed=seed, progress=progress)
     names = [m.strip() for m in models.split(",") if m.strip()]
     run_compare(data, names, seeds, out / "compare", config=cfg, log=console.print)
     typer.echo((out / "compare" / "results.md").read_text())
