@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
+from conftest import SHARED_DATA
 from prerank.cli import app, main  # noqa: F401  (main imports every command module)
 from prerank.cli import data as _data  # noqa: F401
 from prerank.cli import train as _train  # noqa: F401
@@ -21,7 +21,20 @@ runner = CliRunner()
 @pytest.mark.slow
 def test_demo_on_the_synthetic_default(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--rows", "6000", "--epochs", "2", "--batch-size", "256", "--threads", "1", "--no-progress"]
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--rows",
+        "6000",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "256",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "| two_tower | 1 |" in res.stdout and "| lr | 1 |" in res.stdout

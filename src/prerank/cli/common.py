@@ -104,4 +104,7 @@ StagesOpt = typer.Option(
     help="Cascade stages to train on (request batching): full, no_random, no_candidates, no_candidates_random,"
     " or stage names joined by commas (RankTower Table 2).",
 )
+MaxListOpt = typer.Option(
+    None, "--max-list-len", help="Request batching: cap rows per request (impressions kept, the rest subsampled)."
+)
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")

@@ -17,6 +17,7 @@ from prerank.cli.common import (
     LossOpt,
     LossOptOpt,
     LrOpt,
+    MaxListOpt,
     MaxStepsOpt,
     MetricOpt,
     ModelOptOpt,
@@ -56,6 +57,7 @@ def train(
     num_workers: int = WorkersOpt,
     batching: str = BatchingOpt,
     stages: str = StagesOpt,
+    max_list_len: int = MaxListOpt,
     progress: bool = ProgressOpt,
 ) -> None:
     """Train one model; early-stop on the valid split; report valid and test metrics."""
@@ -79,6 +81,7 @@ def train(
         num_workers=num_workers,
         batching=batching,
         stages=stages,
+        max_list_len=max_list_len,
         progress=progress,
     )
     if not run.model:
@@ -158,6 +161,7 @@ def compare(
     num_workers: int = WorkersOpt,
     batching: str = BatchingOpt,
     stages: str = StagesOpt,
+    max_list_len: int = MaxListOpt,
     progress: bool = ProgressOpt,
 ) -> None:
     """Train each model for each seed and write results.json and results.md (mean ± std per model)."""
@@ -178,6 +182,7 @@ def compare(
         num_workers=num_workers,
         batching=batching,
         stages=stages,
+        max_list_len=max_list_len,
         progress=progress,
     )
     names = [m.strip() for m in models.split(",") if m.strip()]

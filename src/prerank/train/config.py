@@ -62,6 +62,8 @@ class TrainConfig:
             raise ConfigError("train option num_workers must be >= 0")
         if self.batching not in ("rows", "requests"):
             raise ConfigError(f"train option batching must be 'rows' or 'requests', got {self.batching!r}")
+        if self.max_list_len is not None and self.max_list_len < 1:
+            raise ConfigError("train option max_list_len must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("train option max_steps must be >= 1")
         if self.grad_clip is not None and self.grad_clip <= 0:
