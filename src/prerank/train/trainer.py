@@ -25,6 +25,7 @@ from prerank.data.batch import Batch
 from prerank.data.parquet import ParquetSplit, make_loader
 from prerank.evaluate import metrics
 from prerank.io import CheckpointError
+from prerank.losses.listwise import to_lists
 from prerank.models.base import PreRanker
 from prerank.models.registry import build_model
 from prerank.schema import STAGES, Schema
@@ -115,9 +116,7 @@ def training_step(model: PreRanker, batch: Batch, loss_fn: Loss) -> tuple[Tensor
     user, item = model.encode_user(rows), model.encode_item(rows)
     logits = model.score(user, item, rows)
     if batch.mask is not None:
-        lists = logits.new_zeros(batch.mask.shape)
-        lists = lists.masked_scatter(batch.mask, logits)
-        loss = loss_fn(lists, batch)
+        loss = loss_fn(to_lists(logits, batch.mask), batch)
     else:
         loss = loss_fn(logits, batch)
     aux = model.auxiliary_loss(rows, user, item)
