@@ -71,7 +71,8 @@ def batch(schema: Schema) -> Batch:
 @pytest.fixture
 def tiny_dataset(tmp_path: Path, schema: Schema) -> Path:
     root = tmp_path / "tiny"
-    items = tiny_table(40, 9, schema).select([f.name for f in schema.tower("item")])
+    items = tiny_table(39, 9, schema).select([f.name for f in schema.tower("item")])
+    items = items.set_column(items.column_names.index("item_id"), "item_id", pa.array(np.arange(1, 40), pa.int64()))
     write_dataset(
         root,
         schema,

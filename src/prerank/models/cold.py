@@ -120,10 +120,11 @@ class COLD(PreRanker):
         cross = self._pair(pair, item["proj"].shape[0])
         s = self._weights(user, item, cross)
         f_u, f_i = len(self.sel.user), len(self.sel.item)
-        # sum_f s_f W_f e_f, side by side so the user's [1, F_u, H1] broadcasts without a copy
-        h = (s[:, :f_u, None] * user["proj"]).sum(1)
-        h = h + (s[:, f_u : f_u + f_i, None] * item["proj"]).sum(1)
-        h = h + (s[:, f_u + f_i :, None] * cross["proj"]).sum(1)
+        # sum_f s_f W_f e_f, side by side: the user's [1, F_u, H1] broadcasts, so its part is one
+        # [N, F_u] x [F_u, H1] matmul over all candidates (einsum contracts a size-1 row dim without a copy)
+        h = torch.einsum("nf,nfh->nh", s[:, :f_u], user["proj"])
+        h = h + torch.einsum("nf,nfh->nh", s[:, f_u : f_u + f_i], item["proj"])
+        h = h + torch.einsum("nf,nfh->nh", s[:, f_u + f_i :], cross["proj"])
         h = self.dropout(torch.relu(h + self.first_bias))
         return self.head(h).squeeze(-1)
 
