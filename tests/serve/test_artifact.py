@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -192,7 +193,8 @@ def test_load_refuses_an_unexpected_schema(artifact: Path) -> None:
 
 
 def test_export_refuses_duplicate_catalogue_ids(tmp_path: Path, tiny_dataset: Path) -> None:
-    # conftest's catalogue draws item ids with replacement, so it repeats some
+    items = pq.read_table(tiny_dataset / "items.parquet")
+    pq.write_table(pa.concat_tables([items, items.slice(0, 3)]), tiny_dataset / "items.parquet")
     with pytest.raises(ValueError, match="more than once"):
         export(make_checkpoint(tmp_path / "lr.pt", "lr"), tiny_dataset, tmp_path / "art")
 

@@ -78,9 +78,13 @@ class GatedAttentionUnit(nn.Module):
         return self.act(self.w_k(x_kv)), self.act(self.w_v(x_kv))
 
     def attend(self, q: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Eq. 6-7 from projected inputs: ``(U o softmax(Q K^T / sqrt(d_k)) V) W_O`` -> ``[B, Hq, k]``."""
-        a = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-        return self.w_o(u * torch.matmul(a, v))
+        """Eq. 6-7 from projected inputs: ``(U o softmax(Q K^T / sqrt(d_k)) V) W_O`` -> ``[B, Hq, k]``.
+
+        einsum contracts a side with leading dim 1 against all B rows in one matmul, without the
+        expanded copy a broadcasting ``torch.matmul`` makes.
+        """
+        a = torch.softmax(torch.einsum("bqd,bkd->bqk", q, k) * self.scale, dim=-1)
+        return self.w_o(u * torch.einsum("bqk,bkv->bqv", a, v))
 
     def forward(self, x_q: Tensor, x_kv: Tensor) -> Tensor:
         return self.attend(*self.query(x_q), *self.key_value(x_kv))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from prerank.data.batch import Batch
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.field import LightSE
-from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State, broadcast_rows
+from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
 from prerank.schema import Schema
 
 
@@ -116,8 +116,8 @@ class IntTower(PreRanker):
         return {"heads": heads, "rep": hs[-1]} if self.training else {"heads": heads}
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
-        u = broadcast_rows(user["heads"], item["heads"].shape[0])  # [N, L, H_u, d]
-        sim = torch.einsum("nlhd,nkd->nlhk", u, item["heads"])  # [N, L, H_u, H_i]
+        # [N, L, H_u, H_i]; a user state [1, L, H_u, d] broadcasts: one [L*H_u, d] x [d, N*H_i] matmul
+        sim = torch.einsum("nlhd,nkd->nlhk", user["heads"], item["heads"])
         return sim.amax(-1).sum((-2, -1)) + self.bias
 
     def cir_loss(self, batch: Batch, user: State, item: State) -> Tensor:

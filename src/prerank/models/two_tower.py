@@ -67,7 +67,8 @@ class TwoTower(PreRanker):
         return {"i": self._tower(self.item_tower, batch, self.sel.item)}
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
-        sim = (user["u"] * item["i"]).sum(-1)
+        # a user state [1, D] broadcasts: one [N, D] x [D] matmul instead of an [N, D] product
+        sim = torch.einsum("bd,bd->b", user["u"], item["i"])
         if self.log_inv_temperature is not None:
             sim = sim * self.log_inv_temperature.exp()
         return sim + self.bias
