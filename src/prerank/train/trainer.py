@@ -115,10 +115,8 @@ def training_step(model: PreRanker, batch: Batch, loss_fn: Loss) -> tuple[Tensor
     rows = batch.flat()
     user, item = model.encode_user(rows), model.encode_item(rows)
     logits = model.score(user, item, rows)
-    if batch.mask is not None:
-        loss = loss_fn(to_lists(logits, batch.mask), batch)
-    else:
-        loss = loss_fn(logits, batch)
+    # listwise losses see logits as [R, N] lists, in the layout of the request batch
+    loss = loss_fn(logits if batch.mask is None else to_lists(logits, batch.mask), batch)
     aux = model.auxiliary_loss(rows, user, item)
     return (loss if aux is None else loss + aux), len(rows)
 
