@@ -51,12 +51,14 @@ def export_cmd(
 def serve_cmd(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `prerank export`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; loopback unless you mean otherwise."),
-    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port to listen on."),
     max_candidates: int = typer.Option(DEFAULT_MAX_CANDIDATES, "--max-candidates", min=1, help="413 above this."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="413 for larger request bodies."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads."),
     unknown_items: str = typer.Option("fail", "--unknown-items", help="'fail' (422) or 'skip' unknown item ids."),
-    log_level: str = typer.Option("info", "--log-level"),
+    log_level: str = typer.Option(
+        "info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."
+    ),
 ) -> None:
     """Serve an artifact over HTTP: POST /score, GET /health, GET /metadata."""
     import uvicorn
