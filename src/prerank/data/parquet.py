@@ -15,6 +15,7 @@ NaN), and the error names the file and the column.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -166,7 +167,7 @@ class ParquetSplit:
         if self.num_rows == 0:
             raise DataError(f"split {split!r} under {self.root} has no rows")
 
-    @property
+    @functools.cached_property
     def columns(self) -> list[str]:
         """Columns this reader loads: features, plus reserved columns present in the files."""
         present = set(pq.read_schema(self.files[0]).names)
