@@ -142,7 +142,7 @@ def test_stage_names_and_errors(tmp_path: Path, schema: Schema, requests_dir: tu
     assert _same(_lists(list(make_request_loader(root, "train", 4))), _expected(plain))
 
 
-def test_max_list_len_keeps_impressions(requests_dir: tuple[Path, pa.Table]) -> None:
+def test_max_list_len_shares_the_cap_between_impressions_and_the_rest(requests_dir: tuple[Path, pa.Table]) -> None:
     root, table = requests_dir
     rid_all, stage_all = col(table, "request_id"), col(table, "stage")
     cap = 6
@@ -153,8 +153,12 @@ def test_max_list_len_keeps_impressions(requests_dir: tuple[Path, pa.Table]) -> 
             rid = int(b.request_id[r][valid][0])
             n_imp = int((stage_all[rid_all == rid] == 0).sum())
             n_all = int((rid_all == rid).sum())
+            n_other = n_all - n_imp
+            kept_other = min(n_other, max(cap - n_imp, cap // 2))
             assert int(valid.sum()) == min(cap, n_all)
-            assert int((b.stage[r][valid] == 0).sum()) == min(n_imp, cap)
+            if n_all > cap:
+                assert int((b.stage[r][valid] != 0).sum()) == kept_other
+                assert int((b.stage[r][valid] == 0).sum()) == min(n_imp, cap - kept_other)
             assert (np.diff(b.stage[r][valid].numpy()) >= 0).all()  # original order kept
 
 
@@ -167,6 +171,19 @@ def test_max_list_len_keeps_positive_impressions_first(tmp_path: Path, schema: S
     root = _write(tmp_path / "pos", schema, table)
     b = next(iter(make_request_loader(root, "train", 1, max_list_len=4)))
     assert b.label.sum() == 3 and b.mask.sum() == 4
+
+
+def test_max_list_len_keeps_candidates_for_users_with_many_impressions(tmp_path: Path, schema: Schema) -> None:
+    table = _requests_table(schema, [30])
+    stage = np.array([0] * 20 + [1] * 4 + [3] * 6, dtype=np.int8)
+    label = np.zeros(30, dtype=np.float32)
+    label[[2, 7]] = 1
+    table = table.set_column(table.column_names.index("stage"), "stage", pa.array(stage))
+    table = table.set_column(table.column_names.index("label"), "label", pa.array(label))
+    root = _write(tmp_path / "many", schema, table)
+    b = next(iter(make_request_loader(root, "train", 1, max_list_len=10, shuffle=True)))
+    kept = b.stage[0][b.mask[0]]
+    assert (kept == 0).sum() == 5 and (kept != 0).sum() == 5 and b.label.sum() == 2
 
 
 def test_non_contiguous_requests_are_rejected(tmp_path: Path, schema: Schema) -> None:

@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from prerank.data.cascade import CascadeConfig, build_cascade
-from prerank.evaluate.listwise import evaluate_listwise, listwise_metrics, relevance
+from prerank.evaluate import metrics
+from prerank.evaluate.listwise import evaluate_listwise, hard_relevance, listwise_metrics, relevance
 from prerank.models.registry import build_model
 from prerank.schema import Schema
 from prerank.train.checkpoint import load_model, save_checkpoint
@@ -111,3 +112,19 @@ def test_cli_evaluate(cascade: tuple[Path, Path], tmp_path: Path) -> None:
     assert out["model"] == "lr" and "ndcg@10" in out and "cascade_recall@5/50" in out
     bad = CliRunner().invoke(app, ["cascade", "evaluate", "-c", str(_teacher), "-d", str(data), "--ks", "x"])
     assert bad.exit_code == 2
+
+
+def test_hard_label_metrics_count_every_impression() -> None:
+    """RankTower's hard label: feedback + 1 on impressions; [3, 1, 0, 0] and [2, 4, 0] here."""
+    pred = hand_made()
+    assert hard_relevance(pred).tolist() == [3, 1, 0, 0, 2, 4, 0]
+    out = listwise_metrics(pred, ks=(1, 2, 3))
+    # request 1 ranks rank, imp-, imp+, random; request 2 ranks pre-rank, imp(4), imp(2)
+    assert out["hard_recall@1"] == 0.0
+    assert out["hard_recall@2"] == pytest.approx(0.5)
+    assert out["hard_recall@3"] == pytest.approx(1.0)
+    assert out["recall@2"] == pytest.approx((0.0 + 0.5) / 2)  # clicks only: imp+ of request 1 is 3rd
+    expected = metrics.ndcg_at_k(np.array([3, 1, 0, 0, 2, 4, 0.0]), pred["logits"], pred["request_id"], 2).value
+    assert out["hard_ndcg@2"] == pytest.approx(expected)
+    del pred["stage"]
+    assert "hard_recall@1" not in listwise_metrics(pred, ks=(1,))

@@ -105,6 +105,9 @@ StagesOpt = typer.Option(
     " or stage names joined by commas (RankTower Table 2).",
 )
 MaxListOpt = typer.Option(
-    None, "--max-list-len", help="Request batching: cap rows per request (impressions kept, the rest subsampled)."
+    None,
+    "--max-list-len",
+    help="Request batching: cap rows per request (half the cap kept for candidates and random items).",
 )
+RequestsOpt = typer.Option(None, "--requests-per-batch", help="Request batching: requests per batch (default 64).")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")

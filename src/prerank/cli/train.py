@@ -23,6 +23,7 @@ from prerank.cli.common import (
     ModelOptOpt,
     PatienceOpt,
     ProgressOpt,
+    RequestsOpt,
     SeedOpt,
     StagesOpt,
     ThreadsOpt,
@@ -58,6 +59,7 @@ def train(
     batching: str = BatchingOpt,
     stages: str = StagesOpt,
     max_list_len: int = MaxListOpt,
+    requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
 ) -> None:
     """Train one model; early-stop on the valid split; report valid and test metrics."""
@@ -82,6 +84,7 @@ def train(
         batching=batching,
         stages=stages,
         max_list_len=max_list_len,
+        requests_per_batch=requests_per_batch,
         progress=progress,
     )
     if not run.model:
@@ -162,6 +165,7 @@ def compare(
     batching: str = BatchingOpt,
     stages: str = StagesOpt,
     max_list_len: int = MaxListOpt,
+    requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
 ) -> None:
     """Train each model for each seed and write results.json and results.md (mean ± std per model)."""
@@ -183,6 +187,7 @@ def compare(
         batching=batching,
         stages=stages,
         max_list_len=max_list_len,
+        requests_per_batch=requests_per_batch,
         progress=progress,
     )
     names = [m.strip() for m in models.split(",") if m.strip()]

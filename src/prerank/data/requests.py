@@ -104,8 +104,8 @@ class RequestStream(IterableDataset):
         requests_per_batch: ``R``, requests per batch.
         shuffle: permute row groups per epoch and requests inside the buffer.
         buffer_requests: requests held for shuffling (bounds memory).
-        max_list_len: cap on a request's list; longer lists keep every impression (positives first
-            if impressions alone exceed the cap) and a uniform random subset of the other rows.
+        max_list_len: cap on a request's list; longer lists keep half the cap for unexposed rows
+            (see :meth:`_subsample`).
         stages: stages to keep (a :data:`STAGE_PRESETS` name or stage names); needs a ``stage`` column.
         drop_last: drop a final batch with fewer than ``R`` requests.
     """
@@ -279,16 +279,30 @@ class RequestStream(IterableDataset):
     def _subsample(
         self, rows: Batch, req: np.ndarray, idx: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Keep at most ``max_list_len`` rows per request: positive impressions, impressions, then the rest."""
+        """Keep at most ``max_list_len`` rows per request, half of them for the unexposed stages.
+
+        Impressions get the slots the other rows leave, and at least half the cap: positives first,
+        then a uniform random subset. The other rows (candidates, random items) get the rest, as a
+        uniform random subset. So a user with hundreds of logged impressions still trains against
+        candidates, which full-stage sampling (RankTower Sec. 3.1) exists for.
+        """
         if rows.stage is None:
             impression = np.ones(len(idx), dtype=bool)
         else:
             impression = rows.stage.numpy()[idx] == STAGES.index("impression")
         positive = rows.label.numpy()[idx] > 0 if rows.label is not None else np.zeros(len(idx), dtype=bool)
+        cap = self.max_list_len
+        n_req = int(req.max()) + 1
+        n_imp = np.bincount(req, weights=impression, minlength=n_req).astype(np.int64)
+        n_other = np.bincount(req, minlength=n_req) - n_imp
+        other_quota = np.minimum(n_other, np.maximum(cap - n_imp, cap // 2))
+        imp_quota = np.minimum(n_imp, cap - other_quota)
         tier = np.where(impression & positive, 0, np.where(impression, 1, 2))
         order = np.lexsort((rng.random(len(idx)), tier, req))
-        keep = order[rank_within(req[order]) < self.max_list_len]
-        keep.sort()  # back to request order, original order inside each request
+        pos = rank_within(req[order])  # impressions come first inside each request
+        r = req[order]
+        keep_sorted = np.where(impression[order], pos < imp_quota[r], pos - n_imp[r] < other_quota[r])
+        keep = np.sort(order[keep_sorted])  # back to request order, original order inside each request
         return req[keep], idx[keep]
 
 

@@ -11,6 +11,10 @@ candidate list (impressions + rank / pre-rank candidates + random items):
   exposures; without ``label_level`` the relevance is the binary label. Averaged over requests with
   a positive. K = 100 is the paper's; on lists shorter than K recall@K is 1 by construction, so
   ``list_len_mean`` is reported to show which K are informative here.
+* ``hard_recall@K`` / ``hard_ndcg@K`` (with a ``stage`` column): the same over RankTower's hard label
+  (Sec. 3.2.1 and 4.1.1: the binary labels summed, the impression label included), i.e. feedback + 1
+  on every impression and 0 on unexposed rows. Our reading of the paper's Recall@K, whose "relevant"
+  items are those with a positive hard label: exposed items count, clicked ones weigh more in NDCG.
 * ``cascade_recall@k/N``: share of the teacher's top ``k`` (by ``teacher_logit``) that the model keeps
   in its top ``N``; requests with at most ``N`` rows are skipped (they lose nothing).
 * ``auc``, ``gauc``, ``logloss`` on impression rows only: only they carry logged labels.
@@ -35,6 +39,12 @@ def relevance(pred: dict[str, np.ndarray]) -> np.ndarray:
     if "label_level" not in pred:
         return positive.astype(np.float64)
     return np.where(positive, np.maximum(pred["label_level"], 1), 0).astype(np.float64)
+
+
+def hard_relevance(pred: dict[str, np.ndarray]) -> np.ndarray:
+    """RankTower's hard label ``[B]``: :func:`relevance` + 1 on impressions, 0 on unexposed rows."""
+    impression = pred["stage"] == STAGES.index("impression")
+    return np.where(impression, relevance(pred) + 1.0, 0.0)
 
 
 def _any_group_with_both_classes(labels: np.ndarray, groups: np.ndarray) -> bool:
@@ -84,6 +94,11 @@ def listwise_metrics(
     for k in ks:
         grouped(f"recall@{k}", has_positive, metrics.recall_at_k, rel, scores, groups, k)
         grouped(f"ndcg@{k}", has_positive, metrics.ndcg_at_k, rel, scores, groups, k)
+    if "stage" in pred:
+        hard = hard_relevance(pred)
+        for k in ks:
+            grouped(f"hard_recall@{k}", bool((hard > 0).any()), metrics.recall_at_k, hard, scores, groups, k)
+            grouped(f"hard_ndcg@{k}", bool((hard > 0).any()), metrics.ndcg_at_k, hard, scores, groups, k)
     if "teacher_logit" in pred:
         for n in cascade_ns:
             name = f"cascade_recall@{cascade_k}/{n}"
@@ -116,4 +131,4 @@ def evaluate_listwise(
     return listwise_metrics(pred, ks=ks, cascade_k=cascade_k, cascade_ns=cascade_ns)
 
 
-__all__ = ["evaluate_listwise", "listwise_metrics", "relevance"]
+__all__ = ["evaluate_listwise", "hard_relevance", "listwise_metrics", "relevance"]

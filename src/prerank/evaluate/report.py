@@ -20,6 +20,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ndcg@10", "NDCG@10", ".4f"),
     ("ndcg@50", "NDCG@50", ".4f"),
     ("ndcg@100", "NDCG@100", ".4f"),
+    ("hard_recall@10", "hard Recall@10", ".4f"),
+    ("hard_ndcg@10", "hard NDCG@10", ".4f"),
     ("cascade_recall@5/10", "cascade R@5/10", ".4f"),
     ("cascade_recall@5/50", "cascade R@5/50", ".4f"),
     ("train_seconds", "train s", ".1f"),

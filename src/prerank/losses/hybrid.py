@@ -102,6 +102,7 @@ class HybridLossConfig:
     distillation: Literal["softmax", "logloss", "pairwise"] = "softmax"
     distillation_temperature: float = 1.0
     sorting_temperature: float = 1.0
+    sorting_label_temperature: float | None = None
     sorting_power: float = 1.0
     margin_alpha: float = 1.0
     margin_beta: float = 1.0
@@ -110,6 +111,8 @@ class HybridLossConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "sorting_label_temperature":
+                continue
             if f.name != "distillation" and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ValueError(f"HybridLossConfig.{f.name} must be a number, got {value!r}")
         for name in ("distillation_weight", "sorting_weight", "rankmax_weight"):
@@ -167,6 +170,7 @@ def hybrid_components(
             mask & (stage != RANDOM),
             temperature=config.sorting_temperature,
             power=config.sorting_power,
+            label_temperature=config.sorting_label_temperature,
         )
     if config.rankmax_weight > 0:
         parts["am_rankmax"] = am_rankmax(

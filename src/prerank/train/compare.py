@@ -18,7 +18,7 @@ from prerank.train.config import TrainConfig, train_config
 from prerank.train.trainer import Loss, bce_loss, evaluate_split, train_model
 
 BASELINE = "two_tower"
-LISTWISE_PREFIXES = ("recall@", "ndcg@", "cascade_recall@")
+LISTWISE_PREFIXES = ("recall@", "ndcg@", "hard_recall@", "hard_ndcg@", "cascade_recall@")
 
 #: Per-model training defaults that differ from the shared ones. LR's 1-dim weights move at most
 #: ``lr`` per Adam step, so at the shared 1e-3 it is still far from converged after 4 epochs; 1e-2

@@ -26,6 +26,7 @@ from prerank.data.parquet import ParquetSplit, make_loader
 from prerank.evaluate import metrics
 from prerank.io import CheckpointError
 from prerank.losses.listwise import to_lists
+from prerank.losses.pointwise import PointwiseBCE
 from prerank.models.base import PreRanker
 from prerank.models.registry import build_model
 from prerank.schema import STAGES, Schema
@@ -35,11 +36,8 @@ from prerank.train.config import TrainConfig
 Loss = Callable[[Tensor, Batch], Tensor]
 
 
-def bce_loss(logits: Tensor, batch: Batch) -> Tensor:
-    """Pointwise binary cross-entropy on logits against ``batch.label`` (the default loss)."""
-    if batch.label is None:
-        raise ValueError("the BCE loss needs a 'label' column")
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
+#: The default loss: pointwise BCE on ``batch.label`` (row batches, or request batches minus their padding).
+bce_loss = PointwiseBCE()
 
 
 @dataclass
