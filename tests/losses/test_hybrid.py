@@ -66,6 +66,9 @@ def test_weighted_sum_of_the_scoped_parts() -> None:
     assert got.item() == pytest.approx((2 * distill + 3 * sort + 5 * rank).item(), rel=1e-6)
     parts = hybrid_components(z, y, s, m, d["teacher"], cfg)
     assert set(parts) == {"distillation", "sorting", "am_rankmax"}
+    sharp = HybridLossConfig(sorting_label_temperature=0.1)
+    expected = softsort_loss(z, y, m & (s != RAND), label_temperature=0.1)
+    assert hybrid_components(z, y, s, m, d["teacher"], sharp)["sorting"].item() == pytest.approx(expected.item())
 
 
 @pytest.mark.parametrize(
@@ -150,6 +153,8 @@ def test_config_is_validated() -> None:
         HybridLossConfig(distillation_weight=0.0, sorting_weight=0.0, rankmax_weight=0.0)
     with pytest.raises(ValueError, match="sorting_temperature"):
         HybridLossConfig(sorting_temperature=0.0)
+    with pytest.raises(ValueError, match="sorting_label_temperature"):
+        HybridLossConfig(sorting_label_temperature=-0.1)
     with pytest.raises(ValueError, match="margin_alpha"):
         HybridLossConfig.from_options(margin_alpha="1.0")
     with pytest.raises(ValueError, match="lambda"):

@@ -107,6 +107,21 @@ def test_am_rankmax_values() -> None:
     assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
 
 
+def test_am_rankmax_pushes_the_items_with_the_largest_margins_least() -> None:
+    """Eq. 14 as written: d/dz_j of log(1 + sum_i hinge) is n_active / (1 + sum of margins) at z = 0.
+
+    A clicked impression (y = 3) above 10 shown ones (y = 1, margin 2) and 38 unexposed items (margin
+    4): 48 / 173; a shown one above the 38 (margin 2): 38 / 77, less the 1 / 173 with which the
+    clicked item's term pulls it down. So the clicked item gets the smaller
+    push, the property our cascade results trace their click inversion to (docs/results.md).
+    """
+    y = t([3.0] + [1.0] * 10 + [0.0] * 38)
+    z = torch.zeros_like(y, requires_grad=True)
+    am_rankmax(z, y).backward()
+    assert -z.grad[0, 0].item() == pytest.approx(48 / 173, rel=1e-5)
+    assert -z.grad[0, 1].item() == pytest.approx(38 / 77 - 1 / 173, rel=1e-5)
+
+
 def test_am_rankmax_reduces_to_rankmax_with_one_positive() -> None:
     """alpha = 0, delta = 1: with a single positive there are no positive-positive pairs, so Eq. 14 = Eq. 12."""
     z = torch.randn(4, 6)

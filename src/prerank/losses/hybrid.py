@@ -92,7 +92,9 @@ class HybridLossConfig:
 
     ``distillation`` picks the Eq. 9 part: ``softmax`` (the paper's), or the Table 4 alternatives
     ``logloss`` / ``pairwise``; ``distillation_weight = 0`` is Table 4's "No Distillation".
-    ``sorting_temperature``/``sorting_power`` are SoftSort's tau and p (Eq. 10); ``margin_alpha``,
+    ``sorting_temperature``/``sorting_power`` are SoftSort's tau and p (Eq. 10); Eq. 11 applies the
+    same tau to the labels' SoftSort, and ``sorting_label_temperature`` sets a separate one (small
+    values make the target the labels' hard permutation matrix); ``margin_alpha``,
     ``margin_beta``, ``margin_power`` are AM-Rankmax's alpha, beta, p (Eq. 13).
     """
 
@@ -120,7 +122,9 @@ class HybridLossConfig:
                 raise ValueError(f"HybridLossConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.distillation not in DISTILLATIONS:
             raise ValueError(f"HybridLossConfig.distillation must be one of {sorted(DISTILLATIONS)}")
-        for name in ("distillation_temperature", "sorting_temperature"):
+        for name in ("distillation_temperature", "sorting_temperature", "sorting_label_temperature"):
+            if name == "sorting_label_temperature" and self.sorting_label_temperature is None:
+                continue
             if not getattr(self, name) > 0:
                 raise ValueError(f"HybridLossConfig.{name} must be > 0, got {getattr(self, name)}")
         if not self.sorting_power >= 1:
