@@ -8,6 +8,7 @@ import torch
 from prerank.bench.cost import score_cost
 from prerank.data.batch import Batch
 from prerank.layers.field import squeeze
+from prerank.models import cold
 from prerank.models.base import ConfigError
 from prerank.models.cold import COLD, COLDConfig
 from prerank.schema import Schema
@@ -30,15 +31,22 @@ def _unsplit_forward(model: COLD, batch: Batch) -> torch.Tensor:
     return model.head(h).squeeze(-1)
 
 
+@pytest.fixture(params=[None, 24], ids=["one-block", "row-blocks"])
+def row_block(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Score the 64 test rows in one block, or in blocks of 24 rows (the last one partial)."""
+    if request.param is not None:
+        monkeypatch.setattr(cold, "_ROW_BLOCK", request.param)
+
+
 @pytest.mark.parametrize("se_block", SE_BLOCKS)
-def test_split_scoring_equals_the_unsplit_network(se_block: str, schema: Schema, batch: Batch) -> None:
+def test_split_scoring_equals_the_unsplit_network(se_block: str, schema: Schema, batch: Batch, row_block: None) -> None:
     model = COLD(schema, COLDConfig(se_block=se_block)).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(batch), _unsplit_forward(model, batch), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("se_block", SE_BLOCKS)
-def test_one_user_against_cached_items(se_block: str, schema: Schema, batch: Batch) -> None:
+def test_one_user_against_cached_items(se_block: str, schema: Schema, batch: Batch, row_block: None) -> None:
     """A user state of one row broadcast over N cached item states scores like N full rows."""
     model = COLD(schema, COLDConfig(se_block=se_block)).eval()
     user_side = {f.name for f in schema.tower("user", "context")}
@@ -55,7 +63,7 @@ def test_state_shapes(schema: Schema, batch: Batch) -> None:
     n_user, n_item, n_all = len(model.sel.user), len(model.sel.item), len(model.names)
     user, item = model.encode_user(batch), model.encode_item(batch)
     assert user["proj"].shape == (len(batch), n_user, 32) and user["gate"].shape == (len(batch), n_all)
-    assert item["proj"].shape == (len(batch), n_item, 32) and item["gate"].shape == (len(batch), n_all)
+    assert item["fields"].shape == (len(batch), n_item, 16) and item["gate"].shape == (len(batch), n_all)
     squeezed = COLD(schema, COLDConfig(hidden=(32, 8), se_block="squeeze")).encode_item(batch)
     assert squeezed["gate"].shape == (len(batch), n_item)
 
@@ -114,4 +122,11 @@ def test_score_cost_is_below_the_unsplit_network(schema: Schema, batch: Batch) -
     mlp_after_first = 2 * (256 * 128 + 128 * 64 + 64 * 1)
     unsplit = 2 * n_fields * d * 256 + mlp_after_first
     assert mlp_after_first < cost["score_flops_per_candidate"] < unsplit
-    assert cost["item_cache_bytes_per_item"] == 4 * (n_item * 256 + n_fields)
+    assert cost["item_cache_bytes_per_item"] == 4 * (n_item * d + n_fields)
+
+
+def test_no_candidates(schema: Schema, batch: Batch) -> None:
+    model = COLD(schema).eval()
+    none = batch.select(slice(0, 0))
+    with torch.no_grad():
+        assert model.score(model.encode_user(batch.select(slice(0, 1))), model.encode_item(none), none).shape == (0,)

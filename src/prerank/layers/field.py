@@ -90,10 +90,19 @@ class FieldProjection(nn.Module):
         bound = 1.0 / (num_fields * dim) ** 0.5
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, fields: Tensor, offset: int = 0) -> Tensor:
-        n = fields.shape[-2]
+    def block(self, offset: int, n: int) -> Tensor:
+        """The maps of fields ``offset .. offset + n - 1`` ``[n, D, H]``."""
         if offset < 0 or offset + n > self.weight.shape[0]:
             raise ValueError(
                 f"fields {offset}..{offset + n - 1} are outside the {self.weight.shape[0]} projected fields"
             )
-        return torch.einsum("bfd,fdh->bfh", fields, self.weight[offset : offset + n])
+        return self.weight[offset : offset + n]
+
+    def forward(self, fields: Tensor, offset: int = 0) -> Tensor:
+        return torch.einsum("bfd,fdh->bfh", fields, self.block(offset, fields.shape[-2]))
+
+    def summed(self, fields: Tensor, offset: int = 0, bias: Tensor | None = None) -> Tensor:
+        """``bias + sum_f E[b, f] @ W_f`` ``[B, H]`` for ``E`` ``[B, F, D]``: the forward summed over fields,
+        as one ``[B, F*D] x [F*D, H]`` matmul (``bias`` ``[H]`` or ``[B, H]`` is added by the same call)."""
+        x, w = fields.flatten(-2), self.block(offset, fields.shape[-2]).flatten(0, 1)
+        return x @ w if bias is None else torch.addmm(bias, x, w)
