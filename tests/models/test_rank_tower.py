@@ -33,7 +33,7 @@ def test_states_and_scores_have_the_documented_shapes(schema: Schema, batch: Bat
     model = RankTower(schema, cfg).eval()
     user, item = model.encode_user(batch), model.encode_item(batch)
     b = len(batch)
-    widths = {"e": 8, "q": 6, "g": 10, "k": 6, "v": 10}
+    widths = {"r": 8, "q": 6, "g": 10, "k": 6, "v": 10}
     assert {k: tuple(v.shape) for k, v in user.items()} == {k: (b, 3, w) for k, w in widths.items()}
     assert {k: tuple(v.shape) for k, v in item.items()} == {k: (b, 5, w) for k, w in widths.items()}
     assert model.score(user, item).shape == (b,)  # cross features are not used: pair may be None
@@ -138,7 +138,9 @@ def test_score_cost_counts_only_the_pair_dependent_work(schema: Schema, batch: B
     h_u, h_i, k, dk, dv = cfg.user_heads, cfg.item_heads, cfg.head_dim, cfg.attention_dim, cfg.value_dim
     small, large = score_cost(model, one_request(batch, schema, 8)), score_cost(model, one_request(batch, schema, 64))
     flops = large["score_flops_per_candidate"]
-    assert small["score_flops_per_candidate"] == pytest.approx(flops, rel=1e-3)  # linear in N
+    # linear in N, up to a per-request constant (the user's gate folded into W_O): marginal ~ average
+    marginal = (64 * flops - 8 * small["score_flops_per_candidate"]) / 56
+    assert marginal == pytest.approx(flops, rel=0.02)
     # matrix products per candidate: Q K^T and A V in both branches, both W_O, the cosine matrix
     matmuls = 2 * (2 * h_u * h_i * dk + 2 * h_u * h_i * dv) + 2 * (h_u + h_i) * dv * k + 2 * h_u * h_i * k
     assert matmuls <= flops <= 1.5 * matmuls

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.layers.mlp import MLP
@@ -77,14 +78,18 @@ class GatedAttentionUnit(nn.Module):
         """Key/value part of Eq. 5: ``K`` ``[B, Hk, d_k]`` and ``V`` ``[B, Hk, d_v]``."""
         return self.act(self.w_k(x_kv)), self.act(self.w_v(x_kv))
 
-    def attend(self, q: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Eq. 6-7 from projected inputs: ``(U o softmax(Q K^T / sqrt(d_k)) V) W_O`` -> ``[B, Hq, k]``.
+    def gated_values(self, q: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Eq. 6-7 up to ``W_O``: ``U o softmax(Q K^T / sqrt(d_k)) V`` -> ``[B, Hq, d_v]``.
 
         einsum contracts a side with leading dim 1 against all B rows in one matmul, without the
         expanded copy a broadcasting ``torch.matmul`` makes.
         """
         a = torch.softmax(torch.einsum("bqd,bkd->bqk", q, k) * self.scale, dim=-1)
-        return self.w_o(u * torch.einsum("bqk,bkv->bqv", a, v))
+        return u * torch.einsum("bqk,bkv->bqv", a, v)
+
+    def attend(self, q: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Eq. 6-7 from projected inputs: ``(U o softmax(Q K^T / sqrt(d_k)) V) W_O`` -> ``[B, Hq, k]``."""
+        return self.w_o(self.gated_values(q, u, k, v))
 
     def forward(self, x_q: Tensor, x_kv: Tensor) -> Tensor:
         return self.attend(*self.query(x_q), *self.key_value(x_kv))
@@ -95,7 +100,8 @@ class GatedCrossAttentionLayer(nn.Module):
 
     ``E_u' = LN(E_u + GAU_u(Q=E_u, K=E_i, V=E_i))`` and ``E_i' = LN(E_i + GAU_i(Q=E_i, K=E_u, V=E_u))``,
     two branches with their own parameters. A side's *prepared state* holds everything of the
-    layer that depends on that side alone: ``e`` (its embedding, for the residual), ``q``/``g``
+    layer that depends on that side alone: ``r`` (its residual plus its branch's ``W_O`` bias,
+    centred: LayerNorm removes the mean anyway, so the mean is taken once here), ``q``/``g``
     (query and gate of its own branch) and ``k``/``v`` (the keys/values the other branch reads).
     """
 
@@ -110,7 +116,7 @@ class GatedCrossAttentionLayer(nn.Module):
     def _prepare(e: Tensor, own: GatedAttentionUnit, other: GatedAttentionUnit) -> CrossState:
         q, g = own.query(e)
         k, v = other.key_value(e)
-        return {"e": e, "q": q, "g": g, "k": k, "v": v}
+        return {"r": _centred(e + own.w_o.bias), "q": q, "g": g, "k": k, "v": v}
 
     def prepare_user(self, e_u: Tensor) -> CrossState:
         """``E_u`` ``[B, H_u, k]`` -> its prepared state (``q``/``g`` from ``GAU_u``, ``k``/``v`` from ``GAU_i``)."""
@@ -121,13 +127,66 @@ class GatedCrossAttentionLayer(nn.Module):
         return self._prepare(e_i, self.item_gau, self.user_gau)
 
     def cross(self, user: CrossState, item: CrossState) -> tuple[Tensor, Tensor]:
-        """The pair-dependent rest of Eq. 3-4: ``(E_u' [B, H_u, k], E_i' [B, H_i, k])``."""
-        e_u = self.user_norm(user["e"] + self.user_gau.attend(user["q"], user["g"], item["k"], item["v"]))
-        e_i = self.item_norm(item["e"] + self.item_gau.attend(item["q"], item["g"], user["k"], user["v"]))
-        return e_u, e_i
+        """The pair-dependent rest of Eq. 3-4: ``(E_u' [B, H_u, k], E_i' [B, H_i, k])``.
+
+        One user against N items without autograd (serving) takes :meth:`_cross_one_user`;
+        anything else (training, B users) runs the equations as written.
+        """
+        if user["r"].shape[0] == 1 and not torch.is_grad_enabled():
+            return self._cross_one_user(user, item)
+        ug, ig = self.user_gau, self.item_gau
+        o_u = F.linear(ug.gated_values(user["q"], user["g"], item["k"], item["v"]), ug.w_o.weight)
+        o_i = F.linear(ig.gated_values(item["q"], item["g"], user["k"], user["v"]), ig.w_o.weight)
+        return self.user_norm(user["r"] + o_u), self.item_norm(item["r"] + o_i)
+
+    def _cross_one_user(self, user: CrossState, item: CrossState) -> tuple[Tensor, Tensor]:
+        """:meth:`cross` for one user (``[1, H_u, .]``) and N items, as few large ops as possible.
+
+        Profiling showed the time goes to per-op work over tiny axes (softmax over H, LayerNorm over
+        k, N small bmm), not to FLOPs. So: the attention scores are laid out ``[H, ..., N]`` (the
+        softmax reduces over a leading axis), ``Q K^T``, ``A V`` of the item branch and both ``W_O``
+        are single GEMMs against user-side matrices (the user's gate folded into its ``W_O``), the
+        ``W_O`` products come out centred (``W_O`` centred once per call; ``r`` is centred already),
+        and the LayerNorms run in place. Only the user branch's ``A V`` (both factors per candidate)
+        is an H_i-term multiply-add over ``[H_u, N, d_v]``.
+        """
+        ug, ig = self.user_gau, self.item_gau
+        n, h_i, dim = item["r"].shape
+        rows = n * h_i
+        # item branch: each item head attends over the user's heads
+        a_i = _softmax_((user["k"][0] * ig.scale) @ item["q"].reshape(rows, -1).T, dim=0)  # [H_u, N H_i]
+        o_i = (a_i.T @ user["v"][0]).mul_(item["g"].reshape(rows, -1))  # [N H_i, d_v]
+        x_i = torch.addmm(item["r"].reshape(rows, dim), o_i, _centred(ig.w_o.weight.T))
+        e_i = _layer_norm_(x_i, self.item_norm).view(n, h_i, dim)
+        # user branch: each user head attends over the item's heads
+        a_u = _softmax_(torch.matmul(user["q"][0] * ug.scale, item["k"].permute(1, 2, 0)), dim=0)  # [H_i, H_u, N]
+        v = item["v"]
+        o_u = a_u[0, :, :, None] * v[:, 0]  # [H_u, N, d_v]
+        for q in range(1, h_i):
+            o_u.addcmul_(a_u[q, :, :, None], v[:, q])
+        w_o = _centred(ug.w_o.weight.T) * user["g"][0][:, :, None]  # [H_u, d_v, k]: gate U folded into W_O
+        e_u = _layer_norm_(torch.baddbmm(user["r"][0][:, None, :], o_u, w_o), self.user_norm)  # [H_u, N, k]
+        return e_u.transpose(0, 1), e_i
 
     def forward(self, e_u: Tensor, e_i: Tensor) -> tuple[Tensor, Tensor]:
         return self.cross(self.prepare_user(e_u), self.prepare_item(e_i))
+
+
+def _centred(x: Tensor) -> Tensor:
+    """``x`` minus its mean over the last axis."""
+    return x - x.mean(-1, keepdim=True)
+
+
+def _softmax_(s: Tensor, dim: int) -> Tensor:
+    """``torch.softmax`` in place (``s`` is a fresh temporary)."""
+    s = s.sub_(s.amax(dim, keepdim=True)).exp_()
+    return s.div_(s.sum(dim, keepdim=True))
+
+
+def _layer_norm_(c: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """``norm(c)`` in place for rows ``c`` that are already centred (a fresh temporary)."""
+    var = torch.linalg.vector_norm(c, dim=-1, keepdim=True).square_().div_(c.shape[-1])
+    return c.mul_(var.add_(norm.eps).rsqrt_()).mul_(norm.weight).add_(norm.bias)
 
 
 class GatedCrossAttention(nn.Module):

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
@@ -55,9 +54,12 @@ def max_similarity(e_u: Tensor, e_i: Tensor) -> Tensor:
     """Eq. 8 without the temperature: ``sum_p max_q cos(E_u^p, E_i^q)``.
 
     Shapes: ``e_u`` ``[B, H_u, k]``, ``e_i`` ``[B, H_i, k]`` (either may have leading dim 1) -> ``[B]``.
+    The dot products are divided by the norms afterwards (as ``F.normalize``, norms clamped at 1e-12),
+    which touches ``[B, H_u, H_i]`` instead of rescaling both inputs.
     """
-    cos = torch.matmul(F.normalize(e_u, dim=-1), F.normalize(e_i, dim=-1).transpose(-1, -2))  # [B, H_u, H_i]
-    return cos.amax(-1).sum(-1)
+    dots = torch.matmul(e_u, e_i.transpose(-1, -2))  # [B, H_u, H_i]
+    n_u, n_i = (torch.linalg.vector_norm(e, dim=-1).clamp_min(1e-12) for e in (e_u, e_i))
+    return (dots / (n_u[..., :, None] * n_i[..., None, :])).amax(-1).sum(-1)
 
 
 class RankTower(PreRanker):
