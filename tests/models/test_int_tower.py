@@ -122,3 +122,11 @@ def test_score_cost_is_the_fe_block(schema: Schema, batch: Batch) -> None:
     dots = 2 * 3 * 4 * 4 * 8  # L x H_u x H_i dot products of width d, 2 FLOPs per multiply-add
     assert dots <= cost["score_flops_per_candidate"] <= 1.3 * dots
     assert cost["item_cache_bytes_per_item"] == 4 * 4 * 8
+
+
+def test_one_user_serving_path_equals_the_differentiable_path(schema: Schema) -> None:
+    model = IntTower(schema).eval()  # default heads: 1024 candidates per block in the serving path
+    user, item = {"heads": torch.randn(1, 3, 8, 16)}, {"heads": torch.randn(2500, 8, 16)}  # 3 blocks, one partial
+    with torch.no_grad():
+        serving = model.score(user, item)
+    torch.testing.assert_close(serving, model.score(user, item).detach())  # grad mode: the einsum path

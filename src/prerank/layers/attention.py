@@ -18,7 +18,8 @@ from prerank.layers.mlp import MLP
 class DINAttention(nn.Module):
     """DIN activation unit and weighted sum pooling.
 
-    Shapes: query ``[B, D]``, keys ``[B, L, D]``, mask ``[B, L]`` (True = real behaviour) -> ``[B, D]``.
+    Shapes: query ``[B, D]``, keys ``[B, L, D]``, mask ``[B, L]`` (True = real behaviour; None = all
+    real) -> ``[B, D]``.
     The query may also be ``[B, M, D]`` (M targets per row, e.g. FIT's meta queries): the result is
     ``[B, M, D]``.
 
@@ -32,16 +33,18 @@ class DINAttention(nn.Module):
         self.unit = MLP(4 * dim, hidden, out_dim=1, activation=nn.Sigmoid)
         self.normalize = normalize
 
-    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor | None = None) -> Tensor:
         single = query.dim() == 2
         q = query.unsqueeze(1) if single else query  # [B, M, D]
         q4 = q.unsqueeze(2).expand(-1, -1, keys.shape[1], -1)  # [B, M, L, D]
         k4 = keys.unsqueeze(1).expand(-1, q.shape[1], -1, -1)  # [B, M, L, D]
         w = self.unit(torch.cat([q4, k4, q4 - k4, q4 * k4], dim=-1)).squeeze(-1)  # [B, M, L]
-        valid = mask.unsqueeze(1)
+        valid = None if mask is None else mask.unsqueeze(1)
         if self.normalize:
-            w = torch.softmax(w.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
-        else:
+            if valid is not None:
+                w = w.masked_fill(~valid, float("-inf"))
+            w = torch.softmax(w, dim=-1).nan_to_num(0.0)
+        elif valid is not None:
             w = w * valid.to(w.dtype)
         out = torch.einsum("bml,bld->bmd", w, keys)
         return out.squeeze(1) if single else out

@@ -105,11 +105,12 @@ class LightweightSimilarityScorer(nn.Module):
     DIN's FCs) because it does not saturate: the representations are unnormalised, and in our runs
     on the synthetic data the variant without MQM stayed at the base rate with tanh (and, while
     dense inputs were large, with GELU, ELU and softplus), never with PReLU or leaky ReLU.
-    Computation order: the row FC is linear in ``S``, so ``sum_j W_ij S_ij = <U_i, sum_j W_ij V_j>``;
-    :meth:`forward` mixes the item heads first (one matmul of ``W`` over all candidates' heads) and
-    then takes ``H_u`` dot products, the same function as building ``S`` without N tiny batched
-    products. Parameters: ``H_u*H_v + 3*H_u + 1``; per-candidate FLOPs about ``2*H_u*H_v*d`` for the
-    mixture plus ``2*H_u*d`` for the dot products and ``O(H_u)`` for the rest.
+    Computation order: the row FC is linear in ``S``, so ``sum_j W_ij S_ij = <U_i, sum_j W_ij V_j>``.
+    The mixture ``X_i = sum_j W_ij V_j`` depends on the item alone, so :meth:`item_part` returns it
+    (``[N, H_u, d]``, cached per item) and :meth:`forward` takes only the ``H_u`` dot products
+    ``<U_i, X_i>``, the same function as building ``S``. Parameters: ``H_u*H_v + 3*H_u + 1``;
+    per-candidate FLOPs about ``2*H_u*d`` for the dot products and ``O(H_u)`` for the rest (the
+    ``2*H_u*H_v*d`` of the mixture are spent once per item).
     """
 
     def __init__(self, rep_dim: int, user_heads: int, item_heads: int, head_dim: int):
@@ -121,20 +122,33 @@ class LightweightSimilarityScorer(nn.Module):
         self.row_bias = nn.Parameter(torch.zeros(user_heads))
         self.activation = nn.PReLU(user_heads)
         self.column = nn.Linear(user_heads, 1)
+        # 0/1 [H_u, H_u*d]: row i sums the d products of head i (see forward)
+        head_sum = torch.eye(user_heads).repeat_interleave(head_dim, dim=1)
+        self.register_buffer("head_sum", head_sum, persistent=False)
 
     def user_part(self, u: Tensor) -> Tensor:
         """``[..., D']`` -> user heads ``[..., H_u, d]``."""
         return self.user_proj(u).unflatten(-1, (self.user_heads, self.head_dim))
 
     def item_part(self, v: Tensor) -> Tensor:
-        """``[N, D']`` -> item heads ``[N, H_v, d]``."""
-        return self.item_proj(v).unflatten(-1, (self.item_heads, self.head_dim))
+        """``[N, D']`` -> the item heads mixed for each user head, ``[N, H_u, d]`` (see :meth:`mix`)."""
+        return self.mix(self.item_proj(v).unflatten(-1, (self.item_heads, self.head_dim)))
+
+    def mix(self, heads: Tensor) -> Tensor:
+        """Item heads ``V`` ``[N, H_v, d]`` -> ``X_i = sum_j W_ij V_j`` ``[N, H_u, d]``."""
+        return torch.einsum("ij,njd->nid", self.row_weight, heads)
 
     def forward(self, user: Tensor, item: Tensor) -> Tensor:
-        """User heads ``[N, H_u, d]``, item heads ``[N, H_v, d]`` -> logits ``[N]``."""
-        mixed = torch.einsum("ij,njd->nid", self.row_weight, item)  # [N, H_u, d]: sum_j W_ij V_j
-        rows = self.activation((user * mixed).sum(-1) + self.row_bias)
-        return self.column(rows).squeeze(-1)
+        """User heads ``U`` ``[N, H_u, d]``, mixed item heads ``X`` ``[N, H_u, d]`` -> logits ``[N]``.
+
+        Computed head-major (``[H_u, N]``): the sums over ``d`` are one matmul with a 0/1 matrix, and
+        the row bias, PReLU slope and column weight of a head then broadcast along the contiguous N
+        axis; on CPU this is about twice as fast as reducing groups of ``d`` and ``[N, H_u]`` rows.
+        """
+        prod = (user * item).flatten(1)  # [N, H_u*d]
+        pre = torch.addmm(self.row_bias.unsqueeze(1), self.head_sum, prod.T)  # [H_u, N]: <U_i, X_i> + b_i
+        rows = self.activation(pre.unsqueeze(0)).squeeze(0)  # PReLU's channel dim is dim 1
+        return torch.addmm(self.column.bias, self.column.weight, rows).squeeze(0)
 
 
 class SumMaxScorer(nn.Module):

@@ -139,10 +139,12 @@ class FIT(PreRanker):
 
     **Scorer** (LSS slide): see :class:`~prerank.layers.fit_parts.LightweightSimilarityScorer`.
 
-    States (eval mode, default LSS): user ``{"user": [B, M, H_u, d]}``; item
-    ``{"item": [N, H_v, d], "meta_index": [N] int64}``; per candidate: one gather, ``H_u x H_v``
-    dot products of width ``d`` and the two small FCs. With ``use_mqm=False`` ("w/o MQM") the user
-    state is ``{"user": [B, H_u, d]}`` and the item state has no meta index.
+    States (eval mode, default LSS): user ``{"user": [B, M, H_u, d]}`` (the user heads per meta
+    vector); item ``{"item": [N, H_u, d], "meta_index": [N] int64}`` (the item heads already mixed
+    by LSS's row FC, which is linear in the item); per candidate: one gather of the user heads by
+    meta index, ``H_u`` dot products of width ``d``, the PReLU and the column FC. With
+    ``use_mqm=False`` ("w/o MQM") the user state is ``{"user": [B, H_u, d]}`` and the item state has
+    no meta index.
 
     Training adds, through :meth:`auxiliary_loss`, the clustering loss of
     :meth:`MetaQuerySelector.cluster_loss` weighted by ``cluster_weight``.
@@ -157,6 +159,8 @@ class FIT(PreRanker):
         d, rep = config.embedding_dim, config.rep_dim
         self.user_sequences = tuple(n for n in self.sel.user if schema[n].kind == "sequence")
         self.user_singles = tuple(n for n in self.sel.user if schema[n].kind != "sequence")
+        singles = [i for i, n in enumerate(self.sel.user) if schema[n].kind != "sequence"]
+        self.register_buffer("single_fields", torch.tensor(singles, dtype=torch.long), persistent=False)
         self.emb = EmbeddingTables(schema, d, self.sel.user + self.sel.item)
         self.item_tower = MLP(len(self.sel.item) * d, config.hidden, out_dim=rep, dropout=config.dropout)
         user_in = len(self.sel.user) * d
@@ -171,25 +175,28 @@ class FIT(PreRanker):
         self.scorer = make_scorer(config)
 
     def user_inputs(self, batch: Batch) -> State:
-        """Per-row inputs of the training path: pooled fields ``[B, F_u*D]``, DIN keys ``[B, K, D]`` and mask.
+        """Per-row inputs of the training path: pooled fields ``[B, F_u*D]`` and DIN keys ``[B, K, D]``,
+        with their mask ``key_mask`` ``[B, K]`` when the user side has sequences (else every key is real).
 
         ``K`` = number of non-sequence user/context features + the lengths of the user sequences.
         """
-        fields = self.emb.fields(batch, self.sel.user).flatten(-2)
+        fields = self.emb.fields(batch, self.sel.user)  # [B, F_u, D]
+        if not self.user_sequences:
+            return {"fields": fields.flatten(-2), "keys": fields}
         keys, masks = [], []
         if self.user_singles:
-            singles = self.emb.fields(batch, self.user_singles)
+            singles = fields[:, self.single_fields]
             keys.append(singles)
             masks.append(torch.ones(singles.shape[:2], dtype=torch.bool, device=singles.device))
         for name in self.user_sequences:
             seq, mask = self.emb.sequence(batch, name)
             keys.append(seq)
             masks.append(mask)
-        return {"fields": fields, "keys": torch.cat(keys, 1), "key_mask": torch.cat(masks, 1)}
+        return {"fields": fields.flatten(-2), "keys": torch.cat(keys, 1), "key_mask": torch.cat(masks, 1)}
 
     def _interact(self, inputs: State, query: Tensor) -> Tensor:
         """MQM interaction unit: query ``[B, D]`` or ``[B, M, D]`` -> user representation ``[B, (M,) D']``."""
-        interest = self.din(query, inputs["keys"], inputs["key_mask"])
+        interest = self.din(query, inputs["keys"], inputs.get("key_mask"))
         fields = inputs["fields"]
         if query.dim() == 3:
             fields = fields.unsqueeze(1).expand(-1, query.shape[1], -1)
@@ -243,7 +250,7 @@ class FIT(PreRanker):
                 "a per-row FIT user state (training path) needs the item's selected meta 'query': "
                 "encode the items in training mode, or encode the user in eval mode"
             )
-        inputs = {k: broadcast_rows(user[k], n) for k in ("fields", "keys", "key_mask")}
+        inputs = {k: broadcast_rows(v, n) for k, v in user.items()}
         return self.scorer(self.scorer.user_part(self._interact(inputs, item["query"])), item["item"])
 
     def _pick(self, user: Tensor, item: State, n: int) -> Tensor:
@@ -254,7 +261,7 @@ class FIT(PreRanker):
             raise ValueError("FIT item state lacks 'meta_index'; build it with FIT.encode_item")
         index = item["meta_index"]
         if user.shape[0] == 1:
-            return user[0, index]
+            return user[0].index_select(0, index)  # a row gather; advanced indexing is several times slower
         return user[torch.arange(n, device=index.device), index]
 
     def forward(self, batch: Batch) -> Tensor:

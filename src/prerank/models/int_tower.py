@@ -29,6 +29,8 @@ from prerank.layers.field import LightSE
 from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
 from prerank.schema import Schema
 
+_BLOCK_BYTES = 512 * 1024  # item heads scored per block in IntTower's serving path (cache-sized)
+
 
 @dataclass(frozen=True)
 class IntTowerConfig:
@@ -68,7 +70,8 @@ class IntTower(PreRanker):
 
     Cached per user: ``heads`` ``[L, H_u, d]``; per item: ``heads`` ``[H_i, d]`` (the last-layer
     ``rep`` ``[hidden[-1]]`` is added to the states in training mode only, for CIR); per candidate:
-    ``L x H_u x H_i`` dot products of width ``d``, a max over item heads and a sum.
+    ``L x H_u x H_i`` dot products of width ``d``, a max over item heads and a sum (for one user,
+    one ``[N, d] x [d, L*H_u]`` matmul per item head, see :func:`_sum_max_one_user`).
     Cross features are not used (no tower can see them).
     """
 
@@ -90,7 +93,7 @@ class IntTower(PreRanker):
         self.item_layers = _layers(len(self.sel.item) * d, config.hidden)
         self.user_proj = nn.ModuleList(nn.Linear(h, config.user_heads * config.head_dim) for h in config.hidden)
         self.item_proj = nn.Linear(config.hidden[-1], config.item_heads * config.head_dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.bias = nn.Parameter(torch.zeros(()))
 
     def _tower(self, layers: nn.ModuleList, fields: Tensor) -> list[Tensor]:
@@ -105,9 +108,8 @@ class IntTower(PreRanker):
     def encode_user(self, batch: Batch) -> State:
         hs = self._tower(self.user_layers, self.user_se(self.emb.fields(batch, self.sel.user)))
         c = self.config
-        heads = torch.stack(
-            [p(h).view(-1, c.user_heads, c.head_dim) for p, h in zip(self.user_proj, hs, strict=True)], 1
-        )
+        heads = torch.cat([p(h) for p, h in zip(self.user_proj, hs, strict=True)], -1)
+        heads = heads.view(-1, len(hs), c.user_heads, c.head_dim)
         return {"heads": heads, "rep": hs[-1]} if self.training else {"heads": heads}
 
     def encode_item(self, batch: Batch) -> State:
@@ -116,9 +118,11 @@ class IntTower(PreRanker):
         return {"heads": heads, "rep": hs[-1]} if self.training else {"heads": heads}
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
-        # [N, L, H_u, H_i]; a user state [1, L, H_u, d] broadcasts: one [L*H_u, d] x [d, N*H_i] matmul
-        sim = torch.einsum("nlhd,nkd->nlhk", user["heads"], item["heads"])
-        return sim.amax(-1).sum((-2, -1)) + self.bias
+        u, v = user["heads"].flatten(1, 2), item["heads"]  # [B_u, L*H_u, d], [N, H_i, d]
+        if u.shape[0] == 1 and not torch.is_grad_enabled():  # serving: in-place ops need no autograd
+            return _sum_max_one_user(u[0], v) + self.bias
+        sim = torch.einsum("nhd,nkd->nhk", u, v)  # [N, L*H_u, H_i]; B_u = 1 broadcasts
+        return sim.amax(-1).sum(-1) + self.bias
 
     def cir_loss(self, batch: Batch, user: State, item: State) -> Tensor:
         """In-batch contrastive loss of positive rows (0 with the graph kept when there is none)."""
@@ -137,6 +141,26 @@ class IntTower(PreRanker):
 
     def auxiliary_loss(self, batch: Batch, user: State, item: State) -> Tensor:
         return self.config.cir_weight * self.cir_loss(batch, user, item)
+
+
+def _sum_max_one_user(user: Tensor, item: Tensor) -> Tensor:
+    """``sum_h max_j <U_h, V_j>`` of one user ``[H, d]`` against item heads ``[N, H_i, d]`` -> ``[N]`` (no autograd).
+
+    The serving path of :meth:`IntTower.score`: per block of candidates, one ``[n, d] x [d, H]`` matmul per
+    item head folded into a running maximum in place, then the sum over user heads. Blocks of
+    ``_BLOCK_BYTES`` of item heads stay in cache across the ``H_i`` passes; on CPU this is about twice
+    as fast as building the ``[N, H, H_i]`` similarities and reducing them with ``amax``.
+    """
+    ut = user.T
+    out = item.new_empty(item.shape[0])
+    rows = max(1, _BLOCK_BYTES // (item.shape[1] * item.shape[2] * item.element_size()))
+    for start in range(0, item.shape[0], rows):
+        block = item[start : start + rows]
+        best = block[:, 0] @ ut
+        for j in range(1, block.shape[1]):
+            torch.maximum(best, block[:, j] @ ut, out=best)
+        torch.sum(best, -1, out=out[start : start + rows])
+    return out
 
 
 def _layers(in_dim: int, hidden: tuple[int, ...]) -> nn.ModuleList:
