@@ -122,6 +122,18 @@ def test_callable_on_a_request_batch(distillation: str) -> None:
     assert torch.isfinite(value) and torch.isfinite(z.grad).all()
 
 
+def test_binary_feedback_uses_the_label_not_the_level() -> None:
+    d = lists()
+    batch = Batch(features={}, label=d["label"], label_level=d["label_level"], stage=d["stage"], mask=d["mask"])
+    z = torch.randn(2, 7)
+    cfg = HybridLossConfig(distillation_weight=0.0, feedback="binary")
+    y = hard_relevance(d["label"], None, d["stage"], d["mask"])  # 2 on clicked, 1 on shown, 0 elsewhere
+    assert y[0].tolist() == [2, 1, 2, 0, 0, 0, 0]
+    assert HybridLoss(cfg)(z, batch).item() == pytest.approx(hybrid_loss(z, y, d["stage"], d["mask"], None, cfg).item())
+    with pytest.raises(ValueError, match="feedback"):
+        HybridLossConfig(feedback="rating")  # type: ignore[arg-type]
+
+
 def test_callable_needs_lists_stage_and_teacher() -> None:
     d = lists()
     z = torch.zeros(2, 7)

@@ -90,6 +90,10 @@ def hard_relevance(
 class HybridLossConfig:
     """Weights and hyper-parameters of Eq. 15. The paper publishes none of their values; ours are neutral.
 
+    ``feedback`` is the feedback part of the hard label (Sec. 3.2.1): ``graded`` uses ``label_level``
+    (a rating, a behaviour level) as a stand-in for the paper's sum of several binary labels;
+    ``binary`` uses the one binary ``label``, which is the paper's sum when a dataset has a single
+    binary label (ML-1M's rating > 3), so hard labels are 0 / 1 / 2.
     ``distillation`` picks the Eq. 9 part: ``softmax`` (the paper's), or the Table 4 alternatives
     ``logloss`` / ``pairwise``; ``distillation_weight = 0`` is Table 4's "No Distillation".
     ``sorting_temperature``/``sorting_power`` are SoftSort's tau and p (Eq. 10); Eq. 11 applies the
@@ -102,6 +106,7 @@ class HybridLossConfig:
     sorting_weight: float = 1.0
     rankmax_weight: float = 1.0
     distillation: Literal["softmax", "logloss", "pairwise"] = "softmax"
+    feedback: Literal["graded", "binary"] = "graded"
     distillation_temperature: float = 1.0
     sorting_temperature: float = 1.0
     sorting_label_temperature: float | None = None
@@ -113,13 +118,15 @@ class HybridLossConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name == "sorting_label_temperature":
+            if f.name in ("distillation", "feedback") or (value is None and f.name == "sorting_label_temperature"):
                 continue
-            if f.name != "distillation" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"HybridLossConfig.{f.name} must be a number, got {value!r}")
         for name in ("distillation_weight", "sorting_weight", "rankmax_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"HybridLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.feedback not in ("graded", "binary"):
+            raise ValueError(f"HybridLossConfig.feedback must be 'graded' or 'binary', got {self.feedback!r}")
         if self.distillation not in DISTILLATIONS:
             raise ValueError(f"HybridLossConfig.distillation must be one of {sorted(DISTILLATIONS)}")
         for name in ("distillation_temperature", "sorting_temperature", "sorting_label_temperature"):
@@ -221,7 +228,8 @@ class HybridLoss:
             raise ValueError("the hybrid loss needs a request-level batch: logits [R, N] matching batch.mask")
         if batch.stage is None:
             raise ValueError("the hybrid loss needs batch.stage (full-stage samples, RankTower Sec. 3.1)")
-        relevance = hard_relevance(batch.label, batch.label_level, batch.stage, batch.mask)
+        level = batch.label_level if self.config.feedback == "graded" else None
+        relevance = hard_relevance(batch.label, level, batch.stage, batch.mask)
         return hybrid_loss(logits, relevance, batch.stage, batch.mask, batch.teacher_logit, self.config)
 
 
