@@ -156,6 +156,24 @@ def test_ablation_scorers_match_their_definitions(schema: Schema) -> None:
     torch.testing.assert_close(fc(ua, vb), whole.squeeze(-1))
 
 
+@pytest.mark.parametrize("name", ("fit", "fit_no_lss", "fit_summax", "fit_fc"))
+def test_scoring_by_meta_index_equals_scoring_gathered_rows(name: str, schema: Schema) -> None:
+    scorer = build_model(name, schema).scorer
+    user = scorer.user_part(torch.randn(6, 32))  # one user's part per meta vector [M, *U]
+    item = scorer.item_part(torch.randn(9, 32))
+    index = torch.randint(0, 6, (9,))
+    with torch.no_grad():
+        expected = scorer(user[index], item)
+        torch.testing.assert_close(scorer(user, item, index), expected)
+    # with autograd on, the per-candidate ops keep the factors they need: the gradients match too
+    leaf = user.detach().requires_grad_()
+    scorer(leaf, item.detach(), index).sum().backward()
+    grad = leaf.grad
+    leaf.grad = None
+    scorer(leaf[index], item.detach()).sum().backward()
+    torch.testing.assert_close(grad, leaf.grad)
+
+
 def test_no_mqm_variant_is_a_plain_two_tower(schema: Schema, batch: Batch) -> None:
     model = build_model("fit_no_mqm", schema).eval()
     assert not hasattr(model, "selector") and not hasattr(model, "din")

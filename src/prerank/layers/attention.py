@@ -23,6 +23,8 @@ class DINAttention(nn.Module):
     The query may also be ``[B, M, D]`` (M targets per row, e.g. FIT's meta queries): the result is
     ``[B, M, D]``.
 
+    :meth:`shared_queries` computes the same for M queries ``[M, D]`` shared by every row, faster.
+
     The paper keeps raw (unnormalised) weights to preserve the intensity of interest; with
     ``normalize=True`` the weights are softmax-normalised over valid behaviours instead, which is
     the common, numerically safer choice for short sequences. Rows without any behaviour pool to 0.
@@ -32,6 +34,9 @@ class DINAttention(nn.Module):
         super().__init__()
         self.unit = MLP(4 * dim, hidden, out_dim=1, activation=nn.Sigmoid)
         self.normalize = normalize
+        # the (id, storage, version) of the query, first-layer weight and bias, those tensors (held so that
+        # their ids stay unique) and the folded layer they give (see shared_queries)
+        self._folded: tuple[tuple[tuple[int, int, int], ...], tuple[Tensor, ...], Tensor, Tensor] | None = None
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor | None = None) -> Tensor:
         single = query.dim() == 2
@@ -48,3 +53,51 @@ class DINAttention(nn.Module):
             w = w * valid.to(w.dtype)
         out = torch.einsum("bml,bld->bmd", w, keys)
         return out.squeeze(1) if single else out
+
+    def fold_queries(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """The unit's first layer as an affine map of the key, one per query ``[M, D]``: ``[D, M*H]``, ``[M*H]``.
+
+        With the first layer ``W = [W_q, W_k, W_d, W_p]`` ``[H, 4D]`` over ``[q, k, q - k, q * k]``:
+        ``W [q, k, q - k, q * k] + b = (W_k - W_d + W_p diag(q)) k + (W_q + W_d) q + b``.
+        """
+        first = self.unit[0]
+        w_q, w_k, w_d, w_p = first.weight.split(query.shape[-1], dim=1)  # [H, D] each
+        weight = (w_k - w_d).T.unsqueeze(1) + query.T.unsqueeze(-1) * w_p.T.unsqueeze(1)  # [D, M, H]
+        bias = torch.addmm(first.bias, query, (w_q + w_d).T)  # [M, H]
+        return weight.flatten(1), bias.flatten()
+
+    def _folded_layer(self, first: nn.Linear, query: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`fold_queries`, kept while no gradient is recorded and neither the query nor the layer changes."""
+        if torch.is_grad_enabled():
+            return self.fold_queries(query)
+        tensors = (query, first.weight, first.bias)
+        key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+        cached = self._folded
+        if cached is None or cached[0] != key:
+            cached = self._folded = (key, tensors, *self.fold_queries(query))
+        return cached[2], cached[3]
+
+    def shared_queries(self, query: Tensor, keys: Tensor, mask: Tensor | None = None) -> Tensor:
+        """:meth:`forward` with the same queries ``[M, D]`` for every row: keys ``[B, L, D]`` -> ``[B, M, D]``.
+
+        For a fixed query the first layer is an affine map of the key (:meth:`fold_queries`), so the first
+        layer for every (key, query) pair is one ``[B*L, D] x [D, M*H]`` product, without building the
+        ``[B, M, L, 4D]`` input. While no gradient is recorded (serving), the folded map is computed once
+        and reused until the query or the first layer's parameters are replaced or changed in place
+        (tracked by autograd's version counter: writes through ``.data`` are not seen).
+        """
+        b, n, d = keys.shape
+        first, *rest = self.unit
+        weight, bias = self._folded_layer(first, query)
+        h = torch.addmm(bias, keys.reshape(b * n, d), weight).view(b, n, query.shape[0], -1)  # [B, L, M, H]
+        for layer in rest:
+            h = layer(h)
+        w = h.squeeze(-1)  # [B, L, M]
+        valid = None if mask is None else mask.unsqueeze(-1)
+        if self.normalize:
+            if valid is not None:
+                w = w.masked_fill(~valid, float("-inf"))
+            w = torch.softmax(w, dim=1).nan_to_num(0.0)
+        elif valid is not None:
+            w = w * valid.to(w.dtype)
+        return torch.bmm(w.transpose(1, 2), keys)

@@ -11,6 +11,11 @@ only ``forward`` runs per candidate:
 
 ``user_part(u [..., D']) -> [..., *U]``, ``item_part(v [N, D']) -> [N, *V]``,
 ``forward(user [N, *U], item [N, *V]) -> logits [N]``.
+
+``forward(user [M, *U], item [N, *V], index [N])`` scores candidate n against ``user[index[n]]`` (FIT's
+user part per meta vector, picked by the item's meta index): the scorer gathers the rows itself, so
+that the per-candidate ops can update that fresh copy in place instead of allocating more ``[N, *U]``
+buffers (a request's memory traffic, which also evicts the user tower's weights from the CPU cache).
 """
 
 from __future__ import annotations
@@ -20,6 +25,20 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def gather_rows(user: Tensor, index: Tensor | None) -> Tensor:
+    """``user[index]`` as a new tensor ``[N, *U]`` (a row gather; advanced indexing is several times slower), or
+    ``user`` itself without ``index``."""
+    return user if index is None else user.index_select(0, index)
+
+
+def row_product(user: Tensor, item: Tensor, index: Tensor | None) -> Tensor:
+    """``user[index] * item`` ``[N, *U]`` (``user * item`` without ``index``), written over the gathered copy
+    while no gradient is recorded (autograd would need the overwritten factor)."""
+    if index is None or torch.is_grad_enabled():
+        return gather_rows(user, index) * item
+    return gather_rows(user, index).mul_(item)
 
 
 class MetaQuerySelector(nn.Module):
@@ -138,14 +157,15 @@ class LightweightSimilarityScorer(nn.Module):
         """Item heads ``V`` ``[N, H_v, d]`` -> ``X_i = sum_j W_ij V_j`` ``[N, H_u, d]``."""
         return torch.einsum("ij,njd->nid", self.row_weight, heads)
 
-    def forward(self, user: Tensor, item: Tensor) -> Tensor:
-        """User heads ``U`` ``[N, H_u, d]``, mixed item heads ``X`` ``[N, H_u, d]`` -> logits ``[N]``.
+    def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
+        """User heads ``U`` ``[N, H_u, d]`` (or ``[M, H_u, d]`` picked by ``index``), mixed item heads ``X``
+        ``[N, H_u, d]`` -> logits ``[N]``.
 
         Computed head-major (``[H_u, N]``): the sums over ``d`` are one matmul with a 0/1 matrix, and
         the row bias, PReLU slope and column weight of a head then broadcast along the contiguous N
         axis; on CPU this is about twice as fast as reducing groups of ``d`` and ``[N, H_u]`` rows.
         """
-        prod = (user * item).flatten(1)  # [N, H_u*d]
+        prod = row_product(user, item, index).flatten(1)  # [N, H_u*d]
         pre = torch.addmm(self.row_bias.unsqueeze(1), self.head_sum, prod.T)  # [H_u, N]: <U_i, X_i> + b_i
         rows = self.activation(pre.unsqueeze(0)).squeeze(0)  # PReLU's channel dim is dim 1
         return torch.addmm(self.column.bias, self.column.weight, rows).squeeze(0)
@@ -172,8 +192,8 @@ class SumMaxScorer(nn.Module):
     def item_part(self, v: Tensor) -> Tensor:
         return self.item_proj(v).unflatten(-1, (self.item_heads, self.head_dim))
 
-    def forward(self, user: Tensor, item: Tensor) -> Tensor:
-        sim = torch.einsum("nid,njd->nij", user, item)
+    def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
+        sim = torch.einsum("nid,njd->nij", gather_rows(user, index), item)
         return sim.amax(-1).sum(-1) + self.bias
 
 
@@ -190,8 +210,8 @@ class DotScorer(nn.Module):
     def item_part(self, v: Tensor) -> Tensor:
         return v
 
-    def forward(self, user: Tensor, item: Tensor) -> Tensor:
-        return (user * item).sum(-1) + self.bias
+    def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
+        return row_product(user, item, index).sum(-1) + self.bias
 
 
 class FCScorer(nn.Module):
@@ -216,8 +236,10 @@ class FCScorer(nn.Module):
     def item_part(self, v: Tensor) -> Tensor:
         return self.item_proj(v)
 
-    def forward(self, user: Tensor, item: Tensor) -> Tensor:
-        return self.out(F.relu(user + item)).squeeze(-1)
+    def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
+        # the sum is a new tensor (a fresh gather, added to in place), so the ReLU can overwrite it
+        hidden = item + user if index is None else gather_rows(user, index).add_(item)
+        return self.out(hidden.relu_()).squeeze(-1)
 
 
 Scorer = LightweightSimilarityScorer | SumMaxScorer | DotScorer | FCScorer

@@ -195,21 +195,23 @@ class FIT(PreRanker):
         return {"fields": fields.flatten(-2), "keys": torch.cat(keys, 1), "key_mask": torch.cat(masks, 1)}
 
     def _interact(self, inputs: State, query: Tensor) -> Tensor:
-        """MQM interaction unit: query ``[B, D]`` or ``[B, M, D]`` -> user representation ``[B, (M,) D']``."""
+        """MQM interaction unit, one query per row: query ``[B, D]`` -> user representation ``[B, D']``."""
         interest = self.din(query, inputs["keys"], inputs.get("key_mask"))
-        fields = inputs["fields"]
-        if query.dim() == 3:
-            fields = fields.unsqueeze(1).expand(-1, query.shape[1], -1)
-        return self.user_tower(torch.cat([fields, interest, query], -1))
+        return self.user_tower(torch.cat([inputs["fields"], interest, query], -1))
+
+    def _interact_meta(self, inputs: State) -> Tensor:
+        """MQM interaction unit for every meta vector of every row: ``[B, M, D']``."""
+        meta = self.selector.meta
+        interest = self.din.shared_queries(meta, inputs["keys"], inputs.get("key_mask"))  # [B, M, D]
+        b, m = interest.shape[:2]
+        fields = inputs["fields"].unsqueeze(1).expand(-1, m, -1)
+        return self.user_tower(torch.cat([fields, interest, meta.expand(b, -1, -1)], -1))
 
     def user_per_meta(self, batch: Batch) -> State:
         """The inference-phase user state: the scorer's user part for every meta vector, ``[B, M, *U]``."""
         if not self.config.use_mqm:
             return {"user": self.scorer.user_part(self.user_tower(self.emb.fields(batch, self.sel.user).flatten(-2)))}
-        inputs = self.user_inputs(batch)
-        b = inputs["fields"].shape[0]
-        queries = self.selector.meta.unsqueeze(0).expand(b, -1, -1)
-        return {"user": self.scorer.user_part(self._interact(inputs, queries))}
+        return {"user": self.scorer.user_part(self._interact_meta(self.user_inputs(batch)))}
 
     def encode_user(self, batch: Batch) -> State:
         """Training mode (with MQM): :meth:`user_inputs`; otherwise :meth:`user_per_meta`."""
@@ -244,7 +246,8 @@ class FIT(PreRanker):
             raise ValueError("FIT item state lacks 'item'; build it with FIT.encode_item")
         n = item["item"].shape[0]
         if "user" in user:
-            return self.scorer(self._pick(user["user"], item, n), item["item"])
+            rows, index = self._pick(user["user"], item, n)
+            return self.scorer(rows, item["item"], index)
         if "query" not in item:
             raise ValueError(
                 "a per-row FIT user state (training path) needs the item's selected meta 'query': "
@@ -253,16 +256,17 @@ class FIT(PreRanker):
         inputs = {k: broadcast_rows(v, n) for k, v in user.items()}
         return self.scorer(self.scorer.user_part(self._interact(inputs, item["query"])), item["item"])
 
-    def _pick(self, user: Tensor, item: State, n: int) -> Tensor:
-        """The user part for each candidate: ``[B_u, M, *U]`` gathered by meta index -> ``[N, *U]`` (B_u in {1, N})."""
+    def _pick(self, user: Tensor, item: State, n: int) -> tuple[Tensor, Tensor | None]:
+        """The user part for each candidate from ``[B_u, M, *U]`` (B_u in {1, N}): ``[N, *U]`` and no index, or,
+        for one user, its rows ``[M, *U]`` and the meta index ``[N]`` that the scorer gathers them by."""
         if not self.config.use_mqm:
-            return broadcast_rows(user, n)
+            return broadcast_rows(user, n), None
         if "meta_index" not in item:
             raise ValueError("FIT item state lacks 'meta_index'; build it with FIT.encode_item")
         index = item["meta_index"]
         if user.shape[0] == 1:
-            return user[0].index_select(0, index)  # a row gather; advanced indexing is several times slower
-        return user[torch.arange(n, device=index.device), index]
+            return user[0], index
+        return user[torch.arange(n, device=index.device), index], None
 
     def forward(self, batch: Batch) -> Tensor:
         """The training path of Figure 2 (one selected meta query per row, then DIN), in every mode."""
