@@ -15,7 +15,17 @@ from pathlib import Path
 
 from prerank.evaluate.report import mean_std
 
-COLUMNS = ("recall@10", "recall@50", "ndcg@10", "ndcg@50", "cascade_recall@5/10", "cascade_recall@5/50", "auc", "gauc")
+COLUMNS = (
+    "recall@10",
+    "ndcg@10",
+    "recall@50",
+    "hard_recall@10",
+    "hard_ndcg@10",
+    "cascade_recall@5/10",
+    "cascade_recall@5/50",
+    "auc",
+    "gauc",
+)
 
 
 def _cell(values: list[float]) -> str:
