@@ -38,9 +38,14 @@ def test_every_registered_loss_trains(name: str) -> None:
 def test_options_reach_the_function() -> None:
     batch = request_batch()
     z = torch.randn(2, 5)
-    relevance = hard_relevance(batch.label, batch.label_level, batch.stage, batch.mask)
+    relevance = hard_relevance(batch.label, None, batch.stage, batch.mask)  # feedback=binary, the default
     got = build_loss("ranking:softmax", temperature=2.0)(z, batch)
     assert got.item() == pytest.approx(softmax_cross_entropy(z, relevance, batch.mask, temperature=2.0).item())
+    graded = hard_relevance(batch.label, batch.label_level, batch.stage, batch.mask)
+    got = build_loss("ranking:softmax", temperature=2.0, feedback="graded")(z, batch)
+    assert got.item() == pytest.approx(softmax_cross_entropy(z, graded, batch.mask, temperature=2.0).item())
+    with pytest.raises(ValueError, match="feedback"):
+        build_loss("ranking:softmax", feedback="rating")
     impressions = batch.mask & (batch.stage == 0)
     got = build_loss("distill:softmax", temperature=0.5)(z, batch)
     assert got.item() == pytest.approx(

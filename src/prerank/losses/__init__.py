@@ -23,8 +23,9 @@ Names (``build_loss(name, **options)``; options are the keyword arguments of the
 - ``ranking:softsort``: :func:`softsort_loss` (Eq. 10-11); ``temperature``, ``power``, ``label_temperature``.
 
 ``ranking:*`` losses rank the whole list by the hard label of RankTower Sec. 3.2.1
-(:func:`hard_relevance`); ``distill:*`` losses match ``teacher_logit`` on impressions only when the
-batch has ``stage`` (Sec. 3.3.1: the teacher was trained on impressions), else on every item.
+(:func:`batch_relevance`; option ``feedback=binary|graded``, as for ``hybrid``). ``distill:*``
+losses match ``teacher_logit`` on impressions only when the batch has ``stage`` (Sec. 3.3.1: the
+teacher was trained on impressions), else on every item.
 """
 
 from __future__ import annotations
@@ -38,7 +39,15 @@ from torch import Tensor
 
 from prerank.data.batch import Batch
 from prerank.losses.distill import pairwise_distillation, softmax_distillation, weighted_logloss_distillation
-from prerank.losses.hybrid import IMPRESSION, HybridLoss, HybridLossConfig, hard_relevance, hybrid_loss
+from prerank.losses.hybrid import (
+    IMPRESSION,
+    HybridLoss,
+    HybridLossConfig,
+    batch_relevance,
+    check_feedback,
+    hard_relevance,
+    hybrid_loss,
+)
 from prerank.losses.listwise import (
     am_rankmax,
     approx_ndcg,
@@ -85,12 +94,12 @@ class RankingLoss:
 
     fn: Callable[..., Tensor]
     options: Mapping[str, Any] = field(default_factory=dict)
+    feedback: str = "binary"
     requires_lists: ClassVar[bool] = True
 
     def __call__(self, logits: Tensor, batch: Batch) -> Tensor:
         mask = _request_mask(logits, batch, self.fn.__name__)
-        relevance = hard_relevance(batch.label, batch.label_level, batch.stage, mask)
-        return self.fn(logits, relevance, mask, **self.options)
+        return self.fn(logits, batch_relevance(batch, mask, self.feedback), mask, **self.options)
 
 
 @dataclass(frozen=True)
@@ -111,7 +120,11 @@ class DistillationLoss:
 
 
 def _ranking(fn: Callable[..., Tensor]) -> Callable[..., LossFn]:
-    return lambda **options: RankingLoss(fn, _scalar_options(fn, options))
+    def build(feedback: str = "binary", **options: Any) -> LossFn:
+        check_feedback(feedback)
+        return RankingLoss(fn, _scalar_options(fn, options), feedback)
+
+    return build
 
 
 def _distillation(fn: Callable[..., Tensor]) -> Callable[..., LossFn]:
@@ -158,6 +171,7 @@ __all__ = [
     "approx_ndcg",
     "binary_cross_entropy",
     "build_loss",
+    "batch_relevance",
     "hard_relevance",
     "hybrid_loss",
     "pairwise_distillation",

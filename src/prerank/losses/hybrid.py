@@ -86,14 +86,34 @@ def hard_relevance(
     return feedback.masked_fill(~valid, 0.0)
 
 
+FEEDBACK = ("binary", "graded")
+
+
+def check_feedback(feedback: str) -> None:
+    if feedback not in FEEDBACK:
+        raise ValueError(f"feedback must be one of {FEEDBACK}, got {feedback!r}")
+
+
+def batch_relevance(batch: Batch, mask: Tensor, feedback: str = "binary") -> Tensor:
+    """The hard label (:func:`hard_relevance`) of a request batch, with the paper's feedback part.
+
+    Sec. 4.1.1: "as all labels in the datasets are binary, we aggregate them by summing the labels".
+    ``binary`` (default) sums what a dataset has: its one binary ``label`` plus the impression label,
+    so hard labels are 0 / 1 / 2 (ML-1M's rating > 3, Taobao's fav/cart/buy). ``graded`` uses
+    ``label_level`` instead (a rating 4-5, a behaviour level 2-4) as a stand-in for a sum of several
+    binary labels; it widens the gaps that SoftSort and AM-Rankmax margins see, and on the ML-1M
+    cascade it inverted the clicks among impressions (docs/results.md).
+    """
+    check_feedback(feedback)
+    level = batch.label_level if feedback == "graded" else None
+    return hard_relevance(batch.label, level, batch.stage, mask)
+
+
 @dataclass(frozen=True)
 class HybridLossConfig:
     """Weights and hyper-parameters of Eq. 15. The paper publishes none of their values; ours are neutral.
 
-    ``feedback`` is the feedback part of the hard label (Sec. 3.2.1): ``graded`` uses ``label_level``
-    (a rating, a behaviour level) as a stand-in for the paper's sum of several binary labels;
-    ``binary`` uses the one binary ``label``, which is the paper's sum when a dataset has a single
-    binary label (ML-1M's rating > 3), so hard labels are 0 / 1 / 2.
+    ``feedback`` is the feedback part of the hard label (:func:`batch_relevance`).
     ``distillation`` picks the Eq. 9 part: ``softmax`` (the paper's), or the Table 4 alternatives
     ``logloss`` / ``pairwise``; ``distillation_weight = 0`` is Table 4's "No Distillation".
     ``sorting_temperature``/``sorting_power`` are SoftSort's tau and p (Eq. 10); Eq. 11 applies the
@@ -106,7 +126,7 @@ class HybridLossConfig:
     sorting_weight: float = 1.0
     rankmax_weight: float = 1.0
     distillation: Literal["softmax", "logloss", "pairwise"] = "softmax"
-    feedback: Literal["graded", "binary"] = "graded"
+    feedback: Literal["graded", "binary"] = "binary"
     distillation_temperature: float = 1.0
     sorting_temperature: float = 1.0
     sorting_label_temperature: float | None = None
@@ -125,8 +145,7 @@ class HybridLossConfig:
         for name in ("distillation_weight", "sorting_weight", "rankmax_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"HybridLossConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.feedback not in ("graded", "binary"):
-            raise ValueError(f"HybridLossConfig.feedback must be 'graded' or 'binary', got {self.feedback!r}")
+        check_feedback(self.feedback)
         if self.distillation not in DISTILLATIONS:
             raise ValueError(f"HybridLossConfig.distillation must be one of {sorted(DISTILLATIONS)}")
         for name in ("distillation_temperature", "sorting_temperature", "sorting_label_temperature"):
@@ -228,9 +247,8 @@ class HybridLoss:
             raise ValueError("the hybrid loss needs a request-level batch: logits [R, N] matching batch.mask")
         if batch.stage is None:
             raise ValueError("the hybrid loss needs batch.stage (full-stage samples, RankTower Sec. 3.1)")
-        level = batch.label_level if self.config.feedback == "graded" else None
-        relevance = hard_relevance(batch.label, level, batch.stage, batch.mask)
+        relevance = batch_relevance(batch, batch.mask, self.config.feedback)
         return hybrid_loss(logits, relevance, batch.stage, batch.mask, batch.teacher_logit, self.config)
 
 
-__all__ = ["HybridLoss", "HybridLossConfig", "hard_relevance", "hybrid_components", "hybrid_loss"]
+__all__ = ["HybridLoss", "HybridLossConfig", "batch_relevance", "hard_relevance", "hybrid_components", "hybrid_loss"]
