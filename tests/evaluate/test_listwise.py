@@ -14,9 +14,12 @@ from typer.testing import CliRunner
 from prerank.data.cascade import CascadeConfig, build_cascade
 from prerank.evaluate import metrics
 from prerank.evaluate.listwise import evaluate_listwise, hard_relevance, listwise_metrics, relevance
+from prerank.losses import build_loss
 from prerank.models.registry import build_model
 from prerank.schema import Schema
 from prerank.train.checkpoint import load_model, save_checkpoint
+from prerank.train.config import TrainConfig
+from prerank.train.trainer import train_model
 
 
 def hand_made() -> dict[str, np.ndarray]:
@@ -128,3 +131,13 @@ def test_hard_label_metrics_count_every_impression() -> None:
     assert out["hard_ndcg@2"] == pytest.approx(expected)
     del pred["stage"]
     assert "hard_recall@1" not in listwise_metrics(pred, ks=(1,))
+
+
+def test_training_can_stop_early_on_a_listwise_metric(cascade: tuple[Path, Path], tmp_path: Path) -> None:
+    data, _ = cascade
+    config = TrainConfig(epochs=1, threads=1, progress=False, metric="ndcg@10", batching="requests")
+    out = tmp_path / "run"
+    result = train_model("two_tower", data, out, config=config, loss=build_loss("hybrid"), log=lambda _: None)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"valid_recall@10", "valid_ndcg@10", "valid_hard_recall@10", "valid_hard_ndcg@10"} <= set(record)
+    assert result.best_metric == pytest.approx(record["valid_ndcg@10"])

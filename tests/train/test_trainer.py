@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from prerank.io import CheckpointError
+from prerank.models.base import ConfigError
 from prerank.train.checkpoint import load_model, read_checkpoint
 from prerank.train.config import TrainConfig
 from prerank.train.trainer import evaluate_split, train_model
@@ -62,6 +63,12 @@ def test_resume_refuses_other_training_options(tiny_dataset: Path, tmp_path: Pat
     other = TrainConfig(**{**FAST.to_dict(), "lr": 0.05})
     with pytest.raises(CheckpointError, match="lr: 0.001 -> 0.05"):
         train_model("lr", tiny_dataset, out, config=other, resume=True, log=lambda _: None)
+
+
+def test_listwise_metric_needs_cascade_data(tiny_dataset: Path, tmp_path: Path) -> None:
+    config = TrainConfig(epochs=1, threads=1, progress=False, metric="recall@10")
+    with pytest.raises(ConfigError, match="cascade data"):
+        train_model("two_tower", tiny_dataset, tmp_path / "run", config=config, log=lambda _: None)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

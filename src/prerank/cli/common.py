@@ -90,7 +90,12 @@ LrOpt = typer.Option(None, "--lr", help="Learning rate (default 1e-3).")
 ThreadsOpt = typer.Option(None, "--threads", help="torch intra-op threads (default 2).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (default 0); compare uses seed..seed+N-1.")
 PatienceOpt = typer.Option(None, "--patience", help="Early stopping: epochs without valid improvement (default 2).")
-MetricOpt = typer.Option(None, "--metric", help="Validation metric for early stopping: auc | gauc | logloss.")
+MetricOpt = typer.Option(
+    None,
+    "--metric",
+    help="Validation metric for early stopping: auc | gauc | logloss, or on cascade data recall@10 | ndcg@10"
+    " | hard_recall@10 | hard_ndcg@10 (over each request's full list).",
+)
 MaxStepsOpt = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (smoke tests).")
 WorkersOpt = typer.Option(None, "--num-workers", help="DataLoader worker processes (default 0: main process).")
 ConfigOpt = typer.Option(None, "--config", help="YAML run file (model, model_config, loss, loss_options, train).")

@@ -30,7 +30,6 @@ import numpy as np
 from prerank.evaluate import metrics
 from prerank.models.base import PreRanker
 from prerank.schema import STAGES
-from prerank.train.trainer import predict
 
 
 def relevance(pred: dict[str, np.ndarray]) -> np.ndarray:
@@ -127,6 +126,8 @@ def evaluate_listwise(
     batch_size: int = 16384,
 ) -> dict[str, float]:
     """Score every row of ``data_dir/split`` with ``model`` and return :func:`listwise_metrics`."""
+    from prerank.train.trainer import predict  # the trainer validates with listwise_metrics: import late
+
     pred = predict(model, data_dir, split, batch_size)
     return listwise_metrics(pred, ks=ks, cascade_k=cascade_k, cascade_ns=cascade_ns)
 

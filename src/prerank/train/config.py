@@ -11,7 +11,10 @@ import yaml
 from prerank.models.base import ConfigError
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "adagrad", "sgd")
-METRICS: tuple[str, ...] = ("auc", "gauc", "logloss")
+#: Validation metrics for early stopping. The listwise ones (cascade data: a ``stage`` column) are
+#: computed over each request's full list, as in :func:`prerank.evaluate.listwise.listwise_metrics`.
+POINTWISE_METRICS: tuple[str, ...] = ("auc", "gauc", "logloss")
+METRICS: tuple[str, ...] = (*POINTWISE_METRICS, "recall@10", "ndcg@10", "hard_recall@10", "hard_ndcg@10")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     patience: int = 2
-    metric: Literal["auc", "gauc", "logloss"] = "auc"
+    metric: Literal["auc", "gauc", "logloss", "recall@10", "ndcg@10", "hard_recall@10", "hard_ndcg@10"] = "auc"
     num_workers: int = 0
     max_steps: int | None = None
     batching: Literal["rows", "requests"] = "rows"

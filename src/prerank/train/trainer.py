@@ -24,14 +24,15 @@ from torch import Tensor
 from prerank.data.batch import Batch
 from prerank.data.parquet import ParquetSplit, make_loader
 from prerank.evaluate import metrics
+from prerank.evaluate.listwise import listwise_metrics
 from prerank.io import CheckpointError
 from prerank.losses.listwise import to_lists
 from prerank.losses.pointwise import PointwiseBCE
-from prerank.models.base import PreRanker
+from prerank.models.base import ConfigError, PreRanker
 from prerank.models.registry import build_model
 from prerank.schema import STAGES, Schema
 from prerank.train.checkpoint import read_checkpoint, save_checkpoint
-from prerank.train.config import TrainConfig
+from prerank.train.config import METRICS, POINTWISE_METRICS, TrainConfig
 
 Loss = Callable[[Tensor, Batch], Tensor]
 
@@ -148,6 +149,8 @@ def train_model(
         log("this loss needs whole requests: training with batching=requests")
         config = replace(config, batching="requests")
     ParquetSplit(data_dir, "valid", schema)  # fail before training if the valid split is missing
+    if config.metric not in POINTWISE_METRICS and not schema.has_stage:
+        raise ConfigError(f"validation metric {config.metric!r} needs cascade data (a 'stage' column)")
 
     history: list[dict[str, Any]] = []
     best: float | None = None
@@ -227,7 +230,7 @@ def train_model(
                 bad_epochs += 1
             log(
                 f"{name} epoch {epoch + 1}: loss {running:.4f}, valid {config.metric} {current:.4f}"
-                f" (best {best:.4f}), {record['samples_per_second']:,.0f} samples/s"
+                f" (best {float('nan') if best is None else best:.4f}), {record['samples_per_second']:,.0f} samples/s"
             )
             trainer_state = {
                 "epoch": epoch,
@@ -307,7 +310,11 @@ def predict(
 
 
 def evaluate_predictions(pred: dict[str, np.ndarray]) -> dict[str, float]:
-    """AUC, logloss and GAUC of predictions; on cascade data only impressions are scored (logged labels)."""
+    """AUC, logloss and GAUC of predictions; on cascade data only impressions are scored (logged labels).
+
+    On cascade data (``stage`` and ``request_id``) also Recall@10 and NDCG@10 over each request's full
+    list, on clicks and on the hard label, so listwise objectives can stop early on a listwise metric.
+    """
     keep = pred["stage"] == STAGES.index("impression") if "stage" in pred else slice(None)
     labels, logits = pred["label"][keep], pred["logits"][keep]
     result: dict[str, float] = {"n": float(len(labels))}
@@ -320,6 +327,9 @@ def evaluate_predictions(pred: dict[str, np.ndarray]) -> dict[str, float]:
         result["gauc_requests_skipped"] = float(g["n_groups_skipped"])
     else:
         result["gauc"] = float("nan")
+    if "stage" in pred and "request_id" in pred:
+        listwise = listwise_metrics(pred, ks=(10,), cascade_ns=())
+        result.update({k: listwise[k] for k in METRICS if k in listwise})
     return result
 
 
