@@ -129,6 +129,8 @@ def test_hard_label_metrics_count_every_impression() -> None:
     assert out["recall@2"] == pytest.approx((0.0 + 0.5) / 2)  # clicks only: imp+ of request 1 is 3rd
     expected = metrics.ndcg_at_k(np.array([3, 1, 0, 0, 2, 4, 0.0]), pred["logits"], pred["request_id"], 2).value
     assert out["hard_ndcg@2"] == pytest.approx(expected)
+    pred["stage"] = np.zeros_like(pred["stage"])  # impressions only: every row would be relevant
+    assert "hard_recall@1" not in listwise_metrics(pred, ks=(1,))
     del pred["stage"]
     assert "hard_recall@1" not in listwise_metrics(pred, ks=(1,))
 

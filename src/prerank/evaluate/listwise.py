@@ -11,10 +11,10 @@ candidate list (impressions + rank / pre-rank candidates + random items):
   exposures; without ``label_level`` the relevance is the binary label. Averaged over requests with
   a positive. K = 100 is the paper's; on lists shorter than K recall@K is 1 by construction, so
   ``list_len_mean`` is reported to show which K are informative here.
-* ``hard_recall@K`` / ``hard_ndcg@K`` (with a ``stage`` column): the same over RankTower's hard label
-  (Sec. 3.2.1 and 4.1.1: the binary labels summed, the impression label included), i.e. feedback + 1
-  on every impression and 0 on unexposed rows. Our reading of the paper's Recall@K, whose "relevant"
-  items are those with a positive hard label: exposed items count, clicked ones weigh more in NDCG.
+* ``hard_recall@K`` / ``hard_ndcg@K`` (when the ``stage`` column has unexposed rows): the same with
+  RankTower's hard label as relevance (Sec. 3.2.1, 4.1.1): the graded relevance above + 1 on every
+  impression, 0 on unexposed rows. Our reading of the paper's Recall@K, whose relevant items are
+  those with a positive hard label: every exposed item counts, clicked ones weigh more in NDCG.
 * ``cascade_recall@k/N``: share of the teacher's top ``k`` (by ``teacher_logit``) that the model keeps
   in its top ``N``; requests with at most ``N`` rows are skipped (they lose nothing).
 * ``auc``, ``gauc``, ``logloss`` on impression rows only: only they carry logged labels.
@@ -93,7 +93,7 @@ def listwise_metrics(
     for k in ks:
         grouped(f"recall@{k}", has_positive, metrics.recall_at_k, rel, scores, groups, k)
         grouped(f"ndcg@{k}", has_positive, metrics.ndcg_at_k, rel, scores, groups, k)
-    if "stage" in pred:
+    if "stage" in pred and (pred["stage"] != STAGES.index("impression")).any():  # else every row is relevant
         hard = hard_relevance(pred)
         for k in ks:
             grouped(f"hard_recall@{k}", bool((hard > 0).any()), metrics.recall_at_k, hard, scores, groups, k)
