@@ -6,6 +6,7 @@ import functools
 import json
 import os
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,15 +61,15 @@ def run_config(
     model_options: list[str] | None = None,
     loss: str | None = None,
     loss_options: list[str] | None = None,
-    **train_flags: Any,
+    **flags: Any,
 ) -> tuple[RunConfig, TrainConfig]:
     """Merge a YAML run file (optional) with command-line flags; flags win."""
     base = load_run_config(config_file) if config_file else RunConfig()
-    if isinstance(train_flags.get("stages"), str):
+    if isinstance(flags.get("stages"), str):
         from prerank.data.requests import resolve_stages
 
-        train_flags["stages"] = resolve_stages(train_flags["stages"])
-    train = train_config(train_flags, base.train)
+        flags["stages"] = resolve_stages(flags["stages"])
+    train = train_config(flags, base.train)
     merged = RunConfig(
         model=model or base.model,
         model_config={**(base.model_config or {}), **parse_options(model_options, "--model-option")},
@@ -77,6 +78,11 @@ def run_config(
         train=train,
     )
     return merged, train
+
+
+def train_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """The command-line values (a command's ``locals()``) that are :class:`TrainConfig` options."""
+    return {f.name: values[f.name] for f in fields(TrainConfig) if f.name in values}
 
 
 def print_json(obj: Any) -> None:

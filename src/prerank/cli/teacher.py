@@ -36,6 +36,7 @@ from prerank.cli.common import (
     friendly_errors,
     parse_options,
     print_json,
+    train_flags,
 )
 from prerank.data.parquet import ParquetSplit, read_meta, table_to_batch
 from prerank.io import atomic_path, atomic_write_text
@@ -76,20 +77,7 @@ def fit(
             f"{data} has a 'stage' column (cascade data): fit the teacher on the impressions-only dataset the "
             "cascade was built from, since its non-impression rows were labelled with a teacher's help"
         )
-    cfg = train_config(
-        {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "threads": threads,
-            "seed": seed,
-            "patience": patience,
-            "metric": metric,
-            "max_steps": max_steps,
-            "num_workers": num_workers,
-            "progress": progress,
-        }
-    )
+    cfg = train_config(train_flags(locals()))
     run_dir = run_dir or out.with_name(out.stem + "_run")
     overrides = parse_options(model_option, "--model-option")
     result = train_model(TEACHER_MODEL, data, run_dir, overrides, cfg, log=console.print)

@@ -32,6 +32,7 @@ from prerank.cli.common import (
     friendly_errors,
     print_json,
     run_config,
+    train_flags,
 )
 from prerank.io import atomic_write_text
 
@@ -72,20 +73,7 @@ def train(
         model_options=model_option,
         loss=loss,
         loss_options=loss_option,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        threads=threads,
-        seed=seed,
-        patience=patience,
-        metric=metric,
-        max_steps=max_steps,
-        num_workers=num_workers,
-        batching=batching,
-        stages=stages,
-        max_list_len=max_list_len,
-        requests_per_batch=requests_per_batch,
-        progress=progress,
+        **train_flags(locals()),
     )
     if not run.model:
         raise typer.BadParameter("give --model or 'model:' in the --config file")
@@ -175,20 +163,7 @@ def compare(
         config,
         loss=loss,
         loss_options=loss_option,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        threads=threads,
-        seed=seed,
-        patience=patience,
-        metric=metric,
-        max_steps=max_steps,
-        num_workers=num_workers,
-        batching=batching,
-        stages=stages,
-        max_list_len=max_list_len,
-        requests_per_batch=requests_per_batch,
-        progress=progress,
+        **train_flags(locals()),
     )
     names = [m.strip() for m in models.split(",") if m.strip()]
     overrides = _per_model_overrides(names, model_option, run.model_config or {})
