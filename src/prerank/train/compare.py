@@ -10,6 +10,7 @@ from typing import Any
 from prerank.bench.cost import score_cost
 from prerank.data.parquet import ParquetSplit
 from prerank.evaluate import metrics
+from prerank.evaluate.listwise import evaluate_listwise
 from prerank.evaluate.report import results_table
 from prerank.io import atomic_write_text
 from prerank.models.base import ConfigError, num_params
@@ -42,8 +43,6 @@ def resolve_loss(name: str, options: dict[str, Any] | None = None) -> Loss:
 def _test_metrics(model, data_dir: Path, batch_size: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Test metrics; on cascade data (a ``stage`` column) also Recall@K, NDCG@K and cascade recall."""
     if model.schema.has_stage:
-        from prerank.evaluate.listwise import evaluate_listwise
-
         return evaluate_listwise(model, data_dir, "test", batch_size=batch_size)
     return evaluate_split(model, data_dir, "test", batch_size)
 
