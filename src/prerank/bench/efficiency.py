@@ -3,7 +3,8 @@
 One request = one user and N candidate items (DESIGN.md "Definitions": latency). For every model,
 candidate count N and thread count it measures, in process and under :func:`torch.inference_mode`:
 
-- ``cached``: what the server runs per request, ``score(encode_user(user), gathered item states, pair)``
+- ``cached``: what the server runs per request, ``score_cached(encode_user(user), item cache, rows, pair)``
+  (``score`` of the gathered item states, or a model's fused native kernel, :mod:`prerank.kernels`)
   (:meth:`~prerank.serve.scorer.Scorer.logits`) on already-validated tensors;
 - ``scorer``: :meth:`~prerank.serve.scorer.Scorer.score` from plain Python lists, i.e. ``cached`` plus
   input validation and conversion (what an HTTP request adds before the network);
@@ -35,6 +36,7 @@ from prerank.bench.cost import score_cost, state_bytes_per_row
 from prerank.data.batch import Batch
 from prerank.data.parquet import BatchStream, ParquetSplit
 from prerank.io import atomic_write_text
+from prerank.kernels import native
 from prerank.models.base import PreRanker
 from prerank.models.registry import build_model
 from prerank.schema import Schema
@@ -223,6 +225,7 @@ def machine_info(gflops: float) -> dict[str, Any]:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "matmul_gflops_1thread": round(gflops, 2),
+        "native_kernels": native.status(),
     }
 
 
@@ -324,8 +327,9 @@ def run_bench(targets: list[BenchTarget], data_dir: str | Path, config: BenchCon
 def profile_score(target: BenchTarget, data_dir: str | Path, n: int, repeats: int = 5, top: int = 8) -> str:
     """Where one request of ``n`` candidates spends its time on 1 thread.
 
-    Returns the median milliseconds of ``encode_user``, the cache gather and ``score``, then torch.profiler's
-    table of the ``top`` operators of ``score`` by self CPU time, grouped by input shape, so a model that
+    Returns the median milliseconds of ``encode_user``, the cache gather, ``score`` and ``score_cached`` (what
+    the scorer runs: gather + ``score``, or a fused native kernel), then torch.profiler's table of the ``top``
+    operators of ``score_cached`` by self CPU time, grouped by input shape, so a model that
     misses its FLOP bound shows which operator (and which shapes) to fix.
     """
     from torch.profiler import ProfilerActivity, profile
@@ -343,18 +347,19 @@ def profile_score(target: BenchTarget, data_dir: str | Path, n: int, repeats: in
                 "encode_user": lambda _: model.encode_user(user_batch),
                 "gather": lambda _: cache.gather(rows),
                 "score": lambda _: model.score(user, items, pair),
+                "score_cached": lambda _: model.score_cached(user, cache.states, rows, pair),
             }
             split = {k: float(np.median(time_calls(fn, [None], repeats * 4, 2)[0])) for k, fn in steps.items()}
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 for _ in range(repeats):
-                    model.score(user, items, pair)
+                    model.score_cached(user, cache.states, rows, pair)
     finally:
         torch.set_num_threads(before)
     table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=32, max_shapes_column_width=64
     )
     times = ", ".join(f"{k} {v:.3f} ms" for k, v in split.items())
-    return f"{target.name}, one request of N={n} on 1 thread: {times}\nscore, {repeats} calls:\n{table}"
+    return f"{target.name}, one request of N={n} on 1 thread: {times}\nscore_cached, {repeats} calls:\n{table}"
 
 
 # ----------------------------------------------------------------------------------- reports
@@ -391,9 +396,11 @@ def markdown(records: list[dict]) -> str:
         "# prerank serving benchmark",
         "",
         f"Machine: {machine.get('cpu')} ({machine.get('cpu_count')} logical CPUs), torch {machine.get('torch')}, "
-        f"single-thread fp32 matmul {machine.get('matmul_gflops_1thread')} GFLOP/s (measured in this run).",
+        f"single-thread fp32 matmul {machine.get('matmul_gflops_1thread')} GFLOP/s (measured in this run), "
+        f"native kernels {machine.get('native_kernels')}.",
         "",
-        "cached = encode_user + item-cache gather + score; scorer = cached + validation from Python lists; "
+        "cached = encode_user + score_cached (item-cache gather + score, or a fused native kernel); "
+        "scorer = cached + validation from Python lists; "
         "full = model(batch) of N rows. Latencies are per request (one user, N candidates); CPU ms is the "
         "process CPU time of a request (less disturbed by other load than wall time). "
         f"Target: p50 cached <= max({TARGET_FACTOR:g} x FLOP bound, {TARGET_FLOOR_MS} ms).",

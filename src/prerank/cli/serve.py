@@ -118,7 +118,9 @@ def bench_cmd(
     )
     targets = [target_from_artifact(a, data) for a in artifacts] + [target_from_model(m, data) for m in models]
     records = run_bench(targets, data, config)
-    table = Table(title=f"prerank bench ({records[0]['machine']['matmul_gflops_1thread']} GFLOP/s 1-thread matmul)")
+    machine = records[0]["machine"]
+    gflops, kernels = machine["matmul_gflops_1thread"], machine["native_kernels"]
+    table = Table(title=f"prerank bench ({gflops} GFLOP/s 1-thread matmul, native kernels {kernels})")
     for head, _, _ in COLUMNS:
         table.add_column(head, justify="right")
     for row in table_rows(records):

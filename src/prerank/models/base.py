@@ -74,6 +74,14 @@ class PreRanker(nn.Module):
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
         raise NotImplementedError
 
+    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
+        """``score`` of the item-cache rows ``rows`` ``[N]`` (``cache``: every state key ``[M + 1, ...]``).
+
+        What the online scorer runs per request. This default gathers the rows and calls :meth:`score`; a
+        model may override it to read the rows straight from the cache (a fused gather) with equal results.
+        """
+        return self.score(user, {k: v.index_select(0, rows) for k, v in cache.items()}, pair)
+
     def forward(self, batch: Batch) -> Tensor:
         return self.score(self.encode_user(batch), self.encode_item(batch), batch)
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
+from prerank.kernels.sum_max import sum_max_rows
 from prerank.layers.attention import DINAttention
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.fit_parts import (
@@ -255,6 +256,19 @@ class FIT(PreRanker):
             )
         inputs = {k: broadcast_rows(v, n) for k, v in user.items()}
         return self.scorer(self.scorer.user_part(self._interact(inputs, item["query"])), item["item"])
+
+    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
+        """Serving one user with the "w SumMax" scorer: the native fused gather + sum-max kernel
+        (:mod:`prerank.kernels.sum_max`, each row against its meta vector's user row) where it is available;
+        every other case is :meth:`score` of the gathered rows."""
+        mqm = self.config.use_mqm
+        one_user = "user" in user and user["user"].shape[0] == 1 and (not mqm or "meta_index" in cache)
+        if isinstance(self.scorer, SumMaxScorer) and one_user and not torch.is_grad_enabled():
+            u, meta = (user["user"][0], cache["meta_index"]) if mqm else (user["user"], None)
+            out = sum_max_rows(u, cache["item"], rows, meta, float(self.scorer.bias))
+            if out is not None:
+                return out
+        return super().score_cached(user, cache, rows, pair)
 
     def _pick(self, user: Tensor, item: State, n: int) -> tuple[Tensor, Tensor | None]:
         """The user part for each candidate from ``[B_u, M, *U]`` (B_u in {1, N}): ``[N, *U]`` and no index, or,

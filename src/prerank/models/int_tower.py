@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
+from prerank.kernels.sum_max import sum_max_rows
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.field import LightSE
 from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
@@ -123,6 +124,16 @@ class IntTower(PreRanker):
             return _sum_max_one_user(u[0], v) + self.bias
         sim = torch.einsum("nhd,nkd->nhk", u, v)  # [N, L*H_u, H_i]; B_u = 1 broadcasts
         return sim.amax(-1).sum(-1) + self.bias
+
+    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
+        """Serving one user: the native fused gather + sum-max kernel (:mod:`prerank.kernels.sum_max`) where it
+        is available, else :meth:`score` of the gathered rows."""
+        u = user["heads"]
+        if u.shape[0] == 1 and not torch.is_grad_enabled():
+            out = sum_max_rows(u[0].flatten(0, 1)[None], cache["heads"], rows, bias=float(self.bias))
+            if out is not None:
+                return out
+        return super().score_cached(user, cache, rows, pair)
 
     def cir_loss(self, batch: Batch, user: State, item: State) -> Tensor:
         """In-batch contrastive loss of positive rows (0 with the graph kept when there is none)."""

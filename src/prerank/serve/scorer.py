@@ -147,6 +147,15 @@ class Scorer:
         self.manifest = manifest or {}
         self.required_user, self.required_cross = _required_features(model)
         torch.set_num_threads(threads)
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Score the unknown item (cache row 0) for an all-unknown user once, so that the first real request
+        does not pay for building native kernels (:mod:`prerank.kernels`) or first-use allocations."""
+        user = Batch(features={f.name: _unknown(f, 1) for f in self.schema.tower("user", "context")})
+        cross = self.schema.tower("cross")
+        pair = Batch(features={f.name: _unknown(f, 1) for f in cross}) if cross else None
+        self.logits(user, torch.zeros(1, dtype=torch.int64), pair)
 
     @classmethod
     def load(
@@ -278,11 +287,11 @@ class Scorer:
     # ------------------------------------------------------------------------------- scoring
 
     def logits(self, user: Batch, rows: Tensor, pair: Batch | None) -> Tensor:
-        """``score(encode_user(user), cache rows, pair)``: logits ``[N]`` for cache ``rows`` ``[N]``."""
+        """Logits ``[N]`` of cache ``rows`` ``[N]``: ``model.score_cached(encode_user(user), cache, rows, pair)``."""
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         with torch.inference_mode():
-            return self.model.score(self.model.encode_user(user), self.cache.gather(rows), pair)
+            return self.model.score_cached(self.model.encode_user(user), self.cache.states, rows, pair)
 
     def score(
         self,

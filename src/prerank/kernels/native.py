@@ -1,0 +1,119 @@
+"""Compile a kernel's C source on first use with the machine's C compiler and load it with ctypes.
+
+Serving scores one user against thousands of cached items, and for late-interaction scorers the time
+in eager PyTorch goes to per-op passes over ``[N, heads, d]`` temporaries, not to arithmetic. A small C
+loop that reads each cached item row once, specialised to the model's shapes, removes those passes. It
+needs no PyTorch headers, so compiling takes a fraction of a second.
+
+- Compiler: ``$CC``, else ``cc``, else ``gcc``; flags ``-O3 -march=native`` (the library is built on the
+  machine that runs it, so the file name hashes the CPU's feature flags with the source and flags).
+- Built libraries are kept in ``$PRERANK_KERNEL_DIR``, else ``$XDG_CACHE_HOME/prerank/kernels``
+  (``~/.cache/prerank/kernels``); each is written to a temporary file and renamed into place.
+- ``PRERANK_NATIVE=0`` turns native kernels off. Without a compiler, or when compiling or loading
+  fails, :func:`library` warns once per kernel and shape and returns None: callers then run PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from importlib import resources
+from pathlib import Path
+
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120
+
+
+def enabled() -> bool:
+    """False when ``PRERANK_NATIVE=0`` (or ``false``/``off``/``no``)."""
+    return os.environ.get("PRERANK_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def compiler() -> str | None:
+    """The C compiler to use: ``$CC`` (if it resolves), else ``cc`` or ``gcc`` on PATH."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def status() -> str:
+    """One line for reports: ``on (<compiler>)`` or ``off (<why>)``."""
+    if not enabled():
+        return "off (PRERANK_NATIVE=0)"
+    cc = compiler()
+    return f"on ({cc})" if cc else "off (no C compiler: set CC or install cc/gcc)"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PRERANK_KERNEL_DIR"):
+        return Path(os.environ["PRERANK_KERNEL_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "prerank" / "kernels"
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU's feature flags (``-march=native`` code must not run on another CPU sharing the cache dir)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _build(cc: str, source: str, defines: tuple[tuple[str, int], ...], out: Path) -> None:
+    """Compile ``source`` into the shared library ``out`` (atomically); raises RuntimeError on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    src = tmp.with_suffix(".c")
+    try:
+        src.write_text(source)
+        cmd = [cc, *FLAGS, *(f"-D{k}={v}" for k, v in defines), "-o", str(tmp), str(src)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"compiling {out.name} failed: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+        src.unlink(missing_ok=True)
+
+
+@functools.cache
+def library(name: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
+    """The kernel ``prerank/kernels/<name>.c`` compiled with ``defines``, or None (see the module docstring).
+
+    Cached per process; a library file that exists but does not load (truncated, wrong architecture) is
+    rebuilt once.
+    """
+    if not enabled():
+        return None
+    cc = compiler()
+    if cc is None:
+        warnings.warn(f"prerank: {status()}; the {name} kernel falls back to PyTorch", RuntimeWarning, stacklevel=2)
+        return None
+    source = resources.files("prerank.kernels").joinpath(f"{name}.c").read_text()
+    key = "\n".join([source, cc, " ".join(FLAGS), repr(defines), _cpu_fingerprint()])
+    path = cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
+    try:
+        if not path.exists():
+            _build(cc, source, defines, path)
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError:
+            _build(cc, source, defines, path)
+            return ctypes.CDLL(str(path))
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"prerank: native kernel {name} unavailable ({e}); using PyTorch", RuntimeWarning, stacklevel=2)
+        return None

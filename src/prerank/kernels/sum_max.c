@@ -1,0 +1,69 @@
+/* Fused gather + sum-max late interaction (IntTower's FE-Block, FIT's "w SumMax" ablation), one user:
+ *
+ *   out[i] = bias + sum_h max_j < U[m_i, h], V[rows[i], j] >,   m_i = meta ? meta[rows[i]] : 0
+ *
+ * U comes transposed and padded, ut[m][k][hp] (hp < HP; columns h >= H are zero, so their lanes add 0),
+ * so that for each k one broadcast of V[j][k] updates a vector of user heads. The accumulators of CB
+ * vectors of user heads for all HV item heads stay in registers; the item row is read straight from
+ * the cache (no gathered copy) and the row PF candidates ahead is prefetched. The sum over user heads
+ * runs in vector lanes and is reduced pairwise once per candidate (a serial chain of H scalar adds
+ * cost about a quarter of the time), so it differs from PyTorch's order by rounding only.
+ *
+ * Compile-time shape: H (user heads), HV (item heads), D (head width), W (vector lanes), NV (vectors of
+ * user heads, a multiple of CB), CB (vectors per register block). Returns 0, or -1-i for the first
+ * candidate i whose row or meta index is out of range (the scores before it are written, none after).
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+#define HP (NV * W)
+#define PF 4
+
+static inline vf vmax(vf a, vf b) {
+    vi gt = b > a;
+    return (vf)((gt & (vi)b) | (~gt & (vi)a));
+}
+
+int64_t sum_max(const float *ut, int64_t num_meta, const int64_t *meta, const float *cache, int64_t num_rows,
+                const int64_t *rows, int64_t n, float bias, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = rows[i];
+        if (r < 0 || r >= num_rows) return -1 - i;
+        const int64_t m = meta ? meta[r] : 0;
+        if (m < 0 || m >= num_meta) return -1 - i;
+        if (i + PF < n && rows[i + PF] >= 0 && rows[i + PF] < num_rows) {
+            const char *p = (const char *)(cache + rows[i + PF] * (HV * D));
+            for (int b = 0; b < HV * D * 4; b += 64) __builtin_prefetch(p + b);
+        }
+        const float *v = cache + r * (HV * D);
+        const float *u = ut + m * (D * HP);
+        vf sum = (vf){0};
+        for (int c0 = 0; c0 < NV; c0 += CB) {
+            vf acc[HV][CB];
+            for (int j = 0; j < HV; j++)
+                for (int c = 0; c < CB; c++) acc[j][c] = (vf){0};
+            for (int k = 0; k < D; k++) {
+                vf uk[CB];
+                memcpy(uk, u + k * HP + c0 * W, sizeof uk);
+                for (int j = 0; j < HV; j++) {
+                    const float s = v[j * D + k];
+                    for (int c = 0; c < CB; c++) acc[j][c] += s * uk[c];
+                }
+            }
+            for (int c = 0; c < CB; c++) {
+                vf best = acc[0][c];
+                for (int j = 1; j < HV; j++) best = vmax(best, acc[j][c]);
+                sum += best;
+            }
+        }
+        /* padded user heads have zero columns, so their lanes add 0 */
+        float lanes[W];
+        memcpy(lanes, &sum, sizeof lanes);
+        for (int w = W / 2; w > 0; w /= 2)
+            for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
+        out[i] = bias + lanes[0];
+    }
+    return 0;
+}

@@ -1,0 +1,148 @@
+"""The native sum-max kernel: equal to the PyTorch path, bounds-checked, and optional (every way it can be
+unavailable falls back to PyTorch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from prerank.data.batch import Batch
+from prerank.kernels import native
+from prerank.kernels import sum_max as sm
+from prerank.models.fit import FIT, FITConfig
+from prerank.models.registry import build_model
+from prerank.serve.export import build_item_cache
+from prerank.serve.scorer import Scorer
+
+needs_cc = pytest.mark.skipif(
+    native.compiler() is None, reason="no C compiler (cc/gcc or $CC): the native kernel cannot be built here"
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test builds into its own directory and resolves libraries anew."""
+    monkeypatch.setenv("PRERANK_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.delenv("PRERANK_NATIVE", raising=False)
+    native.library.cache_clear()
+    sm._kernel.cache_clear()
+    yield
+    native.library.cache_clear()
+    sm._kernel.cache_clear()
+
+
+def reference(user: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor | None, bias: float):
+    u = user.index_select(0, meta[rows]) if meta is not None else user.expand(len(rows), -1, -1)
+    return torch.einsum("nid,njd->nij", u, cache[rows]).amax(-1).sum(-1) + bias
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    ("m", "heads", "item_heads", "dim"),
+    [(1, 24, 8, 16), (16, 4, 4, 8), (3, 5, 30, 7), (1, 1, 1, 1), (2, 40, 3, 64), (1, 17, 5, 3)],
+)
+def test_matches_pytorch(m: int, heads: int, item_heads: int, dim: int) -> None:
+    cache = torch.randn(50, item_heads, dim)
+    rows = torch.randint(0, 50, (301,))
+    user = torch.randn(m, heads, dim)
+    meta = torch.randint(0, m, (50,)) if m > 1 else None
+    with torch.inference_mode():
+        out = sm.sum_max_rows(user, cache, rows, meta, bias=0.25)
+        assert out is not None
+        torch.testing.assert_close(out, reference(user, cache, rows, meta, 0.25), rtol=1e-5, atol=1e-4)
+    assert list((Path(native.cache_dir())).glob("sum_max-*.so")), "the built library is kept for the next process"
+
+
+@needs_cc
+def test_out_of_range_rows_and_meta_are_errors() -> None:
+    cache, user = torch.randn(10, 2, 4), torch.randn(3, 2, 4)
+    meta = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 7])
+    with torch.inference_mode():
+        with pytest.raises(IndexError, match="candidate 2: row 10 outside"):
+            sm.sum_max_rows(user[:1], cache, torch.tensor([1, 2, 10]))
+        with pytest.raises(IndexError, match="candidate 0: row -1 outside"):
+            sm.sum_max_rows(user[:1], cache, torch.tensor([-1]))
+        with pytest.raises(IndexError, match="candidate 1: meta index 7 of row 9 outside"):
+            sm.sum_max_rows(user, cache, torch.tensor([0, 9]), meta)
+
+
+def test_bad_shapes_and_autograd_are_errors() -> None:
+    with pytest.raises(ValueError, match="one d"):
+        sm.sum_max_rows(torch.randn(1, 2, 4), torch.randn(5, 2, 3), torch.tensor([0]))
+    with pytest.raises(ValueError, match="one user row"):
+        sm.sum_max_rows(torch.randn(2, 2, 4), torch.randn(5, 2, 4), torch.tensor([0]))
+    with pytest.raises(ValueError, match="no backward"):
+        sm.sum_max_rows(torch.randn(1, 2, 4, requires_grad=True), torch.randn(5, 2, 4), torch.tensor([0]))
+
+
+def test_disabled_or_without_compiler_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = (torch.randn(1, 2, 4), torch.randn(5, 2, 4), torch.tensor([0, 3]))
+    monkeypatch.setenv("PRERANK_NATIVE", "0")
+    assert sm.sum_max_rows(*args) is None
+    assert native.status() == "off (PRERANK_NATIVE=0)"
+    monkeypatch.setenv("PRERANK_NATIVE", "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    native.library.cache_clear()
+    sm._kernel.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert sm.sum_max_rows(*args) is None
+    assert sm.sum_max_rows(torch.randn(1, 2, 4).double(), torch.randn(5, 2, 4).double(), args[2]) is None
+
+
+@needs_cc
+def test_a_compile_error_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: internal error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.warns(RuntimeWarning, match="internal error"):
+        assert sm.sum_max_rows(torch.randn(1, 2, 4), torch.randn(5, 2, 4), torch.tensor([0])) is None
+    assert not list(native.cache_dir().glob("*.so")), "a failed build leaves no library behind"
+
+
+@needs_cc
+def test_a_corrupt_library_is_rebuilt() -> None:
+    args = (torch.randn(1, 3, 4), torch.randn(5, 2, 4), torch.tensor([0, 4]))
+    with torch.inference_mode():
+        first = sm.sum_max_rows(*args)
+    (lib,) = native.cache_dir().glob("sum_max-*.so")
+    lib.unlink()  # a new file: this process still maps the old one, which must not change under it
+    lib.write_bytes(b"not a shared library")
+    native.library.cache_clear()
+    sm._kernel.cache_clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(sm.sum_max_rows(*args), first)
+
+
+@needs_cc
+@pytest.mark.parametrize("name", ["int_tower", "fit_summax", "fit_summax_no_mqm"])
+def test_models_score_from_the_cache_as_from_gathered_states(
+    name: str, schema, batch, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if name == "fit_summax_no_mqm":
+        model = FIT(schema, FITConfig(scorer="summax", use_mqm=False)).eval()
+    else:
+        model = build_model(name, schema).eval()
+    cache = build_item_cache(model, tiny_dataset)
+    one_user = Batch(features={k: v[:1] for k, v in batch.features.items()})
+    rows = torch.randint(0, cache.num_items + 1, (200,))
+    with torch.inference_mode():
+        user = model.encode_user(one_user)
+        fused = model.score_cached(user, cache.states, rows)
+        torch.testing.assert_close(fused, model.score(user, cache.gather(rows)), rtol=1e-5, atol=1e-4)
+    assert list(native.cache_dir().glob("sum_max-*.so")), "the model took the native path"
+    monkeypatch.setenv("PRERANK_NATIVE", "0")
+    native.library.cache_clear()
+    sm._kernel.cache_clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(model.score_cached(user, cache.states, rows), fused, rtol=1e-5, atol=1e-4)
+
+
+@needs_cc
+def test_scorer_builds_the_kernel_before_the_first_request(schema, tiny_dataset: Path) -> None:
+    model = build_model("int_tower", schema).eval()
+    Scorer(model, build_item_cache(model, tiny_dataset))
+    assert list(native.cache_dir().glob("sum_max-*.so"))
