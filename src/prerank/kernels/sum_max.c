@@ -3,14 +3,15 @@
  *   out[i] = bias + sum_h max_j < U[m_i, h], V[rows[i], j] >,   m_i = meta ? meta[rows[i]] : 0
  *
  * U comes transposed and padded, ut[m][k][hp] (hp < HP; columns h >= H are zero, so their lanes add 0),
- * so that for each k one broadcast of V[j][k] updates a vector of user heads. The accumulators of CB
- * vectors of user heads for all HV item heads stay in registers; the item row is read straight from
- * the cache (no gathered copy) and the row PF candidates ahead is prefetched. The sum over user heads
+ * so that for each k one broadcast of V[j][k] updates a vector of W user heads. Per vector of user heads
+ * the HV accumulators stay in registers (one vector at a time measured faster than two: fewer live
+ * registers; the item row is re-read from L1); the item row is read straight from the cache (no
+ * gathered copy) and the row PF candidates ahead is prefetched. The sum over user heads
  * runs in vector lanes and is reduced pairwise once per candidate (a serial chain of H scalar adds
  * cost about a quarter of the time), so it differs from PyTorch's order by rounding only.
  *
  * Compile-time shape: H (user heads), HV (item heads), D (head width), W (vector lanes), NV (vectors of
- * user heads, a multiple of CB), CB (vectors per register block). Returns 0, or -1-i for the first
+ * W user heads, HP = NV * W >= H). Returns 0, or -1-i for the first
  * candidate i whose row or meta index is out of range (the scores before it are written, none after).
  */
 #include <stdint.h>
@@ -40,23 +41,17 @@ int64_t sum_max(const float *ut, int64_t num_meta, const int64_t *meta, const fl
         const float *v = cache + r * (HV * D);
         const float *u = ut + m * (D * HP);
         vf sum = (vf){0};
-        for (int c0 = 0; c0 < NV; c0 += CB) {
-            vf acc[HV][CB];
-            for (int j = 0; j < HV; j++)
-                for (int c = 0; c < CB; c++) acc[j][c] = (vf){0};
+        for (int c = 0; c < NV; c++) {
+            vf acc[HV];
+            for (int j = 0; j < HV; j++) acc[j] = (vf){0};
             for (int k = 0; k < D; k++) {
-                vf uk[CB];
-                memcpy(uk, u + k * HP + c0 * W, sizeof uk);
-                for (int j = 0; j < HV; j++) {
-                    const float s = v[j * D + k];
-                    for (int c = 0; c < CB; c++) acc[j][c] += s * uk[c];
-                }
+                vf uk;
+                memcpy(&uk, u + k * HP + c * W, sizeof uk);
+                for (int j = 0; j < HV; j++) acc[j] += v[j * D + k] * uk;
             }
-            for (int c = 0; c < CB; c++) {
-                vf best = acc[0][c];
-                for (int j = 1; j < HV; j++) best = vmax(best, acc[j][c]);
-                sum += best;
-            }
+            vf best = acc[0];
+            for (int j = 1; j < HV; j++) best = vmax(best, acc[j]);
+            sum += best;
         }
         /* padded user heads have zero columns, so their lanes add 0 */
         float lanes[W];

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from prerank.kernels.native import library
 
-_REGISTERS = 24  # accumulator vectors kept in registers (AVX-512 has 32, AVX2 16 + spills)
 _ARGTYPES = [
     ctypes.c_void_p,
     ctypes.c_int64,
@@ -34,10 +33,7 @@ _ARGTYPES = [
 def _shape_defines(heads: int, item_heads: int, dim: int) -> tuple[tuple[str, int], ...]:
     """Compile-time shape: 16 lanes for wide user-head rows, 8 for narrow ones (measured faster there)."""
     lanes = 16 if heads > 8 else 8
-    vectors = -(-heads // lanes)
-    block = max(1, min(vectors, _REGISTERS // item_heads))
-    vectors = -(-vectors // block) * block
-    return (("H", heads), ("HV", item_heads), ("D", dim), ("W", lanes), ("NV", vectors), ("CB", block))
+    return (("H", heads), ("HV", item_heads), ("D", dim), ("W", lanes), ("NV", -(-heads // lanes)))
 
 
 @functools.cache
