@@ -49,7 +49,11 @@ def status() -> str:
     if not enabled():
         return "off (PRERANK_NATIVE=0)"
     cc = compiler()
-    return f"on ({cc})" if cc else "off (no C compiler: set CC or install cc/gcc)"
+    if cc:
+        return f"on ({cc})"
+    if os.environ.get("CC"):
+        return f"off (no C compiler: $CC={os.environ['CC']!r} not found)"
+    return "off (no C compiler: set CC or install cc/gcc)"
 
 
 def cache_dir() -> Path:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.kernels.scorers import dot_rows, fc_rows, lss_rows, sum_max_rows
+
 
 def gather_rows(user: Tensor, index: Tensor | None) -> Tensor:
     """``user[index]`` as a new tensor ``[N, *U]`` (a row gather; advanced indexing is several times slower), or
@@ -157,6 +159,19 @@ class LightweightSimilarityScorer(nn.Module):
         """Item heads ``V`` ``[N, H_v, d]`` -> ``X_i = sum_j W_ij V_j`` ``[N, H_u, d]``."""
         return torch.einsum("ij,njd->nid", self.row_weight, heads)
 
+    def native(self, user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None) -> Tensor | None:
+        """``forward`` of cache ``rows`` read from the item cache (:func:`prerank.kernels.scorers.lss_rows`)."""
+        return lss_rows(
+            user,
+            cache,
+            rows,
+            meta,
+            row_bias=self.row_bias,
+            slope=self.activation.weight,
+            weight=self.column.weight[0],
+            out_bias=float(self.column.bias),
+        )
+
     def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
         """User heads ``U`` ``[N, H_u, d]`` (or ``[M, H_u, d]`` picked by ``index``), mixed item heads ``X``
         ``[N, H_u, d]`` -> logits ``[N]``.
@@ -192,6 +207,10 @@ class SumMaxScorer(nn.Module):
     def item_part(self, v: Tensor) -> Tensor:
         return self.item_proj(v).unflatten(-1, (self.item_heads, self.head_dim))
 
+    def native(self, user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None) -> Tensor | None:
+        """``forward`` of cache ``rows`` read from the item cache (:func:`prerank.kernels.scorers.sum_max_rows`)."""
+        return sum_max_rows(user, cache, rows, meta, bias=float(self.bias))
+
     def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
         sim = torch.einsum("nid,njd->nij", gather_rows(user, index), item)
         return sim.amax(-1).sum(-1) + self.bias
@@ -209,6 +228,10 @@ class DotScorer(nn.Module):
 
     def item_part(self, v: Tensor) -> Tensor:
         return v
+
+    def native(self, user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None) -> Tensor | None:
+        """``forward`` of cache ``rows`` read from the item cache (:func:`prerank.kernels.scorers.dot_rows`)."""
+        return dot_rows(user, cache, rows, meta, bias=float(self.bias))
 
     def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
         return row_product(user, item, index).sum(-1) + self.bias
@@ -235,6 +258,10 @@ class FCScorer(nn.Module):
 
     def item_part(self, v: Tensor) -> Tensor:
         return self.item_proj(v)
+
+    def native(self, user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None) -> Tensor | None:
+        """``forward`` of cache ``rows`` read from the item cache (:func:`prerank.kernels.scorers.fc_rows`)."""
+        return fc_rows(user, cache, rows, meta, weight=self.out.weight[0], out_bias=float(self.out.bias))
 
     def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
         # the sum is a new tensor (a fresh gather, added to in place), so the ReLU can overwrite it

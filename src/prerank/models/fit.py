@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
-from prerank.kernels.sum_max import sum_max_rows
 from prerank.layers.attention import DINAttention
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.fit_parts import (
@@ -258,14 +257,14 @@ class FIT(PreRanker):
         return self.scorer(self.scorer.user_part(self._interact(inputs, item["query"])), item["item"])
 
     def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
-        """Serving one user with the "w SumMax" scorer: the native fused gather + sum-max kernel
-        (:mod:`prerank.kernels.sum_max`, each row against its meta vector's user row) where it is available;
-        every other case is :meth:`score` of the gathered rows."""
+        """Serving one user: the scorer's native fused gather + score kernel (``native``, see
+        :mod:`prerank.kernels.scorers`; each cache row against its meta vector's user row) where it is
+        available; every other case is :meth:`score` of the gathered rows."""
         mqm = self.config.use_mqm
         one_user = "user" in user and user["user"].shape[0] == 1 and (not mqm or "meta_index" in cache)
-        if isinstance(self.scorer, SumMaxScorer) and one_user and not torch.is_grad_enabled():
+        if one_user and "item" in cache and not torch.is_grad_enabled():
             u, meta = (user["user"][0], cache["meta_index"]) if mqm else (user["user"], None)
-            out = sum_max_rows(u, cache["item"], rows, meta, float(self.scorer.bias))
+            out = self.scorer.native(u, cache["item"], rows, meta)
             if out is not None:
                 return out
         return super().score_cached(user, cache, rows, pair)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
-from prerank.kernels.sum_max import sum_max_rows
+from prerank.kernels.scorers import sum_max_rows
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.field import LightSE
 from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
@@ -126,7 +126,7 @@ class IntTower(PreRanker):
         return sim.amax(-1).sum(-1) + self.bias
 
     def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
-        """Serving one user: the native fused gather + sum-max kernel (:mod:`prerank.kernels.sum_max`) where it
+        """Serving one user: the native fused gather + sum-max kernel (:mod:`prerank.kernels.scorers`) where it
         is available, else :meth:`score` of the gathered rows."""
         u = user["heads"]
         if u.shape[0] == 1 and not torch.is_grad_enabled():

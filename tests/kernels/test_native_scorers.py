@@ -1,5 +1,5 @@
-"""The native sum-max kernel: equal to the PyTorch path, bounds-checked, and optional (every way it can be
-unavailable falls back to PyTorch)."""
+"""The native scorers (sum-max, dot): equal to the PyTorch path, bounds-checked, and optional (every way
+they can be unavailable falls back to PyTorch)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 
 from prerank.data.batch import Batch
 from prerank.kernels import native
-from prerank.kernels import sum_max as sm
+from prerank.kernels import scorers as sm
+from prerank.layers.fit_parts import DotScorer, FCScorer, LightweightSimilarityScorer, SumMaxScorer
 from prerank.models.fit import FIT, FITConfig
 from prerank.models.registry import build_model
 from prerank.serve.export import build_item_cache
@@ -28,10 +29,10 @@ def _fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.setenv("PRERANK_KERNEL_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv("PRERANK_NATIVE", raising=False)
     native.library.cache_clear()
-    sm._kernel.cache_clear()
+    sm._function.cache_clear()
     yield
     native.library.cache_clear()
-    sm._kernel.cache_clear()
+    sm._function.cache_clear()
 
 
 def reference(user: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor | None, bias: float):
@@ -53,7 +54,45 @@ def test_matches_pytorch(m: int, heads: int, item_heads: int, dim: int) -> None:
         out = sm.sum_max_rows(user, cache, rows, meta, bias=0.25)
         assert out is not None
         torch.testing.assert_close(out, reference(user, cache, rows, meta, 0.25), rtol=1e-5, atol=1e-4)
-    assert list((Path(native.cache_dir())).glob("sum_max-*.so")), "the built library is kept for the next process"
+    assert list((Path(native.cache_dir())).glob("*.so")), "the built library is kept for the next process"
+
+
+@needs_cc
+@pytest.mark.parametrize(("m", "dim"), [(1, 64), (1, 1), (4, 7), (16, 100), (2, 16)])
+def test_dot_matches_pytorch(m: int, dim: int) -> None:
+    cache, user = torch.randn(50, dim), torch.randn(m, dim)
+    rows = torch.randint(0, 50, (301,))
+    meta = torch.randint(0, m, (50,)) if m > 1 else None
+    u = user[meta[rows]] if meta is not None else user
+    with torch.inference_mode():
+        out = sm.dot_rows(user, cache, rows, meta, scale=2.5, bias=-0.5)
+    assert out is not None
+    torch.testing.assert_close(out, (u * cache[rows]).sum(-1) * 2.5 - 0.5, rtol=1e-5, atol=1e-4)
+
+
+@needs_cc
+@pytest.mark.parametrize("kind", ["lss", "fc", "dot", "summax"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_fit_scorers_native_equals_forward(kind: str, m: int) -> None:
+    """Each FIT scorer's ``native`` (read from the cache) equals its ``forward`` on gathered rows."""
+    scorer = {
+        "lss": LightweightSimilarityScorer(12, 4, 3, 8),
+        "fc": FCScorer(12, 32),
+        "dot": DotScorer(),
+        "summax": SumMaxScorer(12, 4, 3, 8),
+    }[kind]
+    with torch.no_grad():  # non-trivial biases and PReLU slopes
+        for p in scorer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    with torch.inference_mode():
+        user = scorer.user_part(torch.randn(m, 12))
+        cache = scorer.item_part(torch.randn(40, 12))
+        rows = torch.randint(0, 40, (257,))
+        meta = torch.randint(0, m, (40,)) if m > 1 else None
+        out = scorer.native(user, cache, rows, meta)
+        expected = scorer(user, cache[rows], meta[rows]) if meta is not None else scorer(user, cache[rows])
+    assert out is not None
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
 
 
 @needs_cc
@@ -67,13 +106,17 @@ def test_out_of_range_rows_and_meta_are_errors() -> None:
             sm.sum_max_rows(user[:1], cache, torch.tensor([-1]))
         with pytest.raises(IndexError, match="candidate 1: meta index 7 of row 9 outside"):
             sm.sum_max_rows(user, cache, torch.tensor([0, 9]), meta)
+        with pytest.raises(IndexError, match="candidate 1: row 10 outside"):
+            sm.dot_rows(user[:1, 0], cache[:, 0], torch.tensor([0, 10]))
 
 
 def test_bad_shapes_and_autograd_are_errors() -> None:
-    with pytest.raises(ValueError, match="one d"):
+    with pytest.raises(ValueError, match="same last dimension"):
         sm.sum_max_rows(torch.randn(1, 2, 4), torch.randn(5, 2, 3), torch.tensor([0]))
-    with pytest.raises(ValueError, match="one user row"):
+    with pytest.raises(ValueError, match="one user row, got 2"):
         sm.sum_max_rows(torch.randn(2, 2, 4), torch.randn(5, 2, 4), torch.tensor([0]))
+    with pytest.raises(ValueError, match="1-d"):
+        sm.sum_max_rows(torch.randn(1, 2, 4), torch.randn(5, 2, 4), torch.tensor([[0]]))
     with pytest.raises(ValueError, match="no backward"):
         sm.sum_max_rows(torch.randn(1, 2, 4, requires_grad=True), torch.randn(5, 2, 4), torch.tensor([0]))
 
@@ -86,8 +129,8 @@ def test_disabled_or_without_compiler_falls_back(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("PRERANK_NATIVE", "1")
     monkeypatch.setenv("CC", "/nonexistent/cc")
     native.library.cache_clear()
-    sm._kernel.cache_clear()
-    with pytest.warns(RuntimeWarning, match="no C compiler"):
+    sm._function.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no C compiler: \\$CC='/nonexistent/cc' not found"):
         assert sm.sum_max_rows(*args) is None
     assert sm.sum_max_rows(torch.randn(1, 2, 4).double(), torch.randn(5, 2, 4).double(), args[2]) is None
 
@@ -108,17 +151,20 @@ def test_a_corrupt_library_is_rebuilt() -> None:
     args = (torch.randn(1, 3, 4), torch.randn(5, 2, 4), torch.tensor([0, 4]))
     with torch.inference_mode():
         first = sm.sum_max_rows(*args)
-    (lib,) = native.cache_dir().glob("sum_max-*.so")
+    (lib,) = native.cache_dir().glob("*.so")
     lib.unlink()  # a new file: this process still maps the old one, which must not change under it
     lib.write_bytes(b"not a shared library")
     native.library.cache_clear()
-    sm._kernel.cache_clear()
+    sm._function.cache_clear()
     with torch.inference_mode():
         torch.testing.assert_close(sm.sum_max_rows(*args), first)
 
 
+NATIVE_MODELS = ["int_tower", "two_tower", "dat", "fit", "fit_no_mqm", "fit_no_lss", "fit_summax", "fit_fc"]
+
+
 @needs_cc
-@pytest.mark.parametrize("name", ["int_tower", "fit_summax", "fit_summax_no_mqm"])
+@pytest.mark.parametrize("name", [*NATIVE_MODELS, "fit_summax_no_mqm"])
 def test_models_score_from_the_cache_as_from_gathered_states(
     name: str, schema, batch, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,10 +179,10 @@ def test_models_score_from_the_cache_as_from_gathered_states(
         user = model.encode_user(one_user)
         fused = model.score_cached(user, cache.states, rows)
         torch.testing.assert_close(fused, model.score(user, cache.gather(rows)), rtol=1e-5, atol=1e-4)
-    assert list(native.cache_dir().glob("sum_max-*.so")), "the model took the native path"
+    assert list(native.cache_dir().glob("*.so")), "the model took the native path"
     monkeypatch.setenv("PRERANK_NATIVE", "0")
     native.library.cache_clear()
-    sm._kernel.cache_clear()
+    sm._function.cache_clear()
     with torch.inference_mode():
         torch.testing.assert_close(model.score_cached(user, cache.states, rows), fused, rtol=1e-5, atol=1e-4)
 
@@ -145,4 +191,4 @@ def test_models_score_from_the_cache_as_from_gathered_states(
 def test_scorer_builds_the_kernel_before_the_first_request(schema, tiny_dataset: Path) -> None:
     model = build_model("int_tower", schema).eval()
     Scorer(model, build_item_cache(model, tiny_dataset))
-    assert list(native.cache_dir().glob("sum_max-*.so"))
+    assert list(native.cache_dir().glob("*.so"))

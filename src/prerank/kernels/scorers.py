@@ -1,0 +1,166 @@
+"""Native scoring of one user against item-cache rows, fused with the row gather.
+
+Two kernels, each reading a candidate's cached item state straight from the cache (no gathered copy):
+
+- :func:`sum_max_rows` (``sum_max.c``): ``bias + sum_h max_j <U[m_i, h], V[rows[i], j]>``, IntTower's
+  FE-Block score (Li et al. 2022, Sec. 3.2; one row of user heads per tower layer) and the "w SumMax"
+  ablation of FIT; neither the gathered heads nor the ``[N, H, H_v]`` similarities are materialised.
+- :func:`dot_rows` (``dot.c``): ``bias + scale * <U[m_i], V[rows[i]]>``, the Two-Tower / DAT output and
+  FIT's "w/o LSS" ablation.
+- :func:`lss_rows` (``lss.c``): the per-candidate part of FIT's Lightweight Similarity Scorer,
+  ``c0 + sum_h c_h PReLU_h(<U[m_i, h], X[rows[i], h]> + b_h)``
+  (:class:`~prerank.layers.fit_parts.LightweightSimilarityScorer`).
+- :func:`fc_rows` (``fc.c``): ``c0 + sum_k w_k ReLU(U[m_i, k] + V[rows[i], k])``, FIT's "w FC" ablation.
+
+``m_i = meta[rows[i]]`` picks the user row a cache row is scored against (FIT: one user row per meta
+vector, by the item's stored meta index); without ``meta`` there is one user row. Both return None where
+the native kernel is unavailable (:mod:`prerank.kernels.native`), and the caller runs PyTorch instead.
+Float32 only, no autograd (a gradient-carrying input is an error). They run on one thread, whatever
+``torch.get_num_threads()`` says: splitting the rows over a second Python thread measured slower on our
+2-core machines (PyTorch's OpenMP workers occupy the other core). A row outside ``[0, R)`` or a meta
+index outside ``[0, M)`` raises IndexError naming the candidate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from prerank.kernels.native import library
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# user, num_meta, meta, cache, num_rows, rows, n, [scale,] bias, out
+_SUM_MAX_ARGS = [_P, _I, _P, _P, _I, _P, _I, _F, _P]
+_DOT_ARGS = [_P, _I, _P, _P, _I, _P, _I, _F, _F, _P]
+_HEAD_ARGS = [_P, _I, _P, _P, _I, _P, _I, _P, _F, _P]  # lss / fc: ..., params, c0, out
+
+
+def _lanes(width: int) -> int:
+    """Vector lanes: 16 for wide rows, 8 for narrow ones (measured faster there)."""
+    return 16 if width > 8 else 8
+
+
+@functools.cache
+def _function(name: str, defines: tuple[tuple[str, int], ...], argtypes: tuple) -> Callable[..., int] | None:
+    lib = library(name, defines)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int64
+    return fn
+
+
+def _check(user: Tensor, user_dims: int, cache: Tensor, rows: Tensor, meta: Tensor | None) -> bool:
+    """Validate the common arguments; False where only PyTorch can score them (not float32 / int64)."""
+    if user.dim() != user_dims or cache.dim() != user_dims or user.shape[-1] != cache.shape[-1]:
+        got = f"{tuple(user.shape)} and {tuple(cache.shape)}"
+        raise ValueError(f"user and cache must be {user_dims}-d with the same last dimension, got {got}")
+    if rows.dim() != 1:
+        raise ValueError(f"rows must be 1-d, got shape {tuple(rows.shape)}")
+    if user.requires_grad or cache.requires_grad:
+        raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
+    if meta is None and user.shape[0] != 1:
+        raise ValueError(f"without meta there must be one user row, got {user.shape[0]}")
+    if meta is not None and (meta.dtype != torch.int64 or meta.shape != cache.shape[:1]):
+        raise ValueError(f"meta must be int64 [{cache.shape[0]}], got {meta.dtype} {tuple(meta.shape)}")
+    return user.dtype == cache.dtype == torch.float32 and rows.dtype == torch.int64
+
+
+def _run(
+    fn: Callable[..., int], user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None, *tail: object
+) -> Tensor:
+    """Call a kernel over all rows; decode its out-of-range report into an IndexError."""
+    cache, rows = cache.contiguous(), rows.contiguous()
+    meta = meta.contiguous() if meta is not None else None
+    out = torch.empty(rows.shape[0])
+    head = (user.data_ptr(), user.shape[0], meta.data_ptr() if meta is not None else None, cache.data_ptr())
+    err = fn(*head, cache.shape[0], rows.data_ptr(), rows.shape[0], *tail, out.data_ptr())
+    if err:
+        i = -1 - err
+        row = int(rows[i])
+        if 0 <= row < cache.shape[0] and meta is not None:
+            what = f"meta index {int(meta[row])} of row {row} outside [0, {user.shape[0]})"
+        else:
+            what = f"row {row} outside [0, {cache.shape[0]})"
+        raise IndexError(f"candidate {i}: {what}")
+    return out
+
+
+def sum_max_rows(
+    user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None = None, bias: float = 0.0
+) -> Tensor | None:
+    """``[N]`` sum-max scores of cache ``rows`` ``[N]``: ``user`` ``[M, H, d]``, ``cache`` ``[R, H_v, d]``."""
+    if not _check(user, 3, cache, rows, meta):
+        return None
+    m, heads, dim = user.shape
+    lanes = _lanes(heads)
+    vectors = -(-heads // lanes)
+    defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", lanes), ("NV", vectors))
+    fn = _function("sum_max", defines, tuple(_SUM_MAX_ARGS))
+    if fn is None:
+        return None
+    # transposed and zero-padded to whole vectors of user heads: [M, d, NV * W]
+    ut = torch.zeros(m, dim, vectors * lanes)
+    ut[:, :, :heads] = user.transpose(1, 2)
+    return _run(fn, ut, cache, rows, meta, bias)
+
+
+def dot_rows(
+    user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None = None, scale: float = 1.0, bias: float = 0.0
+) -> Tensor | None:
+    """``[N]`` dot-product scores of cache ``rows`` ``[N]``: ``user`` ``[M, D]``, ``cache`` ``[R, D]``."""
+    if not _check(user, 2, cache, rows, meta):
+        return None
+    dim = user.shape[1]
+    fn = _function("dot", (("D", dim), ("W", _lanes(dim))), tuple(_DOT_ARGS))
+    if fn is None:
+        return None
+    return _run(fn, user.contiguous(), cache, rows, meta, scale, bias)
+
+
+def lss_rows(
+    user: Tensor,
+    cache: Tensor,
+    rows: Tensor,
+    meta: Tensor | None,
+    *,
+    row_bias: Tensor,
+    slope: Tensor,
+    weight: Tensor,
+    out_bias: float,
+) -> Tensor | None:
+    """``[N]`` LSS scores of cache ``rows``: ``user`` ``[M, H, d]``, ``cache`` ``[R, H, d]`` (mixed item heads);
+    ``row_bias``, ``slope`` (PReLU) and ``weight`` (column FC) each ``[H]``."""
+    if not _check(user, 3, cache, rows, meta):
+        return None
+    heads, dim = user.shape[1:]
+    if cache.shape[1] != heads:
+        raise ValueError(f"LSS needs one mixed item head per user head: {heads} vs {cache.shape[1]}")
+    fn = _function("lss", (("H", heads), ("D", dim)), tuple(_HEAD_ARGS))
+    if fn is None:
+        return None
+    if any(t.shape != (heads,) for t in (row_bias, slope, weight)):
+        got = [tuple(t.shape) for t in (row_bias, slope, weight)]
+        raise ValueError(f"row_bias, slope and weight must each be [{heads}], got {got}")
+    params = torch.stack([row_bias, slope, weight]).float().contiguous()
+    return _run(fn, user.contiguous(), cache, rows, meta, params.data_ptr(), out_bias)
+
+
+def fc_rows(
+    user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None, *, weight: Tensor, out_bias: float
+) -> Tensor | None:
+    """``[N]`` FC-head scores of cache ``rows``: ``user`` ``[M, h]``, ``cache`` ``[R, h]``, ``weight`` ``[h]``."""
+    if not _check(user, 2, cache, rows, meta):
+        return None
+    dim = user.shape[1]
+    if weight.shape != (dim,):
+        raise ValueError(f"weight must be [{dim}], got {tuple(weight.shape)}")
+    fn = _function("fc", (("D", dim), ("W", _lanes(dim))), tuple(_HEAD_ARGS))
+    if fn is None:
+        return None
+    w = weight.float().contiguous()
+    return _run(fn, user.contiguous(), cache, rows, meta, w.data_ptr(), out_bias)
