@@ -14,6 +14,7 @@ from prerank.kernels import native
 from prerank.kernels import scorers as sm
 from prerank.layers.fit_parts import DotScorer, FCScorer, LightweightSimilarityScorer, SumMaxScorer
 from prerank.models.fit import FIT, FITConfig
+from prerank.models.rank_tower import RankTower, RankTowerConfig
 from prerank.models.registry import build_model
 from prerank.serve.export import build_item_cache
 from prerank.serve.scorer import Scorer
@@ -160,7 +161,10 @@ def test_a_corrupt_library_is_rebuilt() -> None:
         torch.testing.assert_close(sm.sum_max_rows(*args), first)
 
 
-NATIVE_MODELS = ["int_tower", "two_tower", "dat", "fit", "fit_no_mqm", "fit_no_lss", "fit_summax", "fit_fc"]
+NATIVE_MODELS = [
+    *("int_tower", "two_tower", "dat", "rank_tower"),
+    *("fit", "fit_no_mqm", "fit_no_lss", "fit_summax", "fit_fc"),
+]
 
 
 @needs_cc
@@ -192,3 +196,40 @@ def test_scorer_builds_the_kernel_before_the_first_request(schema, tiny_dataset:
     model = build_model("int_tower", schema).eval()
     Scorer(model, build_item_cache(model, tiny_dataset))
     assert list(native.cache_dir().glob("*.so"))
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    "config",
+    [
+        RankTowerConfig(),
+        RankTowerConfig(user_heads=3, item_heads=5, head_dim=7, attention_dim=9, value_dim=5, bias=False),
+        RankTowerConfig(user_heads=2, item_heads=2, head_dim=32, attention_dim=8, value_dim=24, temperature=2.0),
+    ],
+)
+def test_rank_tower_kernel_equals_the_pytorch_path(config: RankTowerConfig, schema, batch, tiny_dataset: Path) -> None:
+    """Other head counts and widths (not multiples of the 16 lanes: the transposition's scalar path), no bias."""
+    model = RankTower(schema, config).eval()
+    with torch.no_grad():  # LayerNorm and W_O biases away from their initial values
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    cache = build_item_cache(model, tiny_dataset)
+    one_user = Batch(features={k: v[:1] for k, v in batch.features.items()})
+    rows = torch.randint(0, cache.num_items + 1, (37,))  # a short last block of 16
+    with torch.inference_mode():
+        user = model.encode_user(one_user)
+        fused = model.score_cached(user, cache.states, rows)
+        torch.testing.assert_close(fused, model.score(user, cache.gather(rows)), rtol=1e-5, atol=1e-4)
+        with pytest.raises(IndexError, match="candidate 1: row"):
+            model.score_cached(user, cache.states, torch.tensor([1, cache.num_items + 1]))
+    assert list(native.cache_dir().glob("rank_tower-*.so"))
+
+
+def test_rank_tower_with_two_cross_layers_takes_the_pytorch_path(schema, batch, tiny_dataset: Path) -> None:
+    model = RankTower(schema, RankTowerConfig(cross_layers=2)).eval()
+    cache = build_item_cache(model, tiny_dataset)
+    rows = torch.arange(cache.num_items + 1)
+    with torch.inference_mode():
+        user = model.encode_user(Batch(features={k: v[:1] for k, v in batch.features.items()}))
+        torch.testing.assert_close(model.score_cached(user, cache.states, rows), model.score(user, cache.gather(rows)))
+    assert not list(native.cache_dir().glob("rank_tower-*.so"))

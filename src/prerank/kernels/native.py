@@ -5,7 +5,7 @@ in eager PyTorch goes to per-op passes over ``[N, heads, d]`` temporaries, not t
 loop that reads each cached item row once, specialised to the model's shapes, removes those passes. It
 needs no PyTorch headers, so compiling takes a fraction of a second.
 
-- Compiler: ``$CC``, else ``cc``, else ``gcc``; flags ``-O3 -march=native`` (the library is built on the
+- Compiler: ``$CC``, else ``cc``, else ``gcc``; flags ``-O3 -march=native -fno-math-errno`` (the library is built on the
   machine that runs it, so the file name hashes the CPU's feature flags with the source and flags).
 - Built libraries are kept in ``$PRERANK_KERNEL_DIR``, else ``$XDG_CACHE_HOME/prerank/kernels``
   (``~/.cache/prerank/kernels``); each is written to a temporary file and renamed into place.
@@ -27,7 +27,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
 
 

@@ -10,6 +10,8 @@ Two kernels, each reading a candidate's cached item state straight from the cach
 - :func:`lss_rows` (``lss.c``): the per-candidate part of FIT's Lightweight Similarity Scorer,
   ``c0 + sum_h c_h PReLU_h(<U[m_i, h], X[rows[i], h]> + b_h)``
   (:class:`~prerank.layers.fit_parts.LightweightSimilarityScorer`).
+- :func:`rank_tower_rows` (``rank_tower.c``): RankTower's gated cross-attention (one layer) and
+  maximum-similarity score, 16 candidates per vector.
 - :func:`fc_rows` (``fc.c``): ``c0 + sum_k w_k ReLU(U[m_i, k] + V[rows[i], k])``, FIT's "w FC" ablation.
 
 ``m_i = meta[rows[i]]`` picks the user row a cache row is scored against (FIT: one user row per meta
@@ -164,3 +166,34 @@ def fc_rows(
         return None
     w = weight.float().contiguous()
     return _run(fn, user.contiguous(), cache, rows, meta, w.data_ptr(), out_bias)
+
+
+RANK_TOWER_ITEM_KEYS = ("r", "q", "g", "k", "v")
+
+
+def rank_tower_rows(params: Tensor, cache: dict[str, Tensor], rows: Tensor, dims: dict[str, int]) -> Tensor | None:
+    """``[N]`` RankTower scores of cache ``rows``; ``params`` and the layout are those of ``rank_tower.c``.
+
+    ``cache`` holds the item keys ``r, q, g, k, v`` (each ``[R, H_i, .]``); ``dims`` the compile-time sizes
+    ``HU, HI, K, DK, DV``. Built by :meth:`prerank.layers.gau.GatedCrossAttentionLayer.native`.
+    """
+    if rows.dim() != 1 or rows.dtype != torch.int64:
+        raise ValueError(f"rows must be a 1-d int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
+    items = [cache[k] for k in RANK_TOWER_ITEM_KEYS]
+    if params.dtype != torch.float32 or any(t.dtype != torch.float32 for t in items):
+        return None
+    if any(t.requires_grad for t in (params, *items)):
+        raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
+    defines = tuple((k, dims[k]) for k in ("HU", "HI", "K", "DK", "DV")) + (("W", 16),)
+    fn = _function("rank_tower", defines, tuple([_P] * 6 + [_I, _P, _I, _P]))
+    if fn is None:
+        return None
+    items = [t.contiguous() for t in items]
+    params, rows = params.contiguous(), rows.contiguous()
+    out = torch.empty(rows.shape[0])
+    pointers = [params.data_ptr(), *(t.data_ptr() for t in items)]
+    err = fn(*pointers, items[0].shape[0], rows.data_ptr(), rows.shape[0], out.data_ptr())
+    if err:
+        i = -1 - err
+        raise IndexError(f"candidate {i}: row {int(rows[i])} outside [0, {items[0].shape[0]})")
+    return out

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.kernels.scorers import rank_tower_rows
 from prerank.layers.mlp import MLP
 
 CrossState = dict[str, Tensor]
@@ -167,6 +168,33 @@ class GatedCrossAttentionLayer(nn.Module):
         w_o = _centred(ug.w_o.weight.T) * user["g"][0][:, :, None]  # [H_u, d_v, k]: gate U folded into W_O
         e_u = _layer_norm_(torch.baddbmm(user["r"][0][:, None, :], o_u, w_o), self.user_norm)  # [H_u, N, k]
         return e_u.transpose(0, 1), e_i
+
+    def native(self, user: CrossState, cache: CrossState, rows: Tensor, inv_tau: float, bias: float) -> Tensor | None:
+        """``bias + inv_tau * max_similarity(*cross(user, cache rows))`` for one user (RankTower Eq. 3-8), read
+        straight from the item cache by :func:`prerank.kernels.scorers.rank_tower_rows`; None where the native
+        kernel is unavailable. The user side is packed as that kernel expects (scales, gate and centring as
+        in :meth:`_cross_one_user`)."""
+        ug, ig = self.user_gau, self.item_gau
+        w_i = _centred(ig.w_o.weight.T)  # [d_v, k]
+        w_u = _centred(ug.w_o.weight.T) * user["g"][0][:, :, None]  # [H_u, d_v, k]
+        tail = torch.tensor([self.item_norm.eps, self.user_norm.eps, inv_tau, bias])
+        parts = (
+            user["k"][0] * ig.scale,
+            user["q"][0] * ug.scale,
+            user["v"][0],
+            user["r"][0],
+            w_i,
+            w_u,
+            self.item_norm.weight,
+            self.item_norm.bias,
+            self.user_norm.weight,
+            self.user_norm.bias,
+            tail,
+        )
+        params = torch.cat([t.reshape(-1).float() for t in parts])
+        h_u, dim = user["r"].shape[1:]
+        dims = {"HU": h_u, "HI": cache["r"].shape[1], "K": dim, "DK": user["q"].shape[-1], "DV": user["v"].shape[-1]}
+        return rank_tower_rows(params, cache, rows, dims)
 
     def forward(self, e_u: Tensor, e_i: Tensor) -> tuple[Tensor, Tensor]:
         return self.cross(self.prepare_user(e_u), self.prepare_item(e_i))

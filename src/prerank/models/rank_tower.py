@@ -127,6 +127,17 @@ class RankTower(PreRanker):
         e_i = self.item_tower(self.emb.fields(batch, self.sel.item).flatten(-2))
         return self.cross.prepare_item(e_i)
 
+    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
+        """Serving one user with one cross layer: the native fused gather + cross-attention + max-similarity
+        kernel (:meth:`GatedCrossAttentionLayer.native`) where it is available, else :meth:`score` of the
+        gathered rows."""
+        if len(self.cross.layers) == 1 and user["r"].shape[0] == 1 and not torch.is_grad_enabled():
+            bias = float(self.bias) if self.bias is not None else 0.0
+            out = self.cross.layers[0].native(user, cache, rows, float(torch.exp(-self.log_temperature)), bias)
+            if out is not None:
+                return out
+        return super().score_cached(user, cache, rows, pair)
+
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
         e_u, e_i = self.cross.cross(user, item)
         logit = max_similarity(e_u, e_i) * torch.exp(-self.log_temperature)
