@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,18 @@ def tiny_dataset(tmp_path: Path, schema: Schema) -> Path:
         row_group_size=100,
     )
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Native kernels built by the suite go to a temporary directory, not the user's cache."""
+    before = os.environ.get("PRERANK_KERNEL_DIR")
+    os.environ["PRERANK_KERNEL_DIR"] = str(tmp_path_factory.mktemp("kernels"))
+    yield
+    if before is None:
+        os.environ.pop("PRERANK_KERNEL_DIR", None)
+    else:
+        os.environ["PRERANK_KERNEL_DIR"] = before
 
 
 @pytest.fixture(autouse=True)
