@@ -7,25 +7,16 @@
  * is prefetched.
  * Returns 0, or -1-i for the first candidate i whose row or meta index is out of range.
  */
-#include <stdint.h>
-#include <string.h>
 
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
 
-#define PF 8
-
 int64_t fc(const float *user, int64_t num_meta, const int64_t *meta, const float *cache, int64_t num_rows,
            const int64_t *rows, int64_t n, const float *w, float c0, float *out) {
     for (int64_t i = 0; i < n; i++) {
-        const int64_t r = rows[i];
-        if (r < 0 || r >= num_rows) return -1 - i;
-        const int64_t m = meta ? meta[r] : 0;
-        if (m < 0 || m >= num_meta) return -1 - i;
-        if (i + PF < n && rows[i + PF] >= 0 && rows[i + PF] < num_rows) {
-            const char *p = (const char *)(cache + rows[i + PF] * D);
-            for (int q = 0; q < D * 4; q += 64) __builtin_prefetch(p + q);
-        }
+        int64_t m;
+        const int64_t r = cache_row(i, rows, n, num_rows, meta, num_meta, cache, D, &m);
+        if (r < 0) return -1 - i;
         const float *v = cache + r * D;
         const float *u = user + m * D;
         /* W-lane vectors, then the lanes pairwise (short dependency chains), then a scalar tail */
@@ -41,9 +32,7 @@ int64_t fc(const float *user, int64_t num_meta, const int64_t *meta, const float
         }
         float lanes[W];
         memcpy(lanes, &acc, sizeof lanes);
-        for (int s = W / 2; s > 0; s /= 2)
-            for (int l = 0; l < s; l++) lanes[l] += lanes[l + s];
-        float total = c0 + lanes[0];
+        float total = c0 + pairwise_sum(lanes, W);
         for (int k = D / W * W; k < D; k++) {
             const float z = u[k] + v[k];
             total += w[k] * (z > 0.0f ? z : 0.0f);

@@ -7,22 +7,14 @@
  * H and D are compile-time constants; the row PF candidates ahead is prefetched. Returns 0, or -1-i for
  * the first candidate i whose row or meta index is out of range (the scores before it are written).
  */
-#include <stdint.h>
-
-#define PF 8
 
 int64_t lss(const float *user, int64_t num_meta, const int64_t *meta, const float *cache, int64_t num_rows,
             const int64_t *rows, int64_t n, const float *params, float c0, float *out) {
     const float *b = params, *a = params + H, *c = params + 2 * H;
     for (int64_t i = 0; i < n; i++) {
-        const int64_t r = rows[i];
-        if (r < 0 || r >= num_rows) return -1 - i;
-        const int64_t m = meta ? meta[r] : 0;
-        if (m < 0 || m >= num_meta) return -1 - i;
-        if (i + PF < n && rows[i + PF] >= 0 && rows[i + PF] < num_rows) {
-            const char *p = (const char *)(cache + rows[i + PF] * (H * D));
-            for (int q = 0; q < H * D * 4; q += 64) __builtin_prefetch(p + q);
-        }
+        int64_t m;
+        const int64_t r = cache_row(i, rows, n, num_rows, meta, num_meta, cache, H * D, &m);
+        if (r < 0) return -1 - i;
         const float *x = cache + r * (H * D);
         const float *u = user + m * (H * D);
         float total = c0;

@@ -95,8 +95,11 @@ def _build(cc: str, source: str, defines: tuple[tuple[str, int], ...], out: Path
 
 
 @functools.cache
-def library(name: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
+def library(name: str, defines: tuple[tuple[str, int], ...], headers: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The kernel ``prerank/kernels/<name>.c`` compiled with ``defines``, or None (see the module docstring).
+
+    ``headers`` (files of ``prerank/kernels``) are prepended to the source, so a kernel is compiled as one
+    file from the compiler's temporary directory, and the library's name hashes everything it was built from.
 
     Cached per process; a library file that exists but does not load (truncated, wrong architecture) is
     rebuilt once.
@@ -107,7 +110,8 @@ def library(name: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | No
     if cc is None:
         warnings.warn(f"prerank: {status()}; the {name} kernel falls back to PyTorch", RuntimeWarning, stacklevel=2)
         return None
-    source = resources.files("prerank.kernels").joinpath(f"{name}.c").read_text()
+    files = resources.files("prerank.kernels")
+    source = "".join(files.joinpath(f).read_text() + "\n" for f in (*headers, f"{name}.c"))
     key = "\n".join([source, cc, " ".join(FLAGS), repr(defines), _cpu_fingerprint()])
     path = cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
     try:

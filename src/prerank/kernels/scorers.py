@@ -47,8 +47,11 @@ def _lanes(width: int) -> int:
 
 
 @functools.cache
-def _function(name: str, defines: tuple[tuple[str, int], ...], argtypes: tuple) -> Callable[..., int] | None:
-    lib = library(name, defines)
+def _function(
+    name: str, defines: tuple[tuple[str, int], ...], argtypes: tuple, headers: tuple[str, ...] = ("rows.h",)
+) -> Callable[..., int] | None:
+    """The kernel ``name`` for these compile-time sizes, with its argument types set, or None."""
+    lib = library(name, defines, headers)
     if lib is None:
         return None
     fn = getattr(lib, name)
@@ -185,7 +188,7 @@ def rank_tower_rows(params: Tensor, cache: dict[str, Tensor], rows: Tensor, dims
     if any(t.requires_grad for t in (params, *items)):
         raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
     defines = tuple((k, dims[k]) for k in ("HU", "HI", "K", "DK", "DV")) + (("W", 16),)
-    fn = _function("rank_tower", defines, tuple([_P] * 6 + [_I, _P, _I, _P]))
+    fn = _function("rank_tower", defines, tuple([_P] * 6 + [_I, _P, _I, _P]), headers=())
     if fn is None:
         return None
     items = [t.contiguous() for t in items]

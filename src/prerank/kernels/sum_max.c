@@ -14,14 +14,10 @@
  * W user heads, HP = NV * W >= H). Returns 0, or -1-i for the first
  * candidate i whose row or meta index is out of range (the scores before it are written, none after).
  */
-#include <stdint.h>
-#include <string.h>
 
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
 #define HP (NV * W)
-#define PF 4
-
 static inline vf vmax(vf a, vf b) {
     vi gt = b > a;
     return (vf)((gt & (vi)b) | (~gt & (vi)a));
@@ -30,14 +26,9 @@ static inline vf vmax(vf a, vf b) {
 int64_t sum_max(const float *ut, int64_t num_meta, const int64_t *meta, const float *cache, int64_t num_rows,
                 const int64_t *rows, int64_t n, float bias, float *out) {
     for (int64_t i = 0; i < n; i++) {
-        const int64_t r = rows[i];
-        if (r < 0 || r >= num_rows) return -1 - i;
-        const int64_t m = meta ? meta[r] : 0;
-        if (m < 0 || m >= num_meta) return -1 - i;
-        if (i + PF < n && rows[i + PF] >= 0 && rows[i + PF] < num_rows) {
-            const char *p = (const char *)(cache + rows[i + PF] * (HV * D));
-            for (int b = 0; b < HV * D * 4; b += 64) __builtin_prefetch(p + b);
-        }
+        int64_t m;
+        const int64_t r = cache_row(i, rows, n, num_rows, meta, num_meta, cache, HV * D, &m);
+        if (r < 0) return -1 - i;
         const float *v = cache + r * (HV * D);
         const float *u = ut + m * (D * HP);
         vf sum = (vf){0};
@@ -56,9 +47,7 @@ int64_t sum_max(const float *ut, int64_t num_meta, const int64_t *meta, const fl
         /* padded user heads have zero columns, so their lanes add 0 */
         float lanes[W];
         memcpy(lanes, &sum, sizeof lanes);
-        for (int w = W / 2; w > 0; w /= 2)
-            for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
-        out[i] = bias + lanes[0];
+        out[i] = bias + pairwise_sum(lanes, W);
     }
     return 0;
 }
