@@ -225,6 +225,21 @@ def test_rank_tower_kernel_equals_the_pytorch_path(config: RankTowerConfig, sche
     assert list(native.cache_dir().glob("rank_tower-*.so"))
 
 
+@needs_cc
+def test_rank_tower_kernel_checks_the_cache_it_reads() -> None:
+    dims = {"HU": 2, "HI": 3, "K": 4, "DK": 5, "DV": 6}
+    cache = {key: torch.randn(7, 3, w) for key, w in zip("rqgkv", (4, 5, 6, 5, 6), strict=True)}
+    params = torch.randn(2 * 2 * 5 + 2 * 6 + 2 * 4 + 6 * 4 + 2 * 6 * 4 + 4 * 4 + 4)
+    with torch.inference_mode():
+        assert sm.rank_tower_rows(params, cache, torch.tensor([0, 6]), dims) is not None
+        with pytest.raises(ValueError, match="item state 'v' has shape"):
+            sm.rank_tower_rows(params, {**cache, "v": torch.randn(7, 3, 5)}, torch.tensor([0]), dims)
+        with pytest.raises(ValueError, match="parameters have shape"):
+            sm.rank_tower_rows(params[:-1], cache, torch.tensor([0]), dims)
+        with pytest.raises(IndexError, match="candidate 0: row 7 outside"):
+            sm.rank_tower_rows(params, cache, torch.tensor([7]), dims)
+
+
 def test_rank_tower_with_two_cross_layers_takes_the_pytorch_path(schema, batch, tiny_dataset: Path) -> None:
     model = RankTower(schema, RankTowerConfig(cross_layers=2)).eval()
     cache = build_item_cache(model, tiny_dataset)

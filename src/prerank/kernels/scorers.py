@@ -183,11 +183,19 @@ def rank_tower_rows(params: Tensor, cache: dict[str, Tensor], rows: Tensor, dims
     if rows.dim() != 1 or rows.dtype != torch.int64:
         raise ValueError(f"rows must be a 1-d int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
     items = [cache[k] for k in RANK_TOWER_ITEM_KEYS]
+    hu, hi, k, dk, dv = (dims[x] for x in ("HU", "HI", "K", "DK", "DV"))
+    num_rows = items[0].shape[0]
+    for key, t, width in zip(RANK_TOWER_ITEM_KEYS, items, (k, dk, dv, dk, dv), strict=True):
+        if t.shape != (num_rows, hi, width):
+            raise ValueError(f"item state {key!r} has shape {tuple(t.shape)}, expected ({num_rows}, {hi}, {width})")
+    expected = 2 * hu * dk + hu * dv + hu * k + dv * k + hu * dv * k + 4 * k + 4
+    if params.shape != (expected,):
+        raise ValueError(f"RankTower kernel parameters have shape {tuple(params.shape)}, expected ({expected},)")
     if params.dtype != torch.float32 or any(t.dtype != torch.float32 for t in items):
         return None
     if any(t.requires_grad for t in (params, *items)):
         raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
-    defines = tuple((k, dims[k]) for k in ("HU", "HI", "K", "DK", "DV")) + (("W", 16),)
+    defines = (("HU", hu), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", 16))
     fn = _function("rank_tower", defines, tuple([_P] * 6 + [_I, _P, _I, _P]), headers=())
     if fn is None:
         return None
@@ -195,8 +203,8 @@ def rank_tower_rows(params: Tensor, cache: dict[str, Tensor], rows: Tensor, dims
     params, rows = params.contiguous(), rows.contiguous()
     out = torch.empty(rows.shape[0])
     pointers = [params.data_ptr(), *(t.data_ptr() for t in items)]
-    err = fn(*pointers, items[0].shape[0], rows.data_ptr(), rows.shape[0], out.data_ptr())
+    err = fn(*pointers, num_rows, rows.data_ptr(), rows.shape[0], out.data_ptr())
     if err:
         i = -1 - err
-        raise IndexError(f"candidate {i}: row {int(rows[i])} outside [0, {items[0].shape[0]})")
+        raise IndexError(f"candidate {i}: row {int(rows[i])} outside [0, {num_rows})")
     return out
