@@ -1,5 +1,5 @@
-"""The native scorers (sum-max, dot): equal to the PyTorch path, bounds-checked, and optional (every way
-they can be unavailable falls back to PyTorch)."""
+"""The native scorers (sum-max, dot, LSS, FC, RankTower): equal to the PyTorch path, bounds-checked, and
+optional (every way they can be unavailable falls back to PyTorch)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def _fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     sm._function.cache_clear()
 
 
-def reference(user: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor | None, bias: float):
+def sum_max_reference(
+    user: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor | None, bias: float
+) -> torch.Tensor:
     u = user.index_select(0, meta[rows]) if meta is not None else user.expand(len(rows), -1, -1)
     return torch.einsum("nid,njd->nij", u, cache[rows]).amax(-1).sum(-1) + bias
 
@@ -46,7 +48,7 @@ def reference(user: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, meta:
     ("m", "heads", "item_heads", "dim"),
     [(1, 24, 8, 16), (16, 4, 4, 8), (3, 5, 30, 7), (1, 1, 1, 1), (2, 40, 3, 64), (1, 17, 5, 3)],
 )
-def test_matches_pytorch(m: int, heads: int, item_heads: int, dim: int) -> None:
+def test_sum_max_matches_pytorch(m: int, heads: int, item_heads: int, dim: int) -> None:
     cache = torch.randn(50, item_heads, dim)
     rows = torch.randint(0, 50, (301,))
     user = torch.randn(m, heads, dim)
@@ -54,8 +56,8 @@ def test_matches_pytorch(m: int, heads: int, item_heads: int, dim: int) -> None:
     with torch.inference_mode():
         out = sm.sum_max_rows(user, cache, rows, meta, bias=0.25)
         assert out is not None
-        torch.testing.assert_close(out, reference(user, cache, rows, meta, 0.25), rtol=1e-5, atol=1e-4)
-    assert list((Path(native.cache_dir())).glob("*.so")), "the built library is kept for the next process"
+        torch.testing.assert_close(out, sum_max_reference(user, cache, rows, meta, 0.25), rtol=1e-5, atol=1e-4)
+    assert list(native.cache_dir().glob("*.so")), "the built library is kept for the next process"
 
 
 @needs_cc
