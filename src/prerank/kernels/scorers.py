@@ -1,6 +1,6 @@
 """Native scoring of one user against item-cache rows, fused with the row gather.
 
-Two kernels, each reading a candidate's cached item state straight from the cache (no gathered copy):
+Five kernels, each reading a candidate's cached item state straight from the cache (no gathered copy):
 
 - :func:`sum_max_rows` (``sum_max.c``): ``bias + sum_h max_j <U[m_i, h], V[rows[i], j]>``, IntTower's
   FE-Block score (Li et al. 2022, Sec. 3.2; one row of user heads per tower layer) and the "w SumMax"
@@ -15,7 +15,8 @@ Two kernels, each reading a candidate's cached item state straight from the cach
 - :func:`fc_rows` (``fc.c``): ``c0 + sum_k w_k ReLU(U[m_i, k] + V[rows[i], k])``, FIT's "w FC" ablation.
 
 ``m_i = meta[rows[i]]`` picks the user row a cache row is scored against (FIT: one user row per meta
-vector, by the item's stored meta index); without ``meta`` there is one user row. Both return None where
+vector, by the item's stored meta index; RankTower has none); without ``meta`` there is one user row. Each
+returns None where
 the native kernel is unavailable (:mod:`prerank.kernels.native`), and the caller runs PyTorch instead.
 Float32 only, no autograd (a gradient-carrying input is an error). They run on one thread, whatever
 ``torch.get_num_threads()`` says: splitting the rows over a second Python thread measured slower on our
