@@ -15,9 +15,9 @@ Five kernels, each reading a candidate's cached item state straight from the cac
 - :func:`fc_rows` (``fc.c``): ``c0 + sum_k w_k ReLU(U[m_i, k] + V[rows[i], k])``, FIT's "w FC" ablation.
 
 ``m_i = meta[rows[i]]`` picks the user row a cache row is scored against (FIT: one user row per meta
-vector, by the item's stored meta index; RankTower has none); without ``meta`` there is one user row. Each
-returns None where
-the native kernel is unavailable (:mod:`prerank.kernels.native`), and the caller runs PyTorch instead.
+vector, by the item's stored meta index; RankTower has none); without ``meta`` there is one user row.
+Each returns None where the native kernel is unavailable (:mod:`prerank.kernels.native`), and the caller
+runs PyTorch instead.
 Float32 only, no autograd (a gradient-carrying input is an error). They run on one thread, whatever
 ``torch.get_num_threads()`` says: splitting the rows over a second Python thread measured slower on our
 2-core machines (PyTorch's OpenMP workers occupy the other core). A row outside ``[0, R)`` or a meta
