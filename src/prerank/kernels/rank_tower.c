@@ -23,18 +23,6 @@
  * block is written).
  */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-
-static inline vf splat(float x) { return x - (vf){0}; }
-
-static inline vf vmax(vf a, vf b) {
-    vi gt = b > a;
-    return (vf)((gt & (vi)b) | (~gt & (vi)a));
-}
 
 /* exp(x) for x <= 0 (x < -87 gives about 0) */
 static inline vf vexp(vf x) {
@@ -87,51 +75,6 @@ static inline vf layer_norm(vf *x, const float *w, const float *b, float eps) {
     return vmax(vsqrt(nn), splat(1e-12f));
 }
 
-#if W == 16 && defined(__GNUC__) && !defined(__clang__)
-/* 16 x 16 transpose in registers (GCC's __builtin_shuffle): four stages swap the off-diagonal blocks of
- * 8, 4, 2 and 1 lanes; about 3x faster than moving the floats one by one */
-#define LANES(F, b) \
-    { F(0, b), F(1, b), F(2, b), F(3, b), F(4, b), F(5, b), F(6, b), F(7, b), \
-      F(8, b), F(9, b), F(10, b), F(11, b), F(12, b), F(13, b), F(14, b), F(15, b) }
-#define FROM_FIRST(l, b) (((l) & (b)) ? 16 + (l) - (b) : (l))
-#define FROM_SECOND(l, b) (((l) & (b)) ? 16 + (l) : (l) + (b))
-
-/* swap the off-diagonal b x b blocks of every pair of rows (i, i + b) */
-static inline void swap_blocks(vf *m, int b, vi first, vi second) {
-    for (int i = 0; i < 16; i++)
-        if (!(i & b)) {
-            const vf x = m[i], y = m[i + b];
-            m[i] = __builtin_shuffle(x, y, first);
-            m[i + b] = __builtin_shuffle(x, y, second);
-        }
-}
-
-static inline void transpose16(vf *m) {
-    swap_blocks(m, 8, (vi)LANES(FROM_FIRST, 8), (vi)LANES(FROM_SECOND, 8));
-    swap_blocks(m, 4, (vi)LANES(FROM_FIRST, 4), (vi)LANES(FROM_SECOND, 4));
-    swap_blocks(m, 2, (vi)LANES(FROM_FIRST, 2), (vi)LANES(FROM_SECOND, 2));
-    swap_blocks(m, 1, (vi)LANES(FROM_FIRST, 1), (vi)LANES(FROM_SECOND, 1));
-}
-#define TILE 16
-#else
-#define TILE 0
-#endif
-
-/* dst[f] (lane c) = src[rows[c]][f] for f < f_len */
-static inline void transpose(vf *dst, const float *src, int f_len, const int64_t *rows) {
-    int f = 0;
-#if TILE
-    for (; f + TILE <= f_len; f += TILE) {
-        vf m[TILE];
-        for (int c = 0; c < TILE; c++) memcpy(&m[c], src + rows[c] * f_len + f, sizeof(vf));
-        transpose16(m);
-        for (int l = 0; l < TILE; l++) dst[f + l] = m[l];
-    }
-#endif
-    for (; f < f_len; f++) /* what is left, or everything where shuffles are not available */
-        for (int c = 0; c < W; c++) dst[f][c] = src[rows[c] * f_len + f];
-}
-
 int64_t rank_tower(const float *params, const float *ri, const float *qi, const float *gi, const float *ki,
                    const float *vi_, int64_t num_rows, const int64_t *rows, int64_t n, float *out) {
     const float *ku = params, *qu = ku + HU * DK, *vu = qu + HU * DK, *ru = vu + HU * DV;
@@ -143,11 +86,8 @@ int64_t rank_tower(const float *params, const float *ri, const float *qi, const 
     vf e_i[HI][K], n_i[HI], e_u[K], s[HI > HU ? HI : HU], o[DV];
     for (int64_t start = 0; start < n; start += W) {
         int64_t block[W];
-        const int64_t valid = n - start < W ? n - start : W;
-        for (int c = 0; c < W; c++) {
-            block[c] = rows[start + (c < valid ? c : valid - 1)]; /* a short last block repeats its last row */
-            if (block[c] < 0 || block[c] >= num_rows) return -1 - (start + c);
-        }
+        const int64_t valid = block_rows(block, rows, start, n, num_rows);
+        if (valid < 0) return valid;
         transpose(r_t, ri, HI * K, block);
         transpose(q_t, qi, HI * DK, block);
         transpose(g_t, gi, HI * DV, block);

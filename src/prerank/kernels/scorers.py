@@ -1,17 +1,18 @@
 """Native scoring of one user against item-cache rows, fused with the row gather.
 
-Five kernels, each reading a candidate's cached item state straight from the cache (no gathered copy):
+Five scores, each reading a candidate's cached item state straight from the cache (no gathered copy):
 
-- :func:`sum_max_rows` (``sum_max.c``): ``bias + sum_h max_j <U[m_i, h], V[rows[i], j]>``, IntTower's
-  FE-Block score (Li et al. 2022, Sec. 3.2; one row of user heads per tower layer) and the "w SumMax"
-  ablation of FIT; neither the gathered heads nor the ``[N, H, H_v]`` similarities are materialised.
+- :func:`sum_max_rows` (``sum_max.c``, for one user row ``sum_max_block.c``):
+  ``bias + sum_h max_j <U[m_i, h], V[rows[i], j]>``, IntTower's FE-Block score (Li et al. 2022, Sec. 3.2;
+  one row of user heads per tower layer) and the "w SumMax" ablation of FIT; neither the gathered heads
+  nor the ``[N, H, H_v]`` similarities are materialised.
 - :func:`dot_rows` (``dot.c``): ``bias + scale * <U[m_i], V[rows[i]]>``, the Two-Tower / DAT output and
   FIT's "w/o LSS" ablation.
 - :func:`lss_rows` (``lss.c``): the per-candidate part of FIT's Lightweight Similarity Scorer,
   ``c0 + sum_h c_h PReLU_h(<U[m_i, h], X[rows[i], h]> + b_h)``
   (:class:`~prerank.layers.fit_parts.LightweightSimilarityScorer`).
 - :func:`rank_tower_rows` (``rank_tower.c``): RankTower's gated cross-attention (one layer) and
-  maximum-similarity score, 16 candidates per vector.
+  maximum-similarity score, 16 candidates per vector (as ``sum_max_block.c``; both share ``vec.h``).
 - :func:`fc_rows` (``fc.c``): ``c0 + sum_k w_k ReLU(U[m_i, k] + V[rows[i], k])``, FIT's "w FC" ablation.
 
 ``m_i = meta[rows[i]]`` picks the user row a cache row is scored against (FIT: one user row per meta
@@ -89,11 +90,13 @@ def _run(
         i = -1 - err
         row = int(rows[i])
         if 0 <= row < cache.shape[0] and meta is not None:
-            what = f"meta index {int(meta[row])} of row {row} outside [0, {user.shape[0]})"
-        else:
-            what = f"row {row} outside [0, {cache.shape[0]})"
-        raise IndexError(f"candidate {i}: {what}")
+            raise IndexError(f"candidate {i}: meta index {int(meta[row])} of row {row} outside [0, {user.shape[0]})")
+        raise _row_error(rows, i, cache.shape[0])
     return out
+
+
+def _row_error(rows: Tensor, i: int, num_rows: int) -> IndexError:
+    return IndexError(f"candidate {i}: row {int(rows[i])} outside [0, {num_rows})")
 
 
 def sum_max_rows(
@@ -103,6 +106,8 @@ def sum_max_rows(
     if not _check(user, 3, cache, rows, meta):
         return None
     m, heads, dim = user.shape
+    if meta is None and cache.shape[1] <= _BLOCK_MAX_ITEM_HEADS and cache.shape[1] * dim <= _BLOCK_MAX_ROW:
+        return _sum_max_block(user[0], cache, rows, bias)
     lanes = _lanes(heads)
     vectors = -(-heads // lanes)
     defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", lanes), ("NV", vectors))
@@ -113,6 +118,26 @@ def sum_max_rows(
     ut = torch.zeros(m, dim, vectors * lanes)
     ut[:, :, :heads] = user.transpose(1, 2)
     return _run(fn, ut, cache, rows, meta, bias)
+
+
+_BLOCK_MAX_ITEM_HEADS = 16  # sum_max_block keeps HB x HV accumulators in registers
+_BLOCK_MAX_ROW = 512  # floats per item row: a transposed block of 16 rows then takes 32 KiB of L1
+
+
+def _sum_max_block(user: Tensor, cache: Tensor, rows: Tensor, bias: float) -> Tensor | None:
+    """:func:`sum_max_rows` for one user ``[H, d]`` by ``sum_max_block.c`` (16 candidates per vector)."""
+    heads, dim = user.shape
+    per_pass = 2 if heads % 2 == 0 and cache.shape[1] <= 8 else 1
+    defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", 16), ("HB", per_pass))
+    fn = _function("sum_max_block", defines, (_P, _P, _I, _P, _I, _F, _P), headers=("vec.h",))
+    if fn is None:
+        return None
+    cache, rows = cache.contiguous(), rows.contiguous()
+    out = torch.empty(rows.shape[0])
+    err = fn(user.contiguous().data_ptr(), cache.data_ptr(), cache.shape[0], rows.data_ptr(), rows.shape[0], bias, out.data_ptr())
+    if err:
+        raise _row_error(rows, -1 - err, cache.shape[0])
+    return out
 
 
 def dot_rows(
@@ -197,7 +222,7 @@ def rank_tower_rows(params: Tensor, cache: dict[str, Tensor], rows: Tensor, dims
     if any(t.requires_grad for t in (params, *items)):
         raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
     defines = (("HU", hu), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", 16))
-    fn = _function("rank_tower", defines, tuple([_P] * 6 + [_I, _P, _I, _P]), headers=())
+    fn = _function("rank_tower", defines, tuple([_P] * 6 + [_I, _P, _I, _P]), headers=("vec.h",))
     if fn is None:
         return None
     items = [t.contiguous() for t in items]
@@ -206,6 +231,5 @@ def rank_tower_rows(params: Tensor, cache: dict[str, Tensor], rows: Tensor, dims
     pointers = [params.data_ptr(), *(t.data_ptr() for t in items)]
     err = fn(*pointers, num_rows, rows.data_ptr(), rows.shape[0], out.data_ptr())
     if err:
-        i = -1 - err
-        raise IndexError(f"candidate {i}: row {int(rows[i])} outside [0, {num_rows})")
+        raise _row_error(rows, -1 - err, num_rows)
     return out
