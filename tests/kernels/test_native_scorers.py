@@ -230,18 +230,43 @@ def test_rank_tower_kernel_equals_the_pytorch_path(config: RankTowerConfig, sche
 
 
 @needs_cc
-def test_rank_tower_kernel_checks_the_cache_it_reads() -> None:
-    dims = {"HU": 2, "HI": 3, "K": 4, "DK": 5, "DV": 6}
-    cache = {key: torch.randn(7, 3, w) for key, w in zip("rqgkv", (4, 5, 6, 5, 6), strict=True)}
-    params = torch.randn(2 * 2 * 5 + 2 * 6 + 2 * 4 + 6 * 4 + 2 * 6 * 4 + 4 * 4 + 4)
+def test_rank_tower_kernel_checks_the_states_it_reads() -> None:
+    hu, hi, k, dk, dv = 2, 3, 4, 5, 6
+    user = {key: torch.randn(hu, w) for key, w in zip("kqvrg", (dk, dk, dv, k, dv), strict=True)}
+    cache = {key: torch.randn(7, hi, w) for key, w in zip("rqgkv", (k, dk, dv, dk, dv), strict=True)}
+    fixed, scalars = torch.randn(2 * dv * k + 4 * k), (0.5, 0.5, 1e-5, 1e-5, 1.0, 0.0)
     with torch.inference_mode():
-        assert sm.rank_tower_rows(params, cache, torch.tensor([0, 6]), dims) is not None
+        assert sm.rank_tower_rows(user, fixed, cache, torch.tensor([0, 6]), scalars) is not None
         with pytest.raises(ValueError, match="item state 'v' has shape"):
-            sm.rank_tower_rows(params, {**cache, "v": torch.randn(7, 3, 5)}, torch.tensor([0]), dims)
+            sm.rank_tower_rows(user, fixed, {**cache, "v": torch.randn(7, 3, 5)}, torch.tensor([0]), scalars)
+        with pytest.raises(ValueError, match="user state 'g' has shape"):
+            sm.rank_tower_rows({**user, "g": torch.randn(hu, 5)}, fixed, cache, torch.tensor([0]), scalars)
         with pytest.raises(ValueError, match="parameters have shape"):
-            sm.rank_tower_rows(params[:-1], cache, torch.tensor([0]), dims)
+            sm.rank_tower_rows(user, fixed[:-1], cache, torch.tensor([0]), scalars)
+        with pytest.raises(ValueError, match="6 scalars"):
+            sm.rank_tower_rows(user, fixed, cache, torch.tensor([0]), scalars[:5])
         with pytest.raises(IndexError, match="candidate 0: row 7 outside"):
-            sm.rank_tower_rows(params, cache, torch.tensor([7]), dims)
+            sm.rank_tower_rows(user, fixed, cache, torch.tensor([7]), scalars)
+
+
+@needs_cc
+def test_rank_tower_kernel_follows_weight_updates(schema, batch, tiny_dataset: Path) -> None:
+    """The kernel's packed parameters are re-packed after an in-place update (an optimizer step)."""
+    model = RankTower(schema, RankTowerConfig()).eval()
+    cache = build_item_cache(model, tiny_dataset)
+    rows = torch.arange(1, cache.num_items + 1)
+    one_user = Batch(features={k: v[:1] for k, v in batch.features.items()})
+    with torch.inference_mode():
+        user = model.encode_user(one_user)
+        model.score_cached(user, cache.states, rows)
+    with torch.no_grad():
+        for norm in (model.cross.layers[0].item_norm, model.cross.layers[0].user_norm):
+            norm.weight.mul_(torch.rand_like(norm.weight) + 0.5)
+            norm.bias.add_(torch.randn_like(norm.bias))
+        model.cross.layers[0].user_gau.w_o.weight.add_(torch.randn_like(model.cross.layers[0].user_gau.w_o.weight))
+    with torch.inference_mode():
+        fused = model.score_cached(user, cache.states, rows)
+        torch.testing.assert_close(fused, model.score(user, cache.gather(rows)), rtol=1e-5, atol=1e-4)
 
 
 def test_rank_tower_with_two_cross_layers_takes_the_pytorch_path(schema, batch, tiny_dataset: Path) -> None:

@@ -5,19 +5,20 @@
  * transposed into "one vector per scalar" (lane c = candidate c), so every step below is a lane-wise
  * vector operation with no horizontal reduction. Per block, with p over user heads and q over item heads:
  *
- *   item branch:  a[q,p] = softmax_p(<k_u[p], q_i[q]>)            (k_u pre-scaled by 1/sqrt(d_k))
+ *   item branch:  a[q,p] = softmax_p(s_i <k_u[p], q_i[q]>)
  *                 x_i[q] = r_i[q] + ((sum_p a[q,p] v_u[p]) o g_i[q]) Wc_i,   e_i[q] = LN_i(x_i[q])
- *   user branch:  b[p,q] = softmax_q(<q_u[p], k_i[q]>)            (q_u pre-scaled)
- *                 x_u[p] = r_u[p] + (sum_q b[p,q] v_i[q]) Wg_u[p],           e_u[p] = LN_u(x_u[p])
+ *   user branch:  b[p,q] = softmax_q(s_u <q_u[p], k_i[q]>)
+ *                 x_u[p] = r_u[p] + ((sum_q b[p,q] v_i[q]) o g_u[p]) Wc_u,   e_u[p] = LN_u(x_u[p])
  *   score:        bias + inv_tau * sum_p max_q cos(e_u[p], e_i[q])
  *
- * r are residuals with the W_O bias, already centred, and Wc / Wg the column-centred W_O^T (Wg with the
- * user gate folded in), so x is centred and LN needs only the variance (as the PyTorch serving path,
- * prerank.layers.gau). Norms in the cosine are clamped at 1e-12 as in F.normalize. exp is a degree-6
- * polynomial after range reduction (relative error about 1e-7; its argument is <= 0 here).
+ * r are residuals with the W_O bias, already centred, and Wc the column-centred W_O^T, so x is centred
+ * and LN needs only the variance (as the PyTorch serving path, prerank.layers.gau). Norms in the cosine
+ * are clamped at 1e-12 as in F.normalize. exp is a degree-6 polynomial after range reduction (relative
+ * error about 1e-7; its argument is <= 0 here).
  *
- * params (floats): k_u [HU][DK], q_u [HU][DK], v_u [HU][DV], r_u [HU][K], Wc_i [DV][K], Wg_u [HU][DV][K],
- * ln_i weight, ln_i bias, ln_u weight, ln_u bias [K] each, then eps_i, eps_u, inv_tau, bias.
+ * User states ([HU][.]): k_u (DK), q_u (DK), v_u (DV), r_u (K), g_u (DV). fixed (the user-independent
+ * parameters, floats): Wc_i [DV][K], Wc_u [DV][K], ln_i weight, ln_i bias, ln_u weight, ln_u bias [K] each.
+ * Scalars: s_i, s_u (1/sqrt(d_k) of each branch), eps_i, eps_u, inv_tau, bias.
  * Item states (the cache, [R][HI][.]): r_i (K), q_i (DK), g_i (DV), k_i (DK), v_i (DV).
  * Returns 0, or -1-i for the first candidate i of a block whose row is out of range (nothing of that
  * block is written).
@@ -75,12 +76,12 @@ static inline vf layer_norm(vf *x, const float *w, const float *b, float eps) {
     return vmax(vsqrt(nn), splat(1e-12f));
 }
 
-int64_t rank_tower(const float *params, const float *ri, const float *qi, const float *gi, const float *ki,
-                   const float *vi_, int64_t num_rows, const int64_t *rows, int64_t n, float *out) {
-    const float *ku = params, *qu = ku + HU * DK, *vu = qu + HU * DK, *ru = vu + HU * DV;
-    const float *wci = ru + HU * K, *wgu = wci + DV * K;
-    const float *lni_w = wgu + HU * DV * K, *lni_b = lni_w + K, *lnu_w = lni_b + K, *lnu_b = lnu_w + K;
-    const float eps_i = lnu_b[K], eps_u = lnu_b[K + 1], inv_tau = lnu_b[K + 2], bias = lnu_b[K + 3];
+int64_t rank_tower(const float *ku, const float *qu, const float *vu, const float *ru, const float *gu,
+                   const float *fixed, const float *ri, const float *qi, const float *gi, const float *ki,
+                   const float *vi_, int64_t num_rows, const int64_t *rows, int64_t n, float s_i, float s_u,
+                   float eps_i, float eps_u, float inv_tau, float bias, float *out) {
+    const float *wci = fixed, *wcu = wci + DV * K;
+    const float *lni_w = wcu + DV * K, *lni_b = lni_w + K, *lnu_w = lni_b + K, *lnu_b = lnu_w + K;
 
     vf r_t[HI * K], q_t[HI * DK], g_t[HI * DV], k_t[HI * DK], v_t[HI * DV];
     vf e_i[HI][K], n_i[HI], e_u[K], s[HI > HU ? HI : HU], o[DV];
@@ -99,7 +100,7 @@ int64_t rank_tower(const float *params, const float *ri, const float *qi, const 
             for (int p = 0; p < HU; p++) {
                 vf acc = splat(0.0f);
                 for (int d = 0; d < DK; d++) acc += ku[p * DK + d] * q_t[q * DK + d];
-                s[p] = acc;
+                s[p] = acc * s_i;
             }
             softmax(s, HU);
             for (int d = 0; d < DV; d++) {
@@ -121,18 +122,17 @@ int64_t rank_tower(const float *params, const float *ri, const float *qi, const 
             for (int q = 0; q < HI; q++) {
                 vf acc = splat(0.0f);
                 for (int d = 0; d < DK; d++) acc += qu[p * DK + d] * k_t[q * DK + d];
-                s[q] = acc;
+                s[q] = acc * s_u;
             }
             softmax(s, HI);
             for (int d = 0; d < DV; d++) {
                 vf acc = splat(0.0f);
                 for (int q = 0; q < HI; q++) acc += s[q] * v_t[q * DV + d];
-                o[d] = acc;
+                o[d] = acc * gu[p * DV + d];
             }
-            const float *wg = wgu + p * DV * K;
             for (int k = 0; k < K; k++) {
                 vf acc = splat(ru[p * K + k]);
-                for (int d = 0; d < DV; d++) acc += o[d] * wg[d * K + k];
+                for (int d = 0; d < DV; d++) acc += o[d] * wcu[d * K + k];
                 e_u[k] = acc;
             }
             vf n_u = layer_norm(e_u, lnu_w, lnu_b, eps_u);

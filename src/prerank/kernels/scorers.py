@@ -197,39 +197,48 @@ def fc_rows(
     return _run(fn, user.contiguous(), cache, rows, meta, w.data_ptr(), out_bias)
 
 
+RANK_TOWER_USER_KEYS = ("k", "q", "v", "r", "g")
 RANK_TOWER_ITEM_KEYS = ("r", "q", "g", "k", "v")
 
 
-def rank_tower_rows(params: Tensor, cache: dict[str, Tensor], rows: Tensor, dims: dict[str, int]) -> Tensor | None:
-    """``[N]`` RankTower scores of cache ``rows``; ``params`` and the layout are those of ``rank_tower.c``.
+def rank_tower_rows(
+    user: dict[str, Tensor], fixed: Tensor, cache: dict[str, Tensor], rows: Tensor, scalars: tuple[float, ...]
+) -> Tensor | None:
+    """``[N]`` RankTower scores of cache ``rows``; the arguments are those of ``rank_tower.c``.
 
-    ``cache`` holds the item keys ``r, q, g, k, v`` (each ``[R, H_i, .]``); ``dims`` the compile-time sizes
-    ``HU, HI, K, DK, DV``. Built by :meth:`prerank.layers.gau.GatedCrossAttentionLayer.native`.
+    ``user`` holds the user keys ``k, q, v, r, g`` (each ``[H_u, .]``), ``cache`` the item keys
+    ``r, q, g, k, v`` (each ``[R, H_i, .]``), ``fixed`` the user-independent parameters and ``scalars`` the six
+    floats. Built by :meth:`prerank.layers.gau.GatedCrossAttentionLayer.native`.
     """
     if rows.dim() != 1 or rows.dtype != torch.int64:
         raise ValueError(f"rows must be a 1-d int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
-    items = [cache[k] for k in RANK_TOWER_ITEM_KEYS]
-    hu, hi, k, dk, dv = (dims[x] for x in ("HU", "HI", "K", "DK", "DV"))
-    num_rows = items[0].shape[0]
+    hu, k = user["r"].shape
+    dk, dv = user["q"].shape[1], user["v"].shape[1]
+    num_rows, hi = cache["r"].shape[:2]
+    users = [user[x] for x in RANK_TOWER_USER_KEYS]
+    items = [cache[x] for x in RANK_TOWER_ITEM_KEYS]
+    for key, t, width in zip(RANK_TOWER_USER_KEYS, users, (dk, dk, dv, k, dv), strict=True):
+        if t.shape != (hu, width):
+            raise ValueError(f"user state {key!r} has shape {tuple(t.shape)}, expected ({hu}, {width})")
     for key, t, width in zip(RANK_TOWER_ITEM_KEYS, items, (k, dk, dv, dk, dv), strict=True):
         if t.shape != (num_rows, hi, width):
             raise ValueError(f"item state {key!r} has shape {tuple(t.shape)}, expected ({num_rows}, {hi}, {width})")
-    expected = 2 * hu * dk + hu * dv + hu * k + dv * k + hu * dv * k + 4 * k + 4
-    if params.shape != (expected,):
-        raise ValueError(f"RankTower kernel parameters have shape {tuple(params.shape)}, expected ({expected},)")
-    if params.dtype != torch.float32 or any(t.dtype != torch.float32 for t in items):
+    if fixed.shape != (2 * dv * k + 4 * k,):
+        raise ValueError(f"RankTower kernel parameters have shape {tuple(fixed.shape)}, expected ({2 * dv * k + 4 * k},)")
+    if len(scalars) != 6:
+        raise ValueError(f"RankTower kernel takes 6 scalars, got {len(scalars)}")
+    tensors = (*users, fixed, *items)
+    if any(t.dtype != torch.float32 for t in tensors):
         return None
-    if any(t.requires_grad for t in (params, *items)):
+    if any(t.requires_grad for t in tensors):
         raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
     defines = (("HU", hu), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", 16))
-    fn = _function("rank_tower", defines, tuple([_P] * 6 + [_I, _P, _I, _P]), headers=("vec.h",))
+    fn = _function("rank_tower", defines, (*[_P] * 11, _I, _P, _I, *[_F] * 6, _P), headers=("vec.h",))
     if fn is None:
         return None
-    items = [t.contiguous() for t in items]
-    params, rows = params.contiguous(), rows.contiguous()
+    tensors, rows = [t.contiguous() for t in tensors], rows.contiguous()
     out = torch.empty(rows.shape[0])
-    pointers = [params.data_ptr(), *(t.data_ptr() for t in items)]
-    err = fn(*pointers, num_rows, rows.data_ptr(), rows.shape[0], out.data_ptr())
+    err = fn(*(t.data_ptr() for t in tensors), num_rows, rows.data_ptr(), rows.shape[0], *scalars, out.data_ptr())
     if err:
         raise _row_error(rows, -1 - err, num_rows)
     return out

@@ -112,6 +112,7 @@ class GatedCrossAttentionLayer(nn.Module):
         self.item_gau = GatedAttentionUnit(dim, attention_dim, value_dim)
         self.user_norm = nn.LayerNorm(dim)
         self.item_norm = nn.LayerNorm(dim)
+        self._fixed: tuple[tuple[tuple[int, int], ...], Tensor] | None = None  # see _native_fixed
 
     @staticmethod
     def _prepare(e: Tensor, own: GatedAttentionUnit, other: GatedAttentionUnit) -> CrossState:
@@ -172,29 +173,29 @@ class GatedCrossAttentionLayer(nn.Module):
     def native(self, user: CrossState, cache: CrossState, rows: Tensor, inv_tau: float, bias: float) -> Tensor | None:
         """``bias + inv_tau * max_similarity(*cross(user, cache rows))`` for one user (RankTower Eq. 3-8), read
         straight from the item cache by :func:`prerank.kernels.scorers.rank_tower_rows`; None where the native
-        kernel is unavailable. The user side is packed as that kernel expects (scales, gate and centring as
-        in :meth:`_cross_one_user`)."""
-        ug, ig = self.user_gau, self.item_gau
-        w_i = _centred(ig.w_o.weight.T)  # [d_v, k]
-        w_u = _centred(ug.w_o.weight.T) * user["g"][0][:, :, None]  # [H_u, d_v, k]
-        tail = torch.tensor([self.item_norm.eps, self.user_norm.eps, inv_tau, bias])
-        parts = (
-            user["k"][0] * ig.scale,
-            user["q"][0] * ug.scale,
-            user["v"][0],
-            user["r"][0],
-            w_i,
-            w_u,
+        kernel is unavailable. The user states go to the kernel as they are; its user-independent parameters
+        come from :meth:`_native_fixed`."""
+        scalars = (self.item_gau.scale, self.user_gau.scale, self.item_norm.eps, self.user_norm.eps, inv_tau, bias)
+        return rank_tower_rows({k: t[0] for k, t in user.items()}, self._native_fixed(), cache, rows, scalars)
+
+    def _native_fixed(self) -> Tensor:
+        """The kernel's user-independent parameters (both centred ``W_O^T`` and the LayerNorms' affine maps),
+        packed on first use and again only when one of them has changed: the key holds each weight's storage
+        and version counter, which every in-place update (optimizer step, ``load_state_dict``) advances."""
+        weights = (
+            self.item_gau.w_o.weight,
+            self.user_gau.w_o.weight,
             self.item_norm.weight,
             self.item_norm.bias,
             self.user_norm.weight,
             self.user_norm.bias,
-            tail,
         )
-        params = torch.cat([t.reshape(-1).float() for t in parts])
-        h_u, dim = user["r"].shape[1:]
-        dims = {"HU": h_u, "HI": cache["r"].shape[1], "K": dim, "DK": user["q"].shape[-1], "DV": user["v"].shape[-1]}
-        return rank_tower_rows(params, cache, rows, dims)
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if self._fixed is None or self._fixed[0] != key:
+            with torch.no_grad():
+                parts = (_centred(weights[0].T), _centred(weights[1].T), *weights[2:])
+                self._fixed = (key, torch.cat([t.reshape(-1).float() for t in parts]))
+        return self._fixed[1]
 
     def forward(self, e_u: Tensor, e_i: Tensor) -> tuple[Tensor, Tensor]:
         return self.cross(self.prepare_user(e_u), self.prepare_item(e_i))
