@@ -97,51 +97,49 @@ int64_t rank_tower(const float *ku, const float *qu, const float *vu, const floa
 
         /* item branch: each item head attends over the user's heads */
         for (int q = 0; q < HI; q++) {
-            for (int p = 0; p < HU; p++) {
-                vf acc = splat(0.0f);
-                for (int d = 0; d < DK; d++) acc += ku[p * DK + d] * q_t[q * DK + d];
-                s[p] = acc * s_i;
+            for (int p = 0; p < HU; p++) s[p] = splat(0.0f);
+            for (int d = 0; d < DK; d++) {
+                const vf x = q_t[q * DK + d];
+                for (int p = 0; p < HU; p++) s[p] += ku[p * DK + d] * x;
             }
+            for (int p = 0; p < HU; p++) s[p] *= s_i;
             softmax(s, HU);
             for (int d = 0; d < DV; d++) {
                 vf acc = splat(0.0f);
                 for (int p = 0; p < HU; p++) acc += s[p] * vu[p * DV + d];
                 o[d] = acc * g_t[q * DV + d];
             }
-            for (int k = 0; k < K; k++) {
-                vf acc = r_t[q * K + k];
-                for (int d = 0; d < DV; d++) acc += o[d] * wci[d * K + k];
-                e_i[q][k] = acc;
-            }
+            for (int k = 0; k < K; k++) e_i[q][k] = r_t[q * K + k];
+            for (int d = 0; d < DV; d++)
+                for (int k = 0; k < K; k++) e_i[q][k] += o[d] * wci[d * K + k];
             n_i[q] = layer_norm(e_i[q], lni_w, lni_b, eps_i);
         }
 
         /* user branch, then the user head's best cosine over item heads */
         vf total = splat(0.0f);
         for (int p = 0; p < HU; p++) {
-            for (int q = 0; q < HI; q++) {
-                vf acc = splat(0.0f);
-                for (int d = 0; d < DK; d++) acc += qu[p * DK + d] * k_t[q * DK + d];
-                s[q] = acc * s_u;
+            for (int q = 0; q < HI; q++) s[q] = splat(0.0f);
+            for (int d = 0; d < DK; d++) {
+                const vf x = splat(qu[p * DK + d]);
+                for (int q = 0; q < HI; q++) s[q] += x * k_t[q * DK + d];
             }
+            for (int q = 0; q < HI; q++) s[q] *= s_u;
             softmax(s, HI);
             for (int d = 0; d < DV; d++) {
                 vf acc = splat(0.0f);
                 for (int q = 0; q < HI; q++) acc += s[q] * v_t[q * DV + d];
                 o[d] = acc * gu[p * DV + d];
             }
-            for (int k = 0; k < K; k++) {
-                vf acc = splat(ru[p * K + k]);
-                for (int d = 0; d < DV; d++) acc += o[d] * wcu[d * K + k];
-                e_u[k] = acc;
-            }
+            for (int k = 0; k < K; k++) e_u[k] = splat(ru[p * K + k]);
+            for (int d = 0; d < DV; d++)
+                for (int k = 0; k < K; k++) e_u[k] += o[d] * wcu[d * K + k];
             vf n_u = layer_norm(e_u, lnu_w, lnu_b, eps_u);
             vf best = splat(-INFINITY);
-            for (int q = 0; q < HI; q++) {
-                vf dot = splat(0.0f);
-                for (int k = 0; k < K; k++) dot += e_u[k] * e_i[q][k];
-                best = vmax(best, dot / (n_u * n_i[q]));
-            }
+            vf dot[HI];
+            for (int q = 0; q < HI; q++) dot[q] = splat(0.0f);
+            for (int k = 0; k < K; k++)
+                for (int q = 0; q < HI; q++) dot[q] += e_u[k] * e_i[q][k];
+            for (int q = 0; q < HI; q++) best = vmax(best, dot[q] / (n_u * n_i[q]));
             total += best;
         }
         float lanes[W];
