@@ -46,9 +46,18 @@ def sum_max_reference(
 @needs_cc
 @pytest.mark.parametrize(
     ("m", "heads", "item_heads", "dim"),
-    # one user row takes sum_max_block.c unless its item rows are wide ((1, 6, 32, 64), (1, 3, 17, 2))
-    [(1, 24, 8, 16), (16, 4, 4, 8), (3, 5, 30, 7), (1, 1, 1, 1), (2, 40, 3, 64), (1, 17, 5, 3), (1, 6, 32, 64),
-     (1, 3, 17, 2), (1, 7, 16, 32)],
+    # one user row takes sum_max_block.c, except with wide item rows (1, 6, 32, 64) or > 16 item heads (1, 3, 17, 2)
+    [
+        (1, 24, 8, 16),
+        (16, 4, 4, 8),
+        (3, 5, 30, 7),
+        (1, 1, 1, 1),
+        (2, 40, 3, 64),
+        (1, 17, 5, 3),
+        (1, 6, 32, 64),
+        (1, 3, 17, 2),
+        (1, 7, 16, 32),
+    ],
 )
 def test_sum_max_matches_pytorch(m: int, heads: int, item_heads: int, dim: int) -> None:
     cache = torch.randn(50, item_heads, dim)

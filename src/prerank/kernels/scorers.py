@@ -134,7 +134,8 @@ def _sum_max_block(user: Tensor, cache: Tensor, rows: Tensor, bias: float) -> Te
         return None
     cache, rows = cache.contiguous(), rows.contiguous()
     out = torch.empty(rows.shape[0])
-    err = fn(user.contiguous().data_ptr(), cache.data_ptr(), cache.shape[0], rows.data_ptr(), rows.shape[0], bias, out.data_ptr())
+    user = user.contiguous()
+    err = fn(user.data_ptr(), cache.data_ptr(), cache.shape[0], rows.data_ptr(), rows.shape[0], bias, out.data_ptr())
     if err:
         raise _row_error(rows, -1 - err, cache.shape[0])
     return out
@@ -223,8 +224,9 @@ def rank_tower_rows(
     for key, t, width in zip(RANK_TOWER_ITEM_KEYS, items, (k, dk, dv, dk, dv), strict=True):
         if t.shape != (num_rows, hi, width):
             raise ValueError(f"item state {key!r} has shape {tuple(t.shape)}, expected ({num_rows}, {hi}, {width})")
-    if fixed.shape != (2 * dv * k + 4 * k,):
-        raise ValueError(f"RankTower kernel parameters have shape {tuple(fixed.shape)}, expected ({2 * dv * k + 4 * k},)")
+    size = 2 * dv * k + 4 * k
+    if fixed.shape != (size,):
+        raise ValueError(f"RankTower kernel parameters have shape {tuple(fixed.shape)}, expected ({size},)")
     if len(scalars) != 6:
         raise ValueError(f"RankTower kernel takes 6 scalars, got {len(scalars)}")
     tensors = (*users, fixed, *items)
