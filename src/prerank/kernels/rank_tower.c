@@ -63,6 +63,12 @@ static inline void softmax(vf *s, int n) {
     for (int j = 0; j < n; j++) s[j] *= inv;
 }
 
+/* x[K] += o[DV] w, w a [DV][K] matrix; one outer product per d keeps K independent accumulators */
+static inline void add_product(vf *x, const vf *o, const float *w) {
+    for (int d = 0; d < DV; d++)
+        for (int k = 0; k < K; k++) x[k] += o[d] * w[d * K + k];
+}
+
 /* LayerNorm of a centred row x[K] in place; returns the row's norm after the affine map (clamped) */
 static inline vf layer_norm(vf *x, const float *w, const float *b, float eps) {
     vf ss = splat(0.0f);
@@ -110,8 +116,7 @@ int64_t rank_tower(const float *ku, const float *qu, const float *vu, const floa
                 o[d] = acc * g_t[q * DV + d];
             }
             for (int k = 0; k < K; k++) e_i[q][k] = r_t[q * K + k];
-            for (int d = 0; d < DV; d++)
-                for (int k = 0; k < K; k++) e_i[q][k] += o[d] * wci[d * K + k];
+            add_product(e_i[q], o, wci);
             n_i[q] = layer_norm(e_i[q], lni_w, lni_b, eps_i);
         }
 
@@ -131,8 +136,7 @@ int64_t rank_tower(const float *ku, const float *qu, const float *vu, const floa
                 o[d] = acc * gu[p * DV + d];
             }
             for (int k = 0; k < K; k++) e_u[k] = splat(ru[p * K + k]);
-            for (int d = 0; d < DV; d++)
-                for (int k = 0; k < K; k++) e_u[k] += o[d] * wcu[d * K + k];
+            add_product(e_u, o, wcu);
             vf n_u = layer_norm(e_u, lnu_w, lnu_b, eps_u);
             vf best = splat(-INFINITY);
             vf dot[HI];
