@@ -50,13 +50,13 @@ static inline vf vsqrt(vf x) {
     return x;
 }
 
-/* softmax over n vectors in place */
-static inline void softmax(vf *s, int n) {
+/* exp(scale * (s[j] - max_j s)) / sum over n vectors in place (scale > 0, so the max commutes with it) */
+static inline void softmax(vf *s, int n, float scale) {
     vf m = s[0];
     for (int j = 1; j < n; j++) m = vmax(m, s[j]);
     vf total = splat(0.0f);
     for (int j = 0; j < n; j++) {
-        s[j] = vexp(s[j] - m);
+        s[j] = vexp((s[j] - m) * scale);
         total += s[j];
     }
     vf inv = 1.0f / total;
@@ -69,17 +69,28 @@ static inline void add_product(vf *x, const vf *o, const float *w) {
         for (int k = 0; k < K; k++) x[k] += o[d] * w[d * K + k];
 }
 
-/* LayerNorm of a centred row x[K] in place; returns the row's norm after the affine map (clamped) */
-static inline vf layer_norm(vf *x, const float *w, const float *b, float eps) {
-    vf ss = splat(0.0f);
-    for (int k = 0; k < K; k++) ss += x[k] * x[k];
-    vf rstd = 1.0f / vsqrt(ss * (1.0f / K) + eps);
-    vf nn = splat(0.0f);
-    for (int k = 0; k < K; k++) {
-        x[k] = x[k] * rstd * w[k] + b[k];
-        nn += x[k] * x[k];
+/* LayerNorm of n centred rows x[n][K] in place, side by side (independent chains, two per row); inv[h] = 1 / the
+ * norm of row h after the affine map (clamped at 1e-12, as F.normalize) */
+static inline void layer_norms(vf (*x)[K], int n, const float *w, const float *b, float eps, vf *inv) {
+    vf ss[HI > HU ? HI : HU];
+    for (int h = 0; h < n; h++) {
+        vf even = splat(0.0f), odd = splat(0.0f);
+        for (int k = 0; k < K; k++) {
+            if (k % 2) odd += x[h][k] * x[h][k];
+            else even += x[h][k] * x[h][k];
+        }
+        ss[h] = even + odd;
     }
-    return vmax(vsqrt(nn), splat(1e-12f));
+    for (int h = 0; h < n; h++) {
+        const vf rstd = 1.0f / vsqrt(ss[h] * (1.0f / K) + eps);
+        vf even = splat(0.0f), odd = splat(0.0f);
+        for (int k = 0; k < K; k++) {
+            x[h][k] = x[h][k] * rstd * w[k] + b[k];
+            if (k % 2) odd += x[h][k] * x[h][k];
+            else even += x[h][k] * x[h][k];
+        }
+        inv[h] = 1.0f / vmax(vsqrt(even + odd), splat(1e-12f));
+    }
 }
 
 int64_t rank_tower(const float *ku, const float *qu, const float *vu, const float *ru, const float *gu,
@@ -90,7 +101,7 @@ int64_t rank_tower(const float *ku, const float *qu, const float *vu, const floa
     const float *lni_w = wcu + DV * K, *lni_b = lni_w + K, *lnu_w = lni_b + K, *lnu_b = lnu_w + K;
 
     vf r_t[HI * K], q_t[HI * DK], g_t[HI * DV], k_t[HI * DK], v_t[HI * DV];
-    vf e_i[HI][K], n_i[HI], e_u[K], s[HI > HU ? HI : HU], o[DV];
+    vf e_i[HI][K], inv_i[HI], e_u[HU][K], inv_u[HU], a[HI][HU], b[HU][HI], o[DV];
     for (int64_t start = 0; start < n; start += W) {
         int64_t block[W];
         const int64_t valid = block_rows(block, rows, start, n, num_rows);
@@ -101,50 +112,54 @@ int64_t rank_tower(const float *ku, const float *qu, const float *vu, const floa
         transpose(k_t, ki, HI * DK, block);
         transpose(v_t, vi_, HI * DV, block);
 
+        /* attention scores of both branches, all heads at once */
+        for (int q = 0; q < HI; q++)
+            for (int p = 0; p < HU; p++) a[q][p] = b[p][q] = splat(0.0f);
+        for (int d = 0; d < DK; d++)
+            for (int q = 0; q < HI; q++) {
+                const vf x = q_t[q * DK + d], y = k_t[q * DK + d];
+                for (int p = 0; p < HU; p++) {
+                    a[q][p] += ku[p * DK + d] * x;
+                    b[p][q] += qu[p * DK + d] * y;
+                }
+            }
+        for (int q = 0; q < HI; q++) softmax(a[q], HU, s_i);
+        for (int p = 0; p < HU; p++) softmax(b[p], HI, s_u);
+
         /* item branch: each item head attends over the user's heads */
         for (int q = 0; q < HI; q++) {
-            for (int p = 0; p < HU; p++) s[p] = splat(0.0f);
-            for (int d = 0; d < DK; d++) {
-                const vf x = q_t[q * DK + d];
-                for (int p = 0; p < HU; p++) s[p] += ku[p * DK + d] * x;
-            }
-            for (int p = 0; p < HU; p++) s[p] *= s_i;
-            softmax(s, HU);
             for (int d = 0; d < DV; d++) {
-                vf acc = splat(0.0f);
-                for (int p = 0; p < HU; p++) acc += s[p] * vu[p * DV + d];
+                vf acc = a[q][0] * vu[d];
+                for (int p = 1; p < HU; p++) acc += a[q][p] * vu[p * DV + d];
                 o[d] = acc * g_t[q * DV + d];
             }
             for (int k = 0; k < K; k++) e_i[q][k] = r_t[q * K + k];
             add_product(e_i[q], o, wci);
-            n_i[q] = layer_norm(e_i[q], lni_w, lni_b, eps_i);
         }
+        layer_norms(e_i, HI, lni_w, lni_b, eps_i, inv_i);
 
-        /* user branch, then the user head's best cosine over item heads */
-        vf total = splat(0.0f);
+        /* user branch: each user head attends over the item's heads */
         for (int p = 0; p < HU; p++) {
-            for (int q = 0; q < HI; q++) s[q] = splat(0.0f);
-            for (int d = 0; d < DK; d++) {
-                const vf x = splat(qu[p * DK + d]);
-                for (int q = 0; q < HI; q++) s[q] += x * k_t[q * DK + d];
-            }
-            for (int q = 0; q < HI; q++) s[q] *= s_u;
-            softmax(s, HI);
             for (int d = 0; d < DV; d++) {
-                vf acc = splat(0.0f);
-                for (int q = 0; q < HI; q++) acc += s[q] * v_t[q * DV + d];
+                vf acc = b[p][0] * v_t[d];
+                for (int q = 1; q < HI; q++) acc += b[p][q] * v_t[q * DV + d];
                 o[d] = acc * gu[p * DV + d];
             }
-            for (int k = 0; k < K; k++) e_u[k] = splat(ru[p * K + k]);
-            add_product(e_u, o, wcu);
-            vf n_u = layer_norm(e_u, lnu_w, lnu_b, eps_u);
-            vf best = splat(-INFINITY);
+            for (int k = 0; k < K; k++) e_u[p][k] = splat(ru[p * K + k]);
+            add_product(e_u[p], o, wcu);
+        }
+        layer_norms(e_u, HU, lnu_w, lnu_b, eps_u, inv_u);
+
+        /* each user head's best cosine over the item heads */
+        vf total = splat(0.0f);
+        for (int p = 0; p < HU; p++) {
             vf dot[HI];
-            for (int q = 0; q < HI; q++) dot[q] = splat(0.0f);
-            for (int k = 0; k < K; k++)
-                for (int q = 0; q < HI; q++) dot[q] += e_u[k] * e_i[q][k];
-            for (int q = 0; q < HI; q++) best = vmax(best, dot[q] / (n_u * n_i[q]));
-            total += best;
+            for (int q = 0; q < HI; q++) dot[q] = e_u[p][0] * e_i[q][0];
+            for (int k = 1; k < K; k++)
+                for (int q = 0; q < HI; q++) dot[q] += e_u[p][k] * e_i[q][k];
+            vf best = dot[0] * inv_i[0];
+            for (int q = 1; q < HI; q++) best = vmax(best, dot[q] * inv_i[q]);
+            total += best * inv_u[p];
         }
         float lanes[W];
         memcpy(lanes, &total, sizeof lanes);
