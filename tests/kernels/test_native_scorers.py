@@ -241,21 +241,24 @@ def test_rank_tower_kernel_equals_the_pytorch_path(config: RankTowerConfig, sche
 @needs_cc
 def test_rank_tower_kernel_checks_the_states_it_reads() -> None:
     hu, hi, k, dk, dv = 2, 3, 4, 5, 6
-    user = {key: torch.randn(hu, w) for key, w in zip("kqvrg", (dk, dk, dv, k, dv), strict=True)}
+    e_u = torch.randn(hu, k)
     cache = {key: torch.randn(7, hi, w) for key, w in zip("rqgkv", (k, dk, dv, dk, dv), strict=True)}
-    fixed, scalars = torch.randn(2 * dv * k + 4 * k), (0.5, 0.5, 1e-5, 1e-5, 1.0, 0.0)
+    fixed = torch.randn(2 * dv * k + 4 * k + 2 * (dk + dv) * (k + 1) + k)
+    scalars = (0.5, 0.5, 1e-5, 1e-5, 1.0, 0.0)
     with torch.inference_mode():
-        assert sm.rank_tower_rows(user, fixed, cache, torch.tensor([0, 6]), scalars) is not None
+        assert sm.rank_tower_rows(e_u, fixed, cache, torch.tensor([0, 6]), scalars) is not None
         with pytest.raises(ValueError, match="item state 'v' has shape"):
-            sm.rank_tower_rows(user, fixed, {**cache, "v": torch.randn(7, 3, 5)}, torch.tensor([0]), scalars)
-        with pytest.raises(ValueError, match="user state 'g' has shape"):
-            sm.rank_tower_rows({**user, "g": torch.randn(hu, 5)}, fixed, cache, torch.tensor([0]), scalars)
+            sm.rank_tower_rows(e_u, fixed, {**cache, "v": torch.randn(7, 3, 5)}, torch.tensor([0]), scalars)
+        with pytest.raises(ValueError, match=r"item state 'r' has shape \(7, 3, 4\), expected \(7, 3, 5\)"):
+            sm.rank_tower_rows(torch.randn(hu, 5), fixed, cache, torch.tensor([0]), scalars)
+        with pytest.raises(ValueError, match="user state must be"):
+            sm.rank_tower_rows(e_u[None], fixed, cache, torch.tensor([0]), scalars)
         with pytest.raises(ValueError, match="parameters have shape"):
-            sm.rank_tower_rows(user, fixed[:-1], cache, torch.tensor([0]), scalars)
+            sm.rank_tower_rows(e_u, fixed[:-1], cache, torch.tensor([0]), scalars)
         with pytest.raises(ValueError, match="6 scalars"):
-            sm.rank_tower_rows(user, fixed, cache, torch.tensor([0]), scalars[:5])
+            sm.rank_tower_rows(e_u, fixed, cache, torch.tensor([0]), scalars[:5])
         with pytest.raises(IndexError, match="candidate 0: row 7 outside"):
-            sm.rank_tower_rows(user, fixed, cache, torch.tensor([7]), scalars)
+            sm.rank_tower_rows(e_u, fixed, cache, torch.tensor([7]), scalars)
 
 
 @needs_cc
@@ -272,7 +275,14 @@ def test_rank_tower_kernel_follows_weight_updates(schema, batch, tiny_dataset: P
         for norm in (model.cross.layers[0].item_norm, model.cross.layers[0].user_norm):
             norm.weight.mul_(torch.rand_like(norm.weight) + 0.5)
             norm.bias.add_(torch.randn_like(norm.bias))
-        model.cross.layers[0].user_gau.w_o.weight.add_(torch.randn_like(model.cross.layers[0].user_gau.w_o.weight))
+        layer = model.cross.layers[0]
+        for p in (
+            layer.user_gau.w_o.weight,
+            layer.user_gau.w_o.bias,
+            layer.user_gau.w_q.weight,
+            layer.item_gau.w_v.bias,
+        ):
+            p.add_(torch.randn_like(p))
     with torch.inference_mode():
         fused = model.score_cached(user, cache.states, rows)
         torch.testing.assert_close(fused, model.score(user, cache.gather(rows)), rtol=1e-5, atol=1e-4)

@@ -34,7 +34,7 @@ def test_states_and_scores_have_the_documented_shapes(schema: Schema, batch: Bat
     user, item = model.encode_user(batch), model.encode_item(batch)
     b = len(batch)
     widths = {"r": 8, "q": 6, "g": 10, "k": 6, "v": 10}
-    assert {k: tuple(v.shape) for k, v in user.items()} == {k: (b, 3, w) for k, w in widths.items()}
+    assert {k: tuple(v.shape) for k, v in user.items()} == {"e": (b, 3, 8)}
     assert {k: tuple(v.shape) for k, v in item.items()} == {k: (b, 5, w) for k, w in widths.items()}
     assert model.score(user, item).shape == (b,)  # cross features are not used: pair may be None
 
@@ -138,12 +138,13 @@ def test_score_cost_counts_only_the_pair_dependent_work(schema: Schema, batch: B
     h_u, h_i, k, dk, dv = cfg.user_heads, cfg.item_heads, cfg.head_dim, cfg.attention_dim, cfg.value_dim
     small, large = score_cost(model, one_request(batch, schema, 8)), score_cost(model, one_request(batch, schema, 64))
     flops = large["score_flops_per_candidate"]
-    # linear in N, up to a per-request constant (the user's gate folded into W_O): marginal ~ average
+    # linear in N, up to a per-request constant (the user's projections, its gate folded into W_O)
     marginal = (64 * flops - 8 * small["score_flops_per_candidate"]) / 56
-    assert marginal == pytest.approx(flops, rel=0.02)
+    per_request = 64 * (flops - marginal)
+    assert 0 < per_request <= 2 * (4 * h_u * k * (dk + dv) + h_u * dv * k)
     # matrix products per candidate: Q K^T and A V in both branches, both W_O, the cosine matrix
     matmuls = 2 * (2 * h_u * h_i * dk + 2 * h_u * h_i * dv) + 2 * (h_u + h_i) * dv * k + 2 * h_u * h_i * k
-    assert matmuls <= flops <= 1.5 * matmuls
+    assert matmuls <= marginal <= 1.5 * matmuls
     assert large["item_cache_bytes_per_item"] == 4 * h_i * (k + 2 * dk + 2 * dv)
     # the towers are not re-run per candidate: a full forward costs far more per row
     two_tower = score_cost(build_model("two_tower", schema), one_request(batch, schema, 8))

@@ -16,8 +16,12 @@
  * are clamped at 1e-12 as in F.normalize. exp is a degree-6 polynomial after range reduction (relative
  * error about 1e-7; its argument is <= 0 here).
  *
- * User states ([HU][.]): k_u (DK), q_u (DK), v_u (DV), r_u (K), g_u (DV). fixed (the user-independent
- * parameters, floats): Wc_i [DV][K], Wc_u [DV][K], ln_i weight, ln_i bias, ln_u weight, ln_u bias [K] each.
+ * The user's states are computed here from E_u ([HU][K]), once per call, as
+ * prerank.layers.gau.GatedCrossAttentionLayer.prepare_user does: q_u = SiLU(E_u W_Q^u), g_u = sigmoid(E_u W_U^u),
+ * k_u = SiLU(E_u W_K^i), v_u = SiLU(E_u W_V^i) (Eq. 5) and r_u = E_u + b_O^u, centred. fixed (the user-independent
+ * parameters, floats): Wc_i [DV][K], Wc_u [DV][K], ln_i weight, ln_i bias, ln_u weight, ln_u bias [K] each, then the
+ * user-side projections in torch's Linear layout, each weight followed by its bias: W_Q^u [DK][K], W_U^u [DV][K],
+ * W_K^i [DK][K], W_V^i [DV][K], and b_O^u [K].
  * Scalars: s_i, s_u (1/sqrt(d_k) of each branch), eps_i, eps_u, inv_tau, bias.
  * Item states (the cache, [R][HI][.]): r_i (K), q_i (DK), g_i (DV), k_i (DK), v_i (DV).
  * Returns 0, or -1-i for the first candidate i of a block whose row is out of range (nothing of that
@@ -93,12 +97,35 @@ static inline void layer_norms(vf (*x)[K], int n, const float *w, const float *b
     }
 }
 
-int64_t rank_tower(const float *ku, const float *qu, const float *vu, const float *ru, const float *gu,
-                   const float *fixed, const float *ri, const float *qi, const float *gi, const float *ki,
-                   const float *vi_, int64_t num_rows, const int64_t *rows, int64_t n, float s_i, float s_u,
-                   float eps_i, float eps_u, float inv_tau, float bias, float *out) {
+/* y[j] = SiLU or sigmoid of (W x + b)[j] for j < n; w [n][K] */
+static void project(float *y, const float *x, const float *w, const float *b, int n, int silu) {
+    for (int j = 0; j < n; j++) {
+        float z = b[j];
+        for (int k = 0; k < K; k++) z += w[j * K + k] * x[k];
+        y[j] = (silu ? z : 1.0f) / (1.0f + expf(-z));
+    }
+}
+
+int64_t rank_tower(const float *eu, const float *fixed, const float *ri, const float *qi, const float *gi,
+                   const float *ki, const float *vi_, int64_t num_rows, const int64_t *rows, int64_t n, float s_i,
+                   float s_u, float eps_i, float eps_u, float inv_tau, float bias, float *out) {
     const float *wci = fixed, *wcu = wci + DV * K;
     const float *lni_w = wcu + DV * K, *lni_b = lni_w + K, *lnu_w = lni_b + K, *lnu_b = lnu_w + K;
+    const float *wq = lnu_b + K, *bq = wq + DK * K, *wu = bq + DK, *bu = wu + DV * K;
+    const float *wk = bu + DV, *bk = wk + DK * K, *wv = bk + DK, *bv = wv + DV * K, *bo = bv + DV;
+
+    float ku[HU * DK], qu[HU * DK], vu[HU * DV], ru[HU * K], gu[HU * DV];
+    for (int p = 0; p < HU; p++) {
+        const float *e = eu + p * K;
+        project(qu + p * DK, e, wq, bq, DK, 1);
+        project(gu + p * DV, e, wu, bu, DV, 0);
+        project(ku + p * DK, e, wk, bk, DK, 1);
+        project(vu + p * DV, e, wv, bv, DV, 1);
+        float mean = 0.0f;
+        for (int k = 0; k < K; k++) mean += e[k] + bo[k];
+        mean /= K;
+        for (int k = 0; k < K; k++) ru[p * K + k] = e[k] + bo[k] - mean;
+    }
 
     vf r_t[HI * K], q_t[HI * DK], g_t[HI * DV], k_t[HI * DK], v_t[HI * DV];
     vf e_i[HI][K], inv_i[HI], e_u[HU][K], inv_u[HU], a[HI][HU], b[HU][HI], o[DV];

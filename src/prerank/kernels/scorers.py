@@ -198,44 +198,41 @@ def fc_rows(
     return _run(fn, user.contiguous(), cache, rows, meta, w.data_ptr(), out_bias)
 
 
-RANK_TOWER_USER_KEYS = ("k", "q", "v", "r", "g")
 RANK_TOWER_ITEM_KEYS = ("r", "q", "g", "k", "v")
 
 
 def rank_tower_rows(
-    user: dict[str, Tensor], fixed: Tensor, cache: dict[str, Tensor], rows: Tensor, scalars: tuple[float, ...]
+    e_u: Tensor, fixed: Tensor, cache: dict[str, Tensor], rows: Tensor, scalars: tuple[float, ...]
 ) -> Tensor | None:
     """``[N]`` RankTower scores of cache ``rows``; the arguments are those of ``rank_tower.c``.
 
-    ``user`` holds the user keys ``k, q, v, r, g`` (each ``[H_u, .]``), ``cache`` the item keys
-    ``r, q, g, k, v`` (each ``[R, H_i, .]``), ``fixed`` the user-independent parameters and ``scalars`` the six
-    floats. Built by :meth:`prerank.layers.gau.GatedCrossAttentionLayer.native`.
+    ``e_u`` is the user's tower output ``[H_u, k]``, ``cache`` holds the item keys ``r, q, g, k, v`` (each
+    ``[R, H_i, .]``), ``fixed`` the user-independent parameters and ``scalars`` the six floats. Built by
+    :meth:`prerank.layers.gau.GatedCrossAttentionLayer.native`.
     """
     if rows.dim() != 1 or rows.dtype != torch.int64:
         raise ValueError(f"rows must be a 1-d int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
-    hu, k = user["r"].shape
-    dk, dv = user["q"].shape[1], user["v"].shape[1]
+    if e_u.dim() != 2:
+        raise ValueError(f"the user state must be [H_u, k], got shape {tuple(e_u.shape)}")
+    hu, k = e_u.shape
     num_rows, hi = cache["r"].shape[:2]
-    users = [user[x] for x in RANK_TOWER_USER_KEYS]
+    dk, dv = cache["q"].shape[-1], cache["g"].shape[-1]
     items = [cache[x] for x in RANK_TOWER_ITEM_KEYS]
-    for key, t, width in zip(RANK_TOWER_USER_KEYS, users, (dk, dk, dv, k, dv), strict=True):
-        if t.shape != (hu, width):
-            raise ValueError(f"user state {key!r} has shape {tuple(t.shape)}, expected ({hu}, {width})")
     for key, t, width in zip(RANK_TOWER_ITEM_KEYS, items, (k, dk, dv, dk, dv), strict=True):
         if t.shape != (num_rows, hi, width):
             raise ValueError(f"item state {key!r} has shape {tuple(t.shape)}, expected ({num_rows}, {hi}, {width})")
-    size = 2 * dv * k + 4 * k
+    size = 2 * dv * k + 4 * k + 2 * (dk + dv) * (k + 1) + k
     if fixed.shape != (size,):
         raise ValueError(f"RankTower kernel parameters have shape {tuple(fixed.shape)}, expected ({size},)")
     if len(scalars) != 6:
         raise ValueError(f"RankTower kernel takes 6 scalars, got {len(scalars)}")
-    tensors = (*users, fixed, *items)
+    tensors = (e_u, fixed, *items)
     if any(t.dtype != torch.float32 for t in tensors):
         return None
     if any(t.requires_grad for t in tensors):
         raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
     defines = (("HU", hu), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", 16))
-    fn = _function("rank_tower", defines, (*[_P] * 11, _I, _P, _I, *[_F] * 6, _P), headers=("vec.h",))
+    fn = _function("rank_tower", defines, (*[_P] * 7, _I, _P, _I, *[_F] * 6, _P), headers=("vec.h",))
     if fn is None:
         return None
     tensors, rows = [t.contiguous() for t in tensors], rows.contiguous()

@@ -170,25 +170,30 @@ class GatedCrossAttentionLayer(nn.Module):
         e_u = _layer_norm_(torch.baddbmm(user["r"][0][:, None, :], o_u, w_o), self.user_norm)  # [H_u, N, k]
         return e_u.transpose(0, 1), e_i
 
-    def native(self, user: CrossState, cache: CrossState, rows: Tensor, inv_tau: float, bias: float) -> Tensor | None:
-        """``bias + inv_tau * max_similarity(*cross(user, cache rows))`` for one user (RankTower Eq. 3-8), read
-        straight from the item cache by :func:`prerank.kernels.scorers.rank_tower_rows`; None where the native
-        kernel is unavailable. The user states go to the kernel as they are; its user-independent parameters
-        come from :meth:`_native_fixed`."""
+    def native(self, e_u: Tensor, cache: CrossState, rows: Tensor, inv_tau: float, bias: float) -> Tensor | None:
+        """``bias + inv_tau * max_similarity(*cross(prepare_user(e_u), cache rows))`` for one user's ``E_u``
+        ``[H_u, k]`` (RankTower Eq. 3-8), read straight from the item cache by
+        :func:`prerank.kernels.scorers.rank_tower_rows`; None where the native kernel is unavailable. The kernel
+        prepares the user itself (a few hundred multiply-adds, cheaper than the PyTorch calls that would do it);
+        its user-independent parameters come from :meth:`_native_fixed`."""
         scalars = (self.item_gau.scale, self.user_gau.scale, self.item_norm.eps, self.user_norm.eps, inv_tau, bias)
-        return rank_tower_rows({k: t[0] for k, t in user.items()}, self._native_fixed(), cache, rows, scalars)
+        return rank_tower_rows(e_u, self._native_fixed(), cache, rows, scalars)
 
     def _native_fixed(self) -> Tensor:
-        """The kernel's user-independent parameters (both centred ``W_O^T`` and the LayerNorms' affine maps),
-        packed on first use and again only when one of them has changed: the key holds each weight's storage
-        and version counter, which every in-place update (optimizer step, ``load_state_dict``) advances."""
+        """The kernel's user-independent parameters (both centred ``W_O^T``, the LayerNorms' affine maps and the
+        projections that prepare a user), packed on first use and again only when one of them has changed: the
+        key holds each weight's storage and version counter, which every in-place update (optimizer step,
+        ``load_state_dict``) advances."""
+        ug, ig = self.user_gau, self.item_gau
         weights = (
-            self.item_gau.w_o.weight,
-            self.user_gau.w_o.weight,
+            ig.w_o.weight,
+            ug.w_o.weight,
             self.item_norm.weight,
             self.item_norm.bias,
             self.user_norm.weight,
             self.user_norm.bias,
+            *(p for lin in (ug.w_q, ug.w_u, ig.w_k, ig.w_v) for p in (lin.weight, lin.bias)),
+            ug.w_o.bias,
         )
         key = tuple((w.data_ptr(), w._version) for w in weights)
         if self._fixed is None or self._fixed[0] != key:
