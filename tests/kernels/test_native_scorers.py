@@ -30,10 +30,10 @@ def _fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.setenv("PRERANK_KERNEL_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv("PRERANK_NATIVE", raising=False)
     native.library.cache_clear()
-    sm._function.cache_clear()
+    native.function.cache_clear()
     yield
     native.library.cache_clear()
-    sm._function.cache_clear()
+    native.function.cache_clear()
 
 
 def sum_max_reference(
@@ -143,7 +143,7 @@ def test_disabled_or_without_compiler_falls_back(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("PRERANK_NATIVE", "1")
     monkeypatch.setenv("CC", "/nonexistent/cc")
     native.library.cache_clear()
-    sm._function.cache_clear()
+    native.function.cache_clear()
     with pytest.warns(RuntimeWarning, match="no C compiler: \\$CC='/nonexistent/cc' not found"):
         assert sm.sum_max_rows(*args) is None
     assert sm.sum_max_rows(torch.randn(1, 2, 4).double(), torch.randn(5, 2, 4).double(), args[2]) is None
@@ -169,7 +169,7 @@ def test_a_corrupt_library_is_rebuilt() -> None:
     lib.unlink()  # a new file: this process still maps the old one, which must not change under it
     lib.write_bytes(b"not a shared library")
     native.library.cache_clear()
-    sm._function.cache_clear()
+    native.function.cache_clear()
     with torch.inference_mode():
         torch.testing.assert_close(sm.sum_max_rows(*args), first)
 
@@ -199,7 +199,7 @@ def test_models_score_from_the_cache_as_from_gathered_states(
     assert list(native.cache_dir().glob("*.so")), "the model took the native path"
     monkeypatch.setenv("PRERANK_NATIVE", "0")
     native.library.cache_clear()
-    sm._function.cache_clear()
+    native.function.cache_clear()
     with torch.inference_mode():
         torch.testing.assert_close(model.score_cached(user, cache.states, rows), fused, rtol=1e-5, atol=1e-4)
 

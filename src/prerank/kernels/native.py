@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -125,3 +126,17 @@ def library(name: str, defines: tuple[tuple[str, int], ...], headers: tuple[str,
     except (RuntimeError, OSError) as e:
         warnings.warn(f"prerank: native kernel {name} unavailable ({e}); using PyTorch", RuntimeWarning, stacklevel=2)
         return None
+
+
+@functools.cache
+def function(
+    name: str, defines: tuple[tuple[str, int], ...], argtypes: tuple, headers: tuple[str, ...] = ("rows.h",)
+) -> Callable[..., int] | None:
+    """The C function ``name`` of :func:`library` ``(name, defines, headers)``, with its argument types set and an
+    int64 result, or None."""
+    lib = library(name, defines, headers)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int64
+    return fn

@@ -28,13 +28,12 @@ index outside ``[0, M)`` raises IndexError naming the candidate.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from prerank.kernels.native import library
+from prerank.kernels.native import function
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # user, num_meta, meta, cache, num_rows, rows, n, [scale,] bias, out
@@ -46,19 +45,6 @@ _HEAD_ARGS = [_P, _I, _P, _P, _I, _P, _I, _P, _F, _P]  # lss / fc: ..., params, 
 def _lanes(width: int) -> int:
     """Vector lanes: 16 for wide rows, 8 for narrow ones (measured faster there)."""
     return 16 if width > 8 else 8
-
-
-@functools.cache
-def _function(
-    name: str, defines: tuple[tuple[str, int], ...], argtypes: tuple, headers: tuple[str, ...] = ("rows.h",)
-) -> Callable[..., int] | None:
-    """The kernel ``name`` for these compile-time sizes, with its argument types set, or None."""
-    lib = library(name, defines, headers)
-    if lib is None:
-        return None
-    fn = getattr(lib, name)
-    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int64
-    return fn
 
 
 def _check(user: Tensor, user_dims: int, cache: Tensor, rows: Tensor, meta: Tensor | None) -> bool:
@@ -111,7 +97,7 @@ def sum_max_rows(
     lanes = _lanes(heads)
     vectors = -(-heads // lanes)
     defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", lanes), ("NV", vectors))
-    fn = _function("sum_max", defines, tuple(_SUM_MAX_ARGS))
+    fn = function("sum_max", defines, tuple(_SUM_MAX_ARGS))
     if fn is None:
         return None
     # transposed and zero-padded to whole vectors of user heads: [M, d, NV * W]
@@ -129,7 +115,7 @@ def _sum_max_block(user: Tensor, cache: Tensor, rows: Tensor, bias: float) -> Te
     heads, dim = user.shape
     per_pass = 2 if heads % 2 == 0 and cache.shape[1] <= 8 else 1
     defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", 16), ("HB", per_pass))
-    fn = _function("sum_max_block", defines, (_P, _P, _I, _P, _I, _F, _P), headers=("vec.h",))
+    fn = function("sum_max_block", defines, (_P, _P, _I, _P, _I, _F, _P), headers=("vec.h",))
     if fn is None:
         return None
     cache, rows = cache.contiguous(), rows.contiguous()
@@ -148,7 +134,7 @@ def dot_rows(
     if not _check(user, 2, cache, rows, meta):
         return None
     dim = user.shape[1]
-    fn = _function("dot", (("D", dim), ("W", _lanes(dim))), tuple(_DOT_ARGS))
+    fn = function("dot", (("D", dim), ("W", _lanes(dim))), tuple(_DOT_ARGS))
     if fn is None:
         return None
     return _run(fn, user.contiguous(), cache, rows, meta, scale, bias)
@@ -172,7 +158,7 @@ def lss_rows(
     heads, dim = user.shape[1:]
     if cache.shape[1] != heads:
         raise ValueError(f"LSS needs one mixed item head per user head: {heads} vs {cache.shape[1]}")
-    fn = _function("lss", (("H", heads), ("D", dim)), tuple(_HEAD_ARGS))
+    fn = function("lss", (("H", heads), ("D", dim)), tuple(_HEAD_ARGS))
     if fn is None:
         return None
     if any(t.shape != (heads,) for t in (row_bias, slope, weight)):
@@ -191,7 +177,7 @@ def fc_rows(
     dim = user.shape[1]
     if weight.shape != (dim,):
         raise ValueError(f"weight must be [{dim}], got {tuple(weight.shape)}")
-    fn = _function("fc", (("D", dim), ("W", _lanes(dim))), tuple(_HEAD_ARGS))
+    fn = function("fc", (("D", dim), ("W", _lanes(dim))), tuple(_HEAD_ARGS))
     if fn is None:
         return None
     w = weight.float().contiguous()
@@ -232,7 +218,7 @@ def rank_tower_rows(
     if any(t.requires_grad for t in tensors):
         raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
     defines = (("HU", hu), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", 16))
-    fn = _function("rank_tower", defines, (*[_P] * 7, _I, _P, _I, *[_F] * 6, _P), headers=("vec.h",))
+    fn = function("rank_tower", defines, (*[_P] * 7, _I, _P, _I, *[_F] * 6, _P), headers=("vec.h",))
     if fn is None:
         return None
     tensors, rows = [t.contiguous() for t in tensors], rows.contiguous()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
+from prerank.kernels import fields as fk
 from prerank.schema import FeatureSpec, Schema
 
 
@@ -55,6 +56,7 @@ class EmbeddingTables(nn.Module):
             name: (schema[name], self.dense[name] if name in self.dense else self.tables[schema[name].table])
             for name in wanted
         }
+        self._plans: dict[tuple[str, ...], tuple[Tensor, Tensor, list[int]]] = {}  # per field list, for _one_row
 
     def field(self, batch: Batch, name: str) -> Tensor:
         """One feature as ``[B, D]``; sequences are pooled by their schema ``pooling`` (mean if none).
@@ -77,8 +79,42 @@ class EmbeddingTables(nn.Module):
         return total / mask.sum(-2).clamp_min(1.0)
 
     def fields(self, batch: Batch, names: Sequence[str]) -> Tensor:
-        """Several features stacked as fields ``[B, F, D]``."""
+        """Several features stacked as fields ``[B, F, D]``.
+
+        One row without autograd (a served request's user) takes one native call where it can
+        (:func:`prerank.kernels.fields.fields_row`): a small tower otherwise spends most of its time in the
+        fixed cost of several PyTorch calls per field.
+        """
+        if not torch.is_grad_enabled():
+            out = self._one_row(batch, names)
+            if out is not None:
+                return out
         return torch.stack([self.field(batch, n) for n in names], dim=-2)
+
+    def _one_row(self, batch: Batch, names: Sequence[str]) -> Tensor | None:
+        """:meth:`fields` of a batch of one row by the native kernel, or None where it does not apply."""
+        names = tuple(names)
+        values = [batch.features[n] for n in names]
+        if not values or any(v.shape[0] != 1 for v in values):
+            return None
+        if names not in self._plans:
+            kinds = [_native_kind(self.lookups[n][0]) for n in names]
+            rows = [m.num_embeddings if isinstance(m, nn.Embedding) else 0 for m in (self.lookups[n][1] for n in names)]
+            self._plans[names] = (torch.tensor(kinds), torch.tensor(rows), kinds)
+        kinds_t, rows_t, kinds = self._plans[names]
+        tables: list[int] = []
+        inputs: list[int] = []
+        lengths: list[int] = []
+        for name, v, kind in zip(names, values, kinds, strict=True):
+            weight = self.lookups[name][1].weight
+            dense = kind == fk.DENSE
+            if v.dtype != (torch.float32 if dense else torch.int64) or weight.dtype != torch.float32:
+                return None
+            v = v.contiguous()
+            inputs.append(v.data_ptr())
+            lengths.append(v.shape[-1])
+            tables += (weight.data_ptr(), self.lookups[name][1].bias.data_ptr() if dense else 0)
+        return fk.fields_row(names, kinds_t, rows_t, lengths, tables, inputs, self.dim)
 
     def sequence(self, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
         """An unpooled sequence: embeddings ``[B, L, D]`` and its validity mask ``[B, L]``."""
@@ -88,3 +124,12 @@ class EmbeddingTables(nn.Module):
     def lookup(self, table: str, ids: Tensor) -> Tensor:
         """Raw lookup in a named table (``ids`` of any shape -> ``[..., D]``)."""
         return self.tables[table](ids)
+
+
+def _native_kind(f: FeatureSpec) -> int:
+    """The kind of ``fields.c`` that computes :meth:`EmbeddingTables.field` of ``f``."""
+    if f.kind == "dense":
+        return fk.DENSE
+    if f.kind == "categorical":
+        return fk.CATEGORICAL
+    return fk.SEQUENCE_SUM if f.pooling == "sum" else fk.SEQUENCE_MEAN
