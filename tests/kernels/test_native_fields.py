@@ -72,7 +72,7 @@ def test_an_id_outside_its_table_is_named(schema: Schema, batch: Batch) -> None:
 
 
 def test_batches_autograd_and_other_dtypes_take_pytorch(schema: Schema, batch: Batch) -> None:
-    """Several rows, autograd or a non-int64 id: the PyTorch path, which the native one must not change."""
+    """Several rows, autograd, a non-int64 id or a strided sequence: the PyTorch path."""
     emb = EmbeddingTables(schema, 4)
     names = ("user_id", "user_ctr", "hist_item_id")
     row = Batch(features={k: v[:1] for k, v in batch.features.items()})
@@ -81,4 +81,7 @@ def test_batches_autograd_and_other_dtypes_take_pytorch(schema: Schema, batch: B
         torch.testing.assert_close(emb.fields(batch, names), torch_fields(emb, batch, names))
         int32 = Batch(features={**row.features, "user_id": row.features["user_id"].int()})
         torch.testing.assert_close(emb.fields(int32, names), torch_fields(emb, row, names))
+        strided = Batch(features={**row.features, "hist_item_id": batch.features["hist_item_id"][:1, ::2]})
+        assert not strided.features["hist_item_id"].is_contiguous()
+        torch.testing.assert_close(emb.fields(strided, names), torch_fields(emb, strided, names))
     assert not list(native.cache_dir().glob("fields-*.so"))

@@ -2,7 +2,7 @@
 
 A served request encodes one user, and a small user tower spends most of its time in the fixed cost of the
 PyTorch calls that look up its fields (several per field), not in arithmetic. :func:`fields_row` does all of
-them at once. Float32 tables, int64 ids, no autograd; None where the native kernel is unavailable.
+them at once. Float32 tables, contiguous int64 ids, no autograd; None where the native kernel is unavailable.
 """
 
 from __future__ import annotations

@@ -108,9 +108,10 @@ class EmbeddingTables(nn.Module):
         for name, v, kind in zip(names, values, kinds, strict=True):
             weight = self.lookups[name][1].weight
             dense = kind == fk.DENSE
-            if v.dtype != (torch.float32 if dense else torch.int64) or weight.dtype != torch.float32:
+            sequence = kind in (fk.SEQUENCE_MEAN, fk.SEQUENCE_SUM)
+            want = torch.float32 if dense else torch.int64
+            if v.dtype != want or v.dim() != 1 + sequence or not v.is_contiguous() or weight.dtype != torch.float32:
                 return None
-            v = v.contiguous()
             inputs.append(v.data_ptr())
             lengths.append(v.shape[-1])
             tables += (weight.data_ptr(), self.lookups[name][1].bias.data_ptr() if dense else 0)
