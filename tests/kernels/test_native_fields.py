@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,19 +13,8 @@ from prerank.layers.embedding import EmbeddingTables
 from prerank.schema import Schema
 
 needs_cc = pytest.mark.skipif(
-    native.compiler() is None or not native.enabled(), reason="no C compiler (or PRERANK_NATIVE=0)"
+    native.compiler() is None, reason="no C compiler (cc/gcc or $CC): the native kernel cannot be built here"
 )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("PRERANK_KERNEL_DIR", str(tmp_path / "kernels"))
-    monkeypatch.delenv("PRERANK_NATIVE", raising=False)
-    native.function.cache_clear()
-    native.library.cache_clear()
-    yield
-    native.function.cache_clear()
-    native.library.cache_clear()
 
 
 def torch_fields(emb: EmbeddingTables, batch: Batch, names: tuple[str, ...]) -> torch.Tensor:

@@ -3,7 +3,6 @@ optional (every way they can be unavailable falls back to PyTorch)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,6 @@ from prerank.serve.scorer import Scorer
 needs_cc = pytest.mark.skipif(
     native.compiler() is None, reason="no C compiler (cc/gcc or $CC): the native kernel cannot be built here"
 )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test builds into its own directory and resolves libraries anew."""
-    monkeypatch.setenv("PRERANK_KERNEL_DIR", str(tmp_path / "kernels"))
-    monkeypatch.delenv("PRERANK_NATIVE", raising=False)
-    native.library.cache_clear()
-    native.function.cache_clear()
-    yield
-    native.library.cache_clear()
-    native.function.cache_clear()
 
 
 def sum_max_reference(
