@@ -13,6 +13,7 @@ import torch
 
 from prerank.data.batch import Batch
 from prerank.data.parquet import table_to_batch, write_dataset
+from prerank.kernels import native
 from prerank.schema import FeatureSpec, Schema
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -83,6 +84,18 @@ def tiny_dataset(tmp_path: Path, schema: Schema) -> Path:
         row_group_size=100,
     )
     return root
+
+
+@pytest.fixture
+def fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Native kernels build into this test's own directory and are resolved anew (the kernel tests)."""
+    monkeypatch.setenv("PRERANK_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.delenv("PRERANK_NATIVE", raising=False)
+    native.library.cache_clear()
+    native.function.cache_clear()
+    yield
+    native.library.cache_clear()
+    native.function.cache_clear()
 
 
 @pytest.fixture(scope="session", autouse=True)

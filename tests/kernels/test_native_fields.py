@@ -12,6 +12,7 @@ from prerank.kernels import native
 from prerank.layers.embedding import EmbeddingTables
 from prerank.schema import Schema
 
+pytestmark = pytest.mark.usefixtures("fresh_kernels")
 needs_cc = pytest.mark.skipif(
     native.compiler() is None, reason="no C compiler (cc/gcc or $CC): the native kernel cannot be built here"
 )

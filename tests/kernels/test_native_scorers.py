@@ -18,6 +18,7 @@ from prerank.models.registry import build_model
 from prerank.serve.export import build_item_cache
 from prerank.serve.scorer import Scorer
 
+pytestmark = pytest.mark.usefixtures("fresh_kernels")
 needs_cc = pytest.mark.skipif(
     native.compiler() is None, reason="no C compiler (cc/gcc or $CC): the native kernel cannot be built here"
 )
