@@ -8,15 +8,11 @@
  * is out of range (the scores before it are written, none after).
  */
 
-typedef float vf __attribute__((vector_size(W * 4)));
 int64_t dot(const float *user, int64_t num_meta, const int64_t *meta, const float *cache, int64_t num_rows,
             const int64_t *rows, int64_t n, float scale, float bias, float *out) {
     for (int64_t i = 0; i < n; i++) {
-        int64_t m;
-        const int64_t r = cache_row(i, rows, n, num_rows, meta, num_meta, cache, D, &m);
-        if (r < 0) return -1 - i;
-        const float *v = cache + r * D;
-        const float *u = user + m * D;
+        const float *u, *v = cache_row(i, rows, n, num_rows, meta, num_meta, cache, D, user, D, &u);
+        if (!v) return -1 - i;
         vf acc = (vf){0};
         for (int k = 0; k + W <= D; k += W) {
             vf a, b;

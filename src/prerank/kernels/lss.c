@@ -12,11 +12,8 @@ int64_t lss(const float *user, int64_t num_meta, const int64_t *meta, const floa
             const int64_t *rows, int64_t n, const float *params, float c0, float *out) {
     const float *b = params, *a = params + H, *c = params + 2 * H;
     for (int64_t i = 0; i < n; i++) {
-        int64_t m;
-        const int64_t r = cache_row(i, rows, n, num_rows, meta, num_meta, cache, H * D, &m);
-        if (r < 0) return -1 - i;
-        const float *x = cache + r * (H * D);
-        const float *u = user + m * (H * D);
+        const float *u, *x = cache_row(i, rows, n, num_rows, meta, num_meta, cache, H * D, user, H * D, &u);
+        if (!x) return -1 - i;
         float total = c0;
         for (int h = 0; h < H; h++) {
             float s = 0.0f;

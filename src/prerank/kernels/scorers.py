@@ -40,6 +40,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SUM_MAX_ARGS = [_P, _I, _P, _P, _I, _P, _I, _F, _P]
 _DOT_ARGS = [_P, _I, _P, _P, _I, _P, _I, _F, _F, _P]
 _HEAD_ARGS = [_P, _I, _P, _P, _I, _P, _I, _P, _F, _P]  # lss / fc: ..., params, c0, out
+_VECTOR_ROWS = ("vec.h", "rows.h")  # the row-wise kernels with W-lane vectors (lss has none)
 
 
 def _lanes(width: int) -> int:
@@ -97,7 +98,7 @@ def sum_max_rows(
     lanes = _lanes(heads)
     vectors = -(-heads // lanes)
     defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", lanes), ("NV", vectors))
-    fn = function("sum_max", defines, tuple(_SUM_MAX_ARGS))
+    fn = function("sum_max", defines, tuple(_SUM_MAX_ARGS), _VECTOR_ROWS)
     if fn is None:
         return None
     # transposed and zero-padded to whole vectors of user heads: [M, d, NV * W]
@@ -134,7 +135,7 @@ def dot_rows(
     if not _check(user, 2, cache, rows, meta):
         return None
     dim = user.shape[1]
-    fn = function("dot", (("D", dim), ("W", _lanes(dim))), tuple(_DOT_ARGS))
+    fn = function("dot", (("D", dim), ("W", _lanes(dim))), tuple(_DOT_ARGS), _VECTOR_ROWS)
     if fn is None:
         return None
     return _run(fn, user.contiguous(), cache, rows, meta, scale, bias)
@@ -177,7 +178,7 @@ def fc_rows(
     dim = user.shape[1]
     if weight.shape != (dim,):
         raise ValueError(f"weight must be [{dim}], got {tuple(weight.shape)}")
-    fn = function("fc", (("D", dim), ("W", _lanes(dim))), tuple(_HEAD_ARGS))
+    fn = function("fc", (("D", dim), ("W", _lanes(dim))), tuple(_HEAD_ARGS), _VECTOR_ROWS)
     if fn is None:
         return None
     w = weight.float().contiguous()

@@ -15,22 +15,13 @@
  * candidate i whose row or meta index is out of range (the scores before it are written, none after).
  */
 
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
 #define HP (NV * W)
-static inline vf vmax(vf a, vf b) {
-    vi gt = b > a;
-    return (vf)((gt & (vi)b) | (~gt & (vi)a));
-}
 
 int64_t sum_max(const float *ut, int64_t num_meta, const int64_t *meta, const float *cache, int64_t num_rows,
                 const int64_t *rows, int64_t n, float bias, float *out) {
     for (int64_t i = 0; i < n; i++) {
-        int64_t m;
-        const int64_t r = cache_row(i, rows, n, num_rows, meta, num_meta, cache, HV * D, &m);
-        if (r < 0) return -1 - i;
-        const float *v = cache + r * (HV * D);
-        const float *u = ut + m * (D * HP);
+        const float *u, *v = cache_row(i, rows, n, num_rows, meta, num_meta, cache, HV * D, ut, D * HP, &u);
+        if (!v) return -1 - i;
         vf sum = (vf){0};
         for (int c = 0; c < NV; c++) {
             vf acc[HV];
