@@ -234,36 +234,47 @@ def test_rank_tower_kernel_checks_the_states_it_reads() -> None:
     fixed = torch.randn(2 * dv * k + 4 * k + 2 * (dk + dv) * (k + 1) + k)
     scalars = (0.5, 0.5, 1e-5, 1e-5, 1.0, 0.0)
     with torch.inference_mode():
-        assert sm.rank_tower_rows(e_u, fixed, cache, torch.tensor([0, 6]), scalars) is not None
+        kernel = sm.rank_tower_kernel(fixed, cache, scalars, hu)
+        assert kernel is not None and kernel(e_u, torch.tensor([0, 6])).shape == (2,)
         with pytest.raises(ValueError, match="item state 'v' has shape"):
-            sm.rank_tower_rows(e_u, fixed, {**cache, "v": torch.randn(7, 3, 5)}, torch.tensor([0]), scalars)
-        with pytest.raises(ValueError, match=r"item state 'r' has shape \(7, 3, 4\), expected \(7, 3, 5\)"):
-            sm.rank_tower_rows(torch.randn(hu, 5), fixed, cache, torch.tensor([0]), scalars)
-        with pytest.raises(ValueError, match="user state must be"):
-            sm.rank_tower_rows(e_u[None], fixed, cache, torch.tensor([0]), scalars)
+            sm.rank_tower_kernel(fixed, {**cache, "v": torch.randn(7, 3, 5)}, scalars, hu)
         with pytest.raises(ValueError, match="parameters have shape"):
-            sm.rank_tower_rows(e_u, fixed[:-1], cache, torch.tensor([0]), scalars)
+            sm.rank_tower_kernel(fixed[:-1], cache, scalars, hu)
         with pytest.raises(ValueError, match="6 scalars"):
-            sm.rank_tower_rows(e_u, fixed, cache, torch.tensor([0]), scalars[:5])
+            sm.rank_tower_kernel(fixed, cache, scalars[:5], hu)
+        assert sm.rank_tower_kernel(fixed.double(), cache, scalars, hu) is None  # PyTorch scores other dtypes
+        with pytest.raises(ValueError, match=r"user state must be float32 \[2, 4\], got torch.float32 \(2, 5\)"):
+            kernel(torch.randn(hu, 5), torch.tensor([0]))
+        with pytest.raises(ValueError, match="user state must be"):
+            kernel(e_u[None], torch.tensor([0]))
+        with pytest.raises(ValueError, match="rows must be a 1-d int64"):
+            kernel(e_u, torch.tensor([0.0]))
         with pytest.raises(IndexError, match="candidate 0: row 7 outside"):
-            sm.rank_tower_rows(e_u, fixed, cache, torch.tensor([7]), scalars)
+            kernel(e_u, torch.tensor([7]))
 
 
 @needs_cc
 def test_rank_tower_kernel_follows_weight_updates(schema, batch, tiny_dataset: Path) -> None:
-    """The kernel's packed parameters are re-packed after an in-place update (an optimizer step)."""
+    """The kernel is rebuilt after an in-place update (an optimizer step), a replaced module or parameter, a new
+    temperature or bias, and for another item cache."""
     model = RankTower(schema, RankTowerConfig()).eval()
     cache = build_item_cache(model, tiny_dataset)
     rows = torch.arange(1, cache.num_items + 1)
     one_user = Batch(features={k: v[:1] for k, v in batch.features.items()})
     with torch.inference_mode():
         user = model.encode_user(one_user)
-        model.score_cached(user, cache.states, rows)
+
+    def agrees(states: dict[str, torch.Tensor]) -> None:
+        with torch.inference_mode():
+            fused = model.score_cached(user, states, rows)
+            torch.testing.assert_close(fused, model.score(user, {k: v[rows] for k, v in states.items()}))
+
+    agrees(cache.states)
+    layer = model.cross.layers[0]
     with torch.no_grad():
-        for norm in (model.cross.layers[0].item_norm, model.cross.layers[0].user_norm):
+        for norm in (layer.item_norm, layer.user_norm):
             norm.weight.mul_(torch.rand_like(norm.weight) + 0.5)
             norm.bias.add_(torch.randn_like(norm.bias))
-        layer = model.cross.layers[0]
         for p in (
             layer.user_gau.w_o.weight,
             layer.user_gau.w_o.bias,
@@ -271,9 +282,17 @@ def test_rank_tower_kernel_follows_weight_updates(schema, batch, tiny_dataset: P
             layer.item_gau.w_v.bias,
         ):
             p.add_(torch.randn_like(p))
-    with torch.inference_mode():
-        fused = model.score_cached(user, cache.states, rows)
-        torch.testing.assert_close(fused, model.score(user, cache.gather(rows)), rtol=1e-5, atol=1e-4)
+    agrees(cache.states)
+    with torch.no_grad():
+        model.log_temperature.fill_(-1.0)
+        model.bias.fill_(0.7)
+    agrees(cache.states)
+    layer.item_gau.w_k = torch.nn.Linear(16, 16)
+    agrees(cache.states)
+    other = RankTower(schema, RankTowerConfig())
+    model.load_state_dict(other.state_dict(), assign=True)
+    agrees(cache.states)
+    agrees({k: v + 0.1 for k, v in cache.states.items()})
 
 
 def test_rank_tower_with_two_cross_layers_takes_the_pytorch_path(schema, batch, tiny_dataset: Path) -> None:

@@ -11,7 +11,7 @@ Five scores, each reading a candidate's cached item state straight from the cach
 - :func:`lss_rows` (``lss.c``): the per-candidate part of FIT's Lightweight Similarity Scorer,
   ``c0 + sum_h c_h PReLU_h(<U[m_i, h], X[rows[i], h]> + b_h)``
   (:class:`~prerank.layers.fit_parts.LightweightSimilarityScorer`).
-- :func:`rank_tower_rows` (``rank_tower.c``): RankTower's gated cross-attention (one layer) and
+- :class:`RankTowerKernel` (``rank_tower.c``): RankTower's gated cross-attention (one layer) and
   maximum-similarity score, 16 candidates per vector (as ``sum_max_block.c``; both share ``vec.h``).
 - :func:`fc_rows` (``fc.c``): ``c0 + sum_k w_k ReLU(U[m_i, k] + V[rows[i], k])``, FIT's "w FC" ablation.
 
@@ -188,23 +188,58 @@ def fc_rows(
 RANK_TOWER_ITEM_KEYS = ("r", "q", "g", "k", "v")
 
 
-def rank_tower_rows(
-    e_u: Tensor, fixed: Tensor, cache: dict[str, Tensor], rows: Tensor, scalars: tuple[float, ...]
-) -> Tensor | None:
-    """``[N]`` RankTower scores of cache ``rows``; the arguments are those of ``rank_tower.c``.
+class RankTowerKernel:
+    """``rank_tower.c`` bound to one item cache, the packed parameters and the six scalars: the shapes are checked
+    and the addresses taken once, so that a request (:meth:`__call__`) pays for little more than the call.
 
-    ``e_u`` is the user's tower output ``[H_u, k]``, ``cache`` holds the item keys ``r, q, g, k, v`` (each
-    ``[R, H_i, .]``), ``fixed`` the user-independent parameters and ``scalars`` the six floats. Built by
-    :meth:`prerank.layers.gau.GatedCrossAttentionLayer.native`.
+    ``cache`` holds the item keys ``r, q, g, k, v`` (each ``[R, H_i, .]``), ``fixed`` the user-independent
+    parameters and ``scalars`` the six floats, for users of ``user_heads`` heads. Built by :func:`rank_tower_kernel`
+    (from :meth:`prerank.layers.gau.GatedCrossAttentionLayer.native`). It holds the tensors whose addresses it
+    passes, so they outlive it.
     """
-    if rows.dim() != 1 or rows.dtype != torch.int64:
-        raise ValueError(f"rows must be a 1-d int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
-    if e_u.dim() != 2:
-        raise ValueError(f"the user state must be [H_u, k], got shape {tuple(e_u.shape)}")
-    hu, k = e_u.shape
-    num_rows, hi = cache["r"].shape[:2]
-    dk, dv = cache["q"].shape[-1], cache["g"].shape[-1]
+
+    def __init__(
+        self, fn: Callable[..., int], fixed: Tensor, items: list[Tensor], scalars: tuple[float, ...], user_heads: int
+    ):
+        self._fn, self._tensors, self._scalars = fn, (fixed, *items), scalars
+        self._addresses = tuple(t.data_ptr() for t in self._tensors)
+        self.num_rows, _, self.dim = items[0].shape
+        self.user_heads = user_heads
+
+    def __call__(self, e_u: Tensor, rows: Tensor) -> Tensor:
+        """``[N]`` scores of cache ``rows`` (int64 ``[N]``) for one user's ``E_u`` ``[H_u, k]`` (float32)."""
+        if rows.dim() != 1 or rows.dtype != torch.int64:
+            raise ValueError(f"rows must be a 1-d int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
+        if e_u.shape != (self.user_heads, self.dim) or e_u.dtype != torch.float32:
+            raise ValueError(
+                f"the user state must be float32 [{self.user_heads}, {self.dim}], got {e_u.dtype} {tuple(e_u.shape)}"
+            )
+        if e_u.requires_grad:
+            raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
+        e_u, rows = e_u.contiguous(), rows.contiguous()
+        out = torch.empty(rows.shape[0])
+        err = self._fn(
+            e_u.data_ptr(),
+            *self._addresses,
+            self.num_rows,
+            rows.data_ptr(),
+            rows.shape[0],
+            *self._scalars,
+            out.data_ptr(),
+        )
+        if err:
+            raise _row_error(rows, -1 - err, self.num_rows)
+        return out
+
+
+def rank_tower_kernel(
+    fixed: Tensor, cache: dict[str, Tensor], scalars: tuple[float, ...], user_heads: int
+) -> RankTowerKernel | None:
+    """:class:`RankTowerKernel` of these arguments (those of ``rank_tower.c``), checked; None where only PyTorch can
+    score them (not float32, or no native kernel)."""
     items = [cache[x] for x in RANK_TOWER_ITEM_KEYS]
+    num_rows, hi, k = items[0].shape
+    dk, dv = cache["q"].shape[-1], cache["g"].shape[-1]
     for key, t, width in zip(RANK_TOWER_ITEM_KEYS, items, (k, dk, dv, dk, dv), strict=True):
         if t.shape != (num_rows, hi, width):
             raise ValueError(f"item state {key!r} has shape {tuple(t.shape)}, expected ({num_rows}, {hi}, {width})")
@@ -213,18 +248,12 @@ def rank_tower_rows(
         raise ValueError(f"RankTower kernel parameters have shape {tuple(fixed.shape)}, expected ({size},)")
     if len(scalars) != 6:
         raise ValueError(f"RankTower kernel takes 6 scalars, got {len(scalars)}")
-    tensors = (e_u, fixed, *items)
-    if any(t.dtype != torch.float32 for t in tensors):
+    if any(t.dtype != torch.float32 for t in (fixed, *items)):
         return None
-    if any(t.requires_grad for t in tensors):
+    if any(t.requires_grad for t in (fixed, *items)):
         raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
-    defines = (("HU", hu), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", 16))
+    defines = (("HU", user_heads), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", 16))
     fn = function("rank_tower", defines, (*[_P] * 7, _I, _P, _I, *[_F] * 6, _P), headers=("vec.h",))
     if fn is None:
         return None
-    tensors, rows = [t.contiguous() for t in tensors], rows.contiguous()
-    out = torch.empty(rows.shape[0])
-    err = fn(*(t.data_ptr() for t in tensors), num_rows, rows.data_ptr(), rows.shape[0], *scalars, out.data_ptr())
-    if err:
-        raise _row_error(rows, -1 - err, num_rows)
-    return out
+    return RankTowerKernel(fn, fixed.contiguous(), [t.contiguous() for t in items], scalars, user_heads)

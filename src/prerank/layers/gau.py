@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prerank.kernels.scorers import rank_tower_rows
+from prerank.kernels.scorers import RankTowerKernel, rank_tower_kernel
 from prerank.layers.mlp import MLP
 
 CrossState = dict[str, Tensor]
@@ -112,7 +112,6 @@ class GatedCrossAttentionLayer(nn.Module):
         self.item_gau = GatedAttentionUnit(dim, attention_dim, value_dim)
         self.user_norm = nn.LayerNorm(dim)
         self.item_norm = nn.LayerNorm(dim)
-        self._fixed: tuple[tuple[tuple[int, int], ...], Tensor] | None = None  # see _native_fixed
 
     @staticmethod
     def _prepare(e: Tensor, own: GatedAttentionUnit, other: GatedAttentionUnit) -> CrossState:
@@ -170,24 +169,17 @@ class GatedCrossAttentionLayer(nn.Module):
         e_u = _layer_norm_(torch.baddbmm(user["r"][0][:, None, :], o_u, w_o), self.user_norm)  # [H_u, N, k]
         return e_u.transpose(0, 1), e_i
 
-    def native(self, e_u: Tensor, cache: CrossState, rows: Tensor, inv_tau: float, bias: float) -> Tensor | None:
-        """``bias + inv_tau * max_similarity(*cross(prepare_user(e_u), cache rows))`` for one user's ``E_u``
-        ``[H_u, k]`` (RankTower Eq. 3-8), read straight from the item cache by
-        :func:`prerank.kernels.scorers.rank_tower_rows`; None where the native kernel is unavailable. The kernel
-        prepares the user itself (a few hundred multiply-adds, cheaper than the PyTorch calls that would do it);
-        its user-independent parameters come from :meth:`_native_fixed`."""
-        scalars = (self.item_gau.scale, self.user_gau.scale, self.item_norm.eps, self.user_norm.eps, inv_tau, bias)
-        return rank_tower_rows(e_u, self._native_fixed(), cache, rows, scalars)
-
-    def _native_fixed(self) -> Tensor:
-        """The kernel's user-independent parameters (both centred ``W_O^T``, the LayerNorms' affine maps and the
-        projections that prepare a user), packed on first use and again only when one of them has changed: the
-        key holds each weight's storage and version counter, which every in-place update (optimizer step,
-        ``load_state_dict``) advances."""
+    def native(self, cache: CrossState, inv_tau: float, bias: float, user_heads: int) -> RankTowerKernel | None:
+        """RankTower's serving kernel for this layer over the item ``cache``: it maps one user's ``E_u``
+        ``[H_u, k]`` and cache rows to ``bias + inv_tau * max_similarity(*cross(prepare_user(E_u), cache rows))``
+        (RankTower Eq. 3-8), reading the rows straight from the cache
+        (:class:`prerank.kernels.scorers.RankTowerKernel`); None where the native kernel is unavailable. The kernel
+        prepares the user itself (a few thousand multiply-adds, cheaper than the PyTorch calls that would do it),
+        from the user-independent parameters packed here: both centred ``W_O^T``, the LayerNorms' affine maps and
+        the projections that prepare a user. It holds a copy of them: build it again after they change
+        (:meth:`prerank.models.rank_tower.RankTower.score_cached` does)."""
         ug, ig = self.user_gau, self.item_gau
         weights = (
-            ig.w_o.weight,
-            ug.w_o.weight,
             self.item_norm.weight,
             self.item_norm.bias,
             self.user_norm.weight,
@@ -195,12 +187,11 @@ class GatedCrossAttentionLayer(nn.Module):
             *(p for lin in (ug.w_q, ug.w_u, ig.w_k, ig.w_v) for p in (lin.weight, lin.bias)),
             ug.w_o.bias,
         )
-        key = tuple((w.data_ptr(), w._version) for w in weights)
-        if self._fixed is None or self._fixed[0] != key:
-            with torch.no_grad():
-                parts = (_centred(weights[0].T), _centred(weights[1].T), *weights[2:])
-                self._fixed = (key, torch.cat([t.reshape(-1).float() for t in parts]))
-        return self._fixed[1]
+        with torch.no_grad():
+            parts = (_centred(ig.w_o.weight.T), _centred(ug.w_o.weight.T), *weights)
+            fixed = torch.cat([t.reshape(-1).float() for t in parts])
+        scalars = (ig.scale, ug.scale, self.item_norm.eps, self.user_norm.eps, inv_tau, bias)
+        return rank_tower_kernel(fixed, cache, scalars, user_heads)
 
     def forward(self, e_u: Tensor, e_i: Tensor) -> tuple[Tensor, Tensor]:
         return self.cross(self.prepare_user(e_u), self.prepare_item(e_i))

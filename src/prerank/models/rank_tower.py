@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
+from prerank.kernels.scorers import RANK_TOWER_ITEM_KEYS, RankTowerKernel
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.gau import GatedCrossAttention, MultiHeadGatedNetwork
 from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
@@ -48,6 +49,15 @@ class RankTowerConfig:
     temperature: float = 0.5
     bias: bool = True
     features: tuple[str, ...] | None = None
+
+
+def _parameters(module: nn.Module) -> list[Tensor]:
+    """Every parameter of ``module`` and its submodules, read from their parameter dicts."""
+    out = [p for p in module._parameters.values() if p is not None]
+    for child in module._modules.values():
+        if child is not None:
+            out += _parameters(child)
+    return out
 
 
 def max_similarity(e_u: Tensor, e_i: Tensor) -> Tensor:
@@ -115,6 +125,7 @@ class RankTower(PreRanker):
         # tau = exp(log_temperature) stays positive while learned freely
         self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)))
         self.bias = nn.Parameter(torch.zeros(())) if config.bias else None
+        self._kernel: tuple[tuple[int, ...], tuple[list[Tensor], list[Tensor]], RankTowerKernel | None] | None = None
 
     @property
     def temperature(self) -> Tensor:
@@ -133,11 +144,33 @@ class RankTower(PreRanker):
         kernel (:meth:`GatedCrossAttentionLayer.native`) where it is available, else :meth:`score` of the
         gathered rows."""
         if len(self.cross.layers) == 1 and user["e"].shape[0] == 1 and not torch.is_grad_enabled():
-            bias = float(self.bias) if self.bias is not None else 0.0
-            out = self.cross.layers[0].native(user["e"][0], cache, rows, float(torch.exp(-self.log_temperature)), bias)
-            if out is not None:
-                return out
+            kernel = self._native_kernel(cache)
+            if kernel is not None:
+                return kernel(user["e"][0], rows)
         return super().score_cached(user, cache, rows, pair)
+
+    def _native_kernel(self, cache: State) -> RankTowerKernel | None:
+        """The native kernel over ``cache``, built on its first use and again when the cache or a parameter it
+        copies changes (an optimizer step, ``load_state_dict``, a replaced module).
+
+        The key holds the identity and address of each cache tensor and of each parameter of the cross layer, the
+        temperature and the bias, with the parameters' version counters (which every in-place update advances).
+        The entry holds those tensors, so that no other tensor can take their identity while it lives. Walking the
+        modules' parameter dicts keeps this to a few microseconds per request: attribute access through
+        ``nn.Module`` took several times as long.
+        """
+        params = [*_parameters(self.cross), *(p for p in self._parameters.values() if p is not None)]
+        items = [cache[k] for k in RANK_TOWER_ITEM_KEYS]
+        key = (
+            *(x for p in params for x in (id(p), p.data_ptr(), p._version)),
+            *(x for t in items for x in (id(t), t.data_ptr())),
+        )
+        if self._kernel is None or self._kernel[0] != key:
+            bias = float(self.bias) if self.bias is not None else 0.0
+            layer = self.cross.layers[0]
+            kernel = layer.native(cache, float(torch.exp(-self.log_temperature)), bias, self.config.user_heads)
+            self._kernel = (key, (params, items), kernel)
+        return self._kernel[2]
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
         e_u, e_i = self.cross.cross(self.cross.prepare_user(user["e"]), item)
