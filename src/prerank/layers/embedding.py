@@ -106,7 +106,8 @@ class EmbeddingTables(nn.Module):
         inputs: list[int] = []
         lengths: list[int] = []
         for name, v, kind in zip(names, values, kinds, strict=True):
-            weight = self.lookups[name][1].weight
+            params = self.lookups[name][1]._parameters  # not the module's attributes: several times faster
+            weight = params["weight"]
             dense = kind == fk.DENSE
             sequence = kind in (fk.SEQUENCE_MEAN, fk.SEQUENCE_SUM)
             want = torch.float32 if dense else torch.int64
@@ -114,7 +115,7 @@ class EmbeddingTables(nn.Module):
                 return None
             inputs.append(v.data_ptr())
             lengths.append(v.shape[-1])
-            tables += (weight.data_ptr(), self.lookups[name][1].bias.data_ptr() if dense else 0)
+            tables += (weight.data_ptr(), params["bias"].data_ptr() if dense else 0)
         return fk.fields_row(names, kinds_t, rows_t, lengths, tables, inputs, self.dim)
 
     def sequence(self, batch: Batch, name: str) -> tuple[Tensor, Tensor]:

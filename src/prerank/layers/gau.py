@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.kernels.mlp import mlp_row
 from prerank.kernels.scorers import RankTowerKernel, rank_tower_kernel
 from prerank.layers.mlp import MLP
 
@@ -47,6 +48,11 @@ class MultiHeadGatedNetwork(nn.Module):
         self.gate = MLP(in_dim, (gate_hidden,), out_dim=heads * head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 and x.shape[0] == 1 and not torch.is_grad_enabled():  # a served user: one native call
+            mlp, gate = self.mlp.affine_layers(), self.gate.affine_layers()
+            out = mlp_row(x, mlp, gate) if mlp is not None and gate is not None else None
+            if out is not None:
+                return out.view(1, self.heads, self.head_dim)
         gated = self.mlp(x) * torch.sigmoid(self.gate(x.detach()))
         return gated.unflatten(-1, (self.heads, self.head_dim))
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
+
+from prerank.kernels.mlp import Layer, mlp_row
 
 
 class MLP(nn.Sequential):
@@ -39,5 +42,25 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.out_dim = d
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
+        """One row without autograd (a served request's user) takes one native call (:func:`mlp_row`) where it
+        can: a small tower otherwise spends most of its time in the fixed cost of a few PyTorch calls per layer."""
+        if x.dim() == 2 and x.shape[0] == 1 and not torch.is_grad_enabled():
+            layers = self.affine_layers()
+            out = mlp_row(x, layers) if layers is not None else None
+            if out is not None:
+                return out
         return super().forward(x)
+
+    def affine_layers(self) -> list[Layer] | None:
+        """The MLP as affine layers, each with or without a ReLU after it (:func:`mlp_row`'s input); None where it
+        has other layers (batch norm, another activation, dropout while training)."""
+        layers: list[Layer] = []
+        for m in self._modules.values():
+            if type(m) is nn.Linear and m._parameters["bias"] is not None:
+                layers.append((m._parameters["weight"], m._parameters["bias"], False))
+            elif isinstance(m, nn.ReLU) and layers and not layers[-1][2]:
+                layers[-1] = (*layers[-1][:2], True)
+            elif not (isinstance(m, nn.Dropout) and not m.training):
+                return None
+        return layers
