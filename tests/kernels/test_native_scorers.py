@@ -3,6 +3,8 @@ optional (every way they can be unavailable falls back to PyTorch)."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -293,6 +295,21 @@ def test_rank_tower_kernel_follows_weight_updates(schema, batch, tiny_dataset: P
     model.load_state_dict(other.state_dict(), assign=True)
     agrees(cache.states)
     agrees({k: v + 0.1 for k, v in cache.states.items()})
+
+
+@needs_cc
+def test_rank_tower_copies_after_serving(schema, batch, tiny_dataset: Path) -> None:
+    """The bound kernel (a C function) is not part of a copy or a pickle; the copy binds its own."""
+    model = RankTower(schema, RankTowerConfig()).eval()
+    cache = build_item_cache(model, tiny_dataset)
+    rows = torch.arange(1, cache.num_items + 1)
+    with torch.inference_mode():
+        user = model.encode_user(Batch(features={k: v[:1] for k, v in batch.features.items()}))
+        scores = model.score_cached(user, cache.states, rows)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.inference_mode():
+            torch.testing.assert_close(twin.score_cached(user, cache.states, rows), scores)
+    assert model._kernel is not None
 
 
 def test_rank_tower_with_two_cross_layers_takes_the_pytorch_path(schema, batch, tiny_dataset: Path) -> None:

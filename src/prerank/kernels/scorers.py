@@ -195,7 +195,7 @@ class RankTowerKernel:
     ``cache`` holds the item keys ``r, q, g, k, v`` (each ``[R, H_i, .]``), ``fixed`` the user-independent
     parameters and ``scalars`` the six floats, for users of ``user_heads`` heads. Built by :func:`rank_tower_kernel`
     (from :meth:`prerank.layers.gau.GatedCrossAttentionLayer.native`). It holds the tensors whose addresses it
-    passes, so they outlive it.
+    passes, so they live as long as it does.
     """
 
     def __init__(

@@ -156,8 +156,8 @@ class RankTower(PreRanker):
         The key holds the identity and address of each cache tensor and of each parameter of the cross layer, the
         temperature and the bias, with the parameters' version counters (which every in-place update advances).
         The entry holds those tensors, so that no other tensor can take their identity while it lives. Walking the
-        modules' parameter dicts keeps this to a few microseconds per request: attribute access through
-        ``nn.Module`` took several times as long.
+        modules' parameter dicts keeps this to about 20 us per request (warm); the weight check through
+        ``nn.Module`` attribute access that it replaces took 29 us, and the whole wrapper about 60 us.
         """
         params = [*_parameters(self.cross), *(p for p in self._parameters.values() if p is not None)]
         items = [cache[k] for k in RANK_TOWER_ITEM_KEYS]
@@ -171,6 +171,10 @@ class RankTower(PreRanker):
             kernel = layer.native(cache, float(torch.exp(-self.log_temperature)), bias, self.config.user_heads)
             self._kernel = (key, (params, items), kernel)
         return self._kernel[2]
+
+    def __getstate__(self) -> dict[str, object]:
+        """Without the bound native kernel, whose C function cannot be copied or pickled: a copy binds its own."""
+        return {**super().__getstate__(), "_kernel": None}
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
         e_u, e_i = self.cross.cross(self.cross.prepare_user(user["e"]), item)
