@@ -49,7 +49,11 @@ def sum_max_reference(
         (1, 7, 16, 32),
     ],
 )
-def test_sum_max_matches_pytorch(m: int, heads: int, item_heads: int, dim: int) -> None:
+@pytest.mark.parametrize("lanes", ["8", "16"])
+def test_sum_max_matches_pytorch(
+    m: int, heads: int, item_heads: int, dim: int, lanes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PRERANK_KERNEL_LANES", lanes)
     cache = torch.randn(50, item_heads, dim)
     rows = torch.randint(0, 50, (301,))
     user = torch.randn(m, heads, dim)
@@ -210,8 +214,13 @@ def test_scorer_builds_the_kernel_before_the_first_request(schema, tiny_dataset:
         RankTowerConfig(user_heads=2, item_heads=2, head_dim=32, attention_dim=8, value_dim=24, temperature=2.0),
     ],
 )
-def test_rank_tower_kernel_equals_the_pytorch_path(config: RankTowerConfig, schema, batch, tiny_dataset: Path) -> None:
-    """Other head counts and widths (not multiples of the 16 lanes: the transposition's scalar path), no bias."""
+@pytest.mark.parametrize("lanes", ["8", "16"])
+def test_rank_tower_kernel_equals_the_pytorch_path(
+    config: RankTowerConfig, lanes: str, schema, batch, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other head counts and widths (not multiples of the 16 lanes: the transposition's scalar path), no bias; both
+    vector widths (8 lanes: the code CPUs without AVX-512 run, and the division and square-root path)."""
+    monkeypatch.setenv("PRERANK_KERNEL_LANES", lanes)
     model = RankTower(schema, config).eval()
     with torch.no_grad():  # LayerNorm and W_O biases away from their initial values
         for p in model.parameters():
@@ -226,6 +235,19 @@ def test_rank_tower_kernel_equals_the_pytorch_path(config: RankTowerConfig, sche
         with pytest.raises(IndexError, match="candidate 1: row"):
             model.score_cached(user, cache.states, torch.tensor([1, cache.num_items + 1]))
     assert list(native.cache_dir().glob("rank_tower-*.so"))
+
+
+def test_block_lanes_follow_the_cpu_and_the_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PRERANK_KERNEL_LANES", raising=False)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t: fpu sse2 avx avx2 fma")
+    assert native.block_lanes() == 8
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t: fpu sse2 avx avx2 fma avx512f avx512bw")
+    assert native.block_lanes() == 16
+    monkeypatch.setenv("PRERANK_KERNEL_LANES", "8")
+    assert native.block_lanes() == 8
+    monkeypatch.setenv("PRERANK_KERNEL_LANES", "4")
+    with pytest.raises(ValueError, match="PRERANK_KERNEL_LANES must be 8 or 16, got '4'"):
+        native.block_lanes()
 
 
 @needs_cc

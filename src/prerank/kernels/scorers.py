@@ -12,7 +12,7 @@ Five scores, each reading a candidate's cached item state straight from the cach
   ``c0 + sum_h c_h PReLU_h(<U[m_i, h], X[rows[i], h]> + b_h)``
   (:class:`~prerank.layers.fit_parts.LightweightSimilarityScorer`).
 - :class:`RankTowerKernel` (``rank_tower.c``): RankTower's gated cross-attention (one layer) and
-  maximum-similarity score, 16 candidates per vector (as ``sum_max_block.c``; both share ``vec.h``).
+  maximum-similarity score, one candidate per vector lane (as ``sum_max_block.c``; both share ``vec.h``).
 - :func:`fc_rows` (``fc.c``): ``c0 + sum_k w_k ReLU(U[m_i, k] + V[rows[i], k])``, FIT's "w FC" ablation.
 
 ``m_i = meta[rows[i]]`` picks the user row a cache row is scored against (FIT: one user row per meta
@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from prerank.kernels.native import function
+from prerank.kernels.native import block_lanes, function
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # user, num_meta, meta, cache, num_rows, rows, n, [scale,] bias, out
@@ -112,10 +112,10 @@ _BLOCK_MAX_ROW = 512  # floats per item row: a transposed block of 16 rows then 
 
 
 def _sum_max_block(user: Tensor, cache: Tensor, rows: Tensor, bias: float) -> Tensor | None:
-    """:func:`sum_max_rows` for one user ``[H, d]`` by ``sum_max_block.c`` (16 candidates per vector)."""
+    """:func:`sum_max_rows` for one user ``[H, d]`` by ``sum_max_block.c`` (one candidate per vector lane)."""
     heads, dim = user.shape
     per_pass = 2 if heads % 2 == 0 and cache.shape[1] <= 8 else 1
-    defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", 16), ("HB", per_pass))
+    defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", block_lanes()), ("HB", per_pass))
     fn = function("sum_max_block", defines, (_P, _P, _I, _P, _I, _F, _P), headers=("vec.h",))
     if fn is None:
         return None
@@ -252,7 +252,7 @@ def rank_tower_kernel(
         return None
     if any(t.requires_grad for t in (fixed, *items)):
         raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
-    defines = (("HU", user_heads), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", 16))
+    defines = (("HU", user_heads), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", block_lanes()))
     fn = function("rank_tower", defines, (*[_P] * 7, _I, _P, _I, *[_F] * 6, _P), headers=("vec.h",))
     if fn is None:
         return None

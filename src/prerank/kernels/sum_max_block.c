@@ -1,4 +1,4 @@
-/* sum_max.c's score for one user, with the candidates in vector lanes (W = 16 per block):
+/* sum_max.c's score for one user, with the candidates in vector lanes (W per block):
  *
  *   out[i] = bias + sum_h max_j < U[h], V[rows[i], j] >
  *
@@ -9,7 +9,7 @@
  * for IntTower's default shape (24 user heads, 8 item heads of width 16); sum_max.c stays for per-row
  * user rows (meta) and for wide item rows, whose transposed block would not fit in L1.
  *
- * Compile-time shape: H, HV, D as sum_max.c, W = 16, HB dividing H. u is [H][D]. Returns 0, or -1-i for
+ * Compile-time shape: H, HV, D as sum_max.c, W (8 or 16), HB dividing H. u is [H][D]. Returns 0, or -1-i for
  * the first candidate i of a block whose row is out of range (nothing of that block is written).
  */
 
