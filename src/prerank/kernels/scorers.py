@@ -108,7 +108,7 @@ def sum_max_rows(
 
 
 _BLOCK_MAX_ITEM_HEADS = 16  # sum_max_block keeps HB x HV accumulators in registers
-_BLOCK_MAX_ROW = 512  # floats per item row: a transposed block of 16 rows then takes 32 KiB of L1
+_BLOCK_MAX_ROW = 512  # floats per item row: a transposed block of 16 rows (16 lanes) then takes 32 KiB of L1
 
 
 def _sum_max_block(user: Tensor, cache: Tensor, rows: Tensor, bias: float) -> Tensor | None:
