@@ -126,9 +126,15 @@ def test_bench_config_is_validated() -> None:
 
 
 def test_cli_bench_writes_json(data_dir: Path, tmp_path: Path) -> None:
-    args = ["bench", "--data", str(data_dir), "--model", "lr", "--candidates", "8", "--threads", "1"]
-    r = CliRunner().invoke(app, [*args, "--requests", "3", "--warmup", "0", "--out", str(tmp_path)])
+    args = ["bench", "--data", str(data_dir), "--model", "two_tower", "--candidates", "8", "--threads", "1"]
+    r = CliRunner().invoke(
+        app, [*args, "--requests", "3", "--warmup", "0", "--out", str(tmp_path), "--cache-dtype", "float32,bfloat16"]
+    )
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "bench.json").read_text())[0]["model"] == "lr"
+    records = json.loads((tmp_path / "bench.json").read_text())
+    got = [(x["model"], x["cache_dtype"], x["item_cache_bytes_per_item"]) for x in records]
+    assert got == [("two_tower", "float32", 256), ("two_tower", "bfloat16", 128)]
+    wrong = CliRunner().invoke(app, [*args, "--cache-dtype", "fp8"])
+    assert wrong.exit_code != 0 and "--cache-dtype must list some of" in " ".join(wrong.output.split())
     bad = CliRunner().invoke(app, ["bench", "--data", str(data_dir), "--model", "nope"])
     assert bad.exit_code != 0 and "unknown model" in " ".join(bad.output.split())

@@ -66,6 +66,27 @@ def test_sum_max_matches_pytorch(
 
 
 @needs_cc
+@pytest.mark.parametrize(("heads", "item_heads", "dim"), [(24, 8, 16), (17, 5, 3), (7, 16, 32), (3, 3, 12)])
+@pytest.mark.parametrize("lanes", ["8", "16"])
+def test_sum_max_block_reads_a_bfloat16_cache(
+    heads: int, item_heads: int, dim: int, lanes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One user row against a bfloat16 cache: equal to PyTorch on the rounded cache (whole tiles of 32 bfloat16 and a
+    scalar rest, 8 and 16 lanes); the row-wise kernels, which read floats, leave it to PyTorch (None)."""
+    monkeypatch.setenv("PRERANK_KERNEL_LANES", lanes)
+    cache = torch.randn(50, item_heads, dim).to(torch.bfloat16)
+    rows = torch.randint(0, 50, (301,))
+    user = torch.randn(1, heads, dim)
+    with torch.inference_mode():
+        out = sm.sum_max_rows(user, cache, rows, bias=0.25)
+        assert out is not None
+        torch.testing.assert_close(out, sum_max_reference(user, cache.float(), rows, None, 0.25), rtol=1e-5, atol=1e-4)
+        assert sm.sum_max_rows(user, torch.randn(50, 40, dim).to(torch.bfloat16), rows) is None  # > 16 heads: sum_max.c
+        assert sm.sum_max_rows(torch.randn(2, heads, dim), cache, rows, torch.randint(0, 2, (50,))) is None
+        assert sm.dot_rows(user[0, :1], cache[:, 0], rows) is None
+
+
+@needs_cc
 @pytest.mark.parametrize(("m", "dim"), [(1, 64), (1, 1), (4, 7), (16, 100), (2, 16)])
 def test_dot_matches_pytorch(m: int, dim: int) -> None:
     cache, user = torch.randn(50, dim), torch.randn(m, dim)
@@ -215,20 +236,29 @@ def test_scorer_builds_the_kernel_before_the_first_request(schema, tiny_dataset:
     ],
 )
 @pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 def test_rank_tower_kernel_equals_the_pytorch_path(
-    config: RankTowerConfig, lanes: str, schema, batch, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+    config: RankTowerConfig,
+    lanes: str,
+    cache_dtype: str,
+    schema,
+    batch,
+    tiny_dataset: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Other head counts and widths (not multiples of the 16 lanes: the transposition's scalar path), no bias; both
-    vector widths (8 lanes: the code CPUs without AVX-512 run, and the division and square-root path)."""
+    vector widths (8 lanes: the code CPUs without AVX-512 run, and the division and square-root path); float32 and
+    bfloat16 caches (pairs of bfloat16 transposed at once, and a scalar rest where a row is not whole tiles)."""
     monkeypatch.setenv("PRERANK_KERNEL_LANES", lanes)
     model = RankTower(schema, config).eval()
     with torch.no_grad():  # LayerNorm and W_O biases away from their initial values
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    cache = build_item_cache(model, tiny_dataset)
+    cache = build_item_cache(model, tiny_dataset, cache_dtype=cache_dtype)
     one_user = Batch(features={k: v[:1] for k, v in batch.features.items()})
     rows = torch.randint(0, cache.num_items + 1, (37,))  # a short last block of 16
     with torch.inference_mode():
+        assert model._native_kernel(cache.states) is not None
         user = model.encode_user(one_user)
         fused = model.score_cached(user, cache.states, rows)
         torch.testing.assert_close(fused, model.score(user, cache.gather(rows)), rtol=1e-5, atol=1e-4)

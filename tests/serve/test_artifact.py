@@ -101,6 +101,59 @@ def test_round_trip_scores_equal_the_model_on_raw_features(name: str, tmp_path: 
     torch.testing.assert_close(torch.tensor(result.scores), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bfloat16_cache_round_trip(name: str, tmp_path: Path, data_dir: Path) -> None:
+    """A bfloat16 cache holds every float state in half the bytes, and serves scores of the states as rounded."""
+    ckpt = make_checkpoint(tmp_path / f"{name}.pt", name)
+    export(ckpt, data_dir, tmp_path / "f32", chunk_rows=4)
+    manifest = export(ckpt, data_dir, tmp_path / "bf16", chunk_rows=4, cache_dtype="bfloat16")
+    assert manifest["cache_dtype"] == "bfloat16"
+    full, half = load_artifact(tmp_path / "f32"), load_artifact(tmp_path / "bf16")
+    assert half.cache.cache_dtype == "bfloat16" and full.cache.cache_dtype == "float32"
+    for key, t in full.cache.states.items():
+        want = torch.bfloat16 if t.dtype == torch.float32 else t.dtype
+        assert half.cache.states[key].dtype == want, key
+        torch.testing.assert_close(half.cache.states[key], t.to(want), rtol=0, atol=0)
+    ids = torch.arange(1, NUM_ITEMS + 1)
+    rows = half.cache.rows(ids)
+    schema = tiny_schema()
+    user_rows = table_to_batch(tiny_table(64, 3, schema), schema)
+    scorer, reference = Scorer.load(tmp_path / "bf16"), Scorer.load(tmp_path / "f32")
+    cross = {f.name: user_rows.features[f.name][:NUM_ITEMS].tolist() for f in schema.tower("cross")}
+    got = scorer.score(user_dict(user_rows, schema), ids.tolist(), cross=cross)
+    with torch.inference_mode():
+        user = half.model.encode_user(scorer.user_batch(user_dict(user_rows, schema)))
+        pair = scorer.pair_batch(cross, NUM_ITEMS)
+        expected = half.model.score(user, half.cache.gather(rows), pair)  # the rounded states, read as float32
+    torch.testing.assert_close(torch.tensor(got.scores), expected, rtol=1e-4, atol=1e-4)
+    exact = reference.score(user_dict(user_rows, schema), ids.tolist(), cross=cross).scores
+    torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(exact), rtol=0.05, atol=0.05)
+    assert scorer.metadata()["cache_dtype"] == "bfloat16"
+
+
+def test_bfloat16_cache_listing_is_checked(tmp_path: Path, data_dir: Path) -> None:
+    export(make_checkpoint(tmp_path / "tt.pt", "two_tower"), data_dir, tmp_path / "art", cache_dtype="bfloat16")
+    info_path = tmp_path / "art" / "item_cache" / "cache.json"
+    info = json.loads(info_path.read_text())
+    assert info["bfloat16_states"] == ["i"]
+
+    def rewrite(**changes: object) -> None:
+        info_path.write_text(json.dumps({**info, **changes}))
+        manifest_path = tmp_path / "art" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["files"]["item_cache/cache.json"] = export_module.file_sha256(info_path)
+        manifest_path.write_text(json.dumps(manifest))
+
+    rewrite(bfloat16_states=["i", "nope"])
+    with pytest.raises(CheckpointError, match="bfloat16_states .* are not among its states"):
+        load_artifact(tmp_path / "art")
+    rewrite(bfloat16_states=[])  # int16 bits read as numbers
+    with pytest.raises(CheckpointError, match="state 'i' was not built by this model"):
+        load_artifact(tmp_path / "art")
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        export(tmp_path / "tt.pt", data_dir, tmp_path / "x", cache_dtype="float16")
+
+
 def test_item_cache_is_built_in_bounded_chunks_and_keyed_by_id(data_dir: Path) -> None:
     schema = tiny_schema()
     model = build_model("two_tower", schema).eval()
@@ -236,6 +289,12 @@ def test_cli_export(tmp_path: Path, data_dir: Path) -> None:
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(ckpt), "--data", str(data_dir), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert load_artifact(out).cache.num_items == NUM_ITEMS
+    half = tmp_path / "half"
+    args = ["export", "--checkpoint", str(ckpt), "--data", str(data_dir), "--out", str(half), "--cache-dtype"]
+    assert CliRunner().invoke(app, [*args, "bfloat16"]).exit_code == 0
+    assert load_artifact(half).cache.cache_dtype == "bfloat16"
+    wrong = CliRunner().invoke(app, [*args, "int8"])
+    assert wrong.exit_code != 0 and "--cache-dtype must be one of" in " ".join(wrong.output.split())
     bad = CliRunner().invoke(
         app,
         ["export", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(data_dir), "--out", str(tmp_path / "x")],

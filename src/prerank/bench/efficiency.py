@@ -232,11 +232,13 @@ def machine_info(gflops: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- targets
 
 
-def target_from_model(name: str, data_dir: str | Path, seed: int = 0) -> BenchTarget:
-    """An untrained (randomly initialised) registry model on the data's schema, with its item cache."""
+def target_from_model(name: str, data_dir: str | Path, seed: int = 0, cache_dtype: str = "float32") -> BenchTarget:
+    """An untrained (randomly initialised) registry model on the data's schema, with its item cache (float states
+    stored as ``cache_dtype``, see :func:`prerank.serve.export.build_item_cache`)."""
     torch.manual_seed(seed)
     model = build_model(name, Schema.load(data_dir)).eval()
-    return BenchTarget(name=name, model=model, cache=build_item_cache(model, data_dir), source="random init")
+    cache = build_item_cache(model, data_dir, cache_dtype=cache_dtype)
+    return BenchTarget(name=name, model=model, cache=cache, source="random init")
 
 
 def target_from_artifact(path: str | Path, data_dir: str | Path) -> BenchTarget:
@@ -286,6 +288,7 @@ def bench_target(
             records.append(
                 {
                     "model": target.name,
+                    "cache_dtype": cache.cache_dtype,
                     "source": target.source,
                     "candidates": n,
                     "threads": threads,
@@ -367,6 +370,7 @@ def profile_score(target: BenchTarget, data_dir: str | Path, n: int, repeats: in
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("model", "model", "{}"),
+    ("cache", "cache_dtype", "{}"),
     ("N", "candidates", "{}"),
     ("threads", "threads", "{}"),
     ("p50 cached ms", "p50_ms_cached", "{:.3f}"),

@@ -34,11 +34,16 @@ def export_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset directory whose items.parquet is the catalogue to cache."),
     out: Path = typer.Option(..., "--out", help="Artifact directory to write (replaced atomically if it exists)."),
     chunk_rows: int = typer.Option(8192, "--chunk-rows", min=1, help="Items encoded per chunk (bounds memory)."),
+    cache_dtype: str = typer.Option(
+        "float32", "--cache-dtype", help="Item-cache storage: float32, or bfloat16 (half the bytes, rounded states)."
+    ),
 ) -> None:
     """Export a checkpoint and its item cache as a serving artifact."""
-    from prerank.serve.export import export
+    from prerank.serve.export import CACHE_DTYPES, export
 
-    manifest = export(checkpoint, data, out, chunk_rows=chunk_rows)
+    if cache_dtype not in CACHE_DTYPES:
+        raise typer.BadParameter(f"--cache-dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
+    manifest = export(checkpoint, data, out, chunk_rows=chunk_rows, cache_dtype=cache_dtype)
     console.print(
         f"exported {manifest['model_name']} with {manifest['num_items']:,} cached items to {out} "
         f"(weights sha256 {manifest['weights_sha256'][:12]}...)",
@@ -93,6 +98,9 @@ def bench_cmd(
     warmup: int = typer.Option(20, "--warmup", min=0, help="Untimed requests before timing."),
     out: Path | None = typer.Option(None, "--out", help="Write bench.json and bench.md here."),
     profile: bool = typer.Option(False, "--profile", help="Profile `score` of models that miss the latency target."),
+    cache_dtype: str = typer.Option(
+        "float32", "--cache-dtype", help="Comma list of item-cache storage dtypes for --model: float32, bfloat16."
+    ),
 ) -> None:
     """Latency per request with the item cache vs the full forward, FLOPs per candidate and the FLOP bound."""
     from prerank.bench.efficiency import (
@@ -105,18 +113,23 @@ def bench_cmd(
         target_from_model,
         write_report,
     )
+    from prerank.serve.export import CACHE_DTYPES
 
     artifacts = [a.strip() for a in artifact.split(",") if a.strip()]
     models = [m.strip() for m in model.split(",") if m.strip()]
     if not artifacts and not models:
         raise typer.BadParameter("give --artifact and/or --model")
+    dtypes = [d.strip() for d in cache_dtype.split(",") if d.strip()]
+    if not dtypes or any(d not in CACHE_DTYPES for d in dtypes):
+        raise typer.BadParameter(f"--cache-dtype must list some of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
     config = BenchConfig(
         candidates=_int_list(candidates, "--candidates"),
         threads=_int_list(threads, "--threads"),
         requests=requests,
         warmup=warmup,
     )
-    targets = [target_from_artifact(a, data) for a in artifacts] + [target_from_model(m, data) for m in models]
+    targets = [target_from_artifact(a, data) for a in artifacts]
+    targets += [target_from_model(m, data, cache_dtype=d) for m in models for d in dtypes]
     records = run_bench(targets, data, config)
     machine = records[0]["machine"]
     gflops, kernels = machine["matmul_gflops_1thread"], machine["native_kernels"]
@@ -132,5 +145,6 @@ def bench_cmd(
     if profile:
         n = max(config.candidates)
         for target in targets:
-            if any(r["model"] == target.name and r["candidates"] == n and not r["latency_target_met"] for r in records):
+            mine = [r for r in records if (r["model"], r["cache_dtype"]) == (target.name, target.cache.cache_dtype)]
+            if any(r["candidates"] == n and not r["latency_target_met"] for r in mine):
                 wide.print(profile_score(target, data, n), highlight=False)

@@ -26,7 +26,8 @@
  * user-side projections in torch's Linear layout, each weight followed by its bias: W_Q^u [DK][K], W_U^u [DV][K],
  * W_K^i [DK][K], W_V^i [DV][K], and b_O^u [K].
  * Scalars: s_i, s_u (1/sqrt(d_k) of each branch), eps_i, eps_u, inv_tau, bias.
- * Item states (the cache, [R][HI][.]): r_i (K), q_i (DK), g_i (DV), k_i (DK), v_i (DV).
+ * Item states (the cache, [R][HI][.], floats or bfloat16: elem_t of vec.h): r_i (K), q_i (DK), g_i (DV), k_i (DK),
+ * v_i (DV).
  * Returns 0, or -1-i for the first candidate i of a block whose row is out of range (nothing of that
  * block is written).
  */
@@ -125,8 +126,8 @@ static void project(float *y, const float *x, const float *w, const float *b, in
     }
 }
 
-int64_t rank_tower(const float *eu, const float *fixed, const float *ri, const float *qi, const float *gi,
-                   const float *ki, const float *vi_, int64_t num_rows, const int64_t *rows, int64_t n, float s_i,
+int64_t rank_tower(const float *eu, const float *fixed, const elem_t *ri, const elem_t *qi, const elem_t *gi,
+                   const elem_t *ki, const elem_t *vi_, int64_t num_rows, const int64_t *rows, int64_t n, float s_i,
                    float s_u, float eps_i, float eps_u, float inv_tau, float bias, float *out) {
     const float *wci = fixed, *wcu = wci + DV * K;
     const float *lni_w = wcu + DV * K, *lni_b = lni_w + K, *lnu_w = lni_b + K, *lnu_b = lnu_w + K;

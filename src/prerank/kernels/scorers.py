@@ -19,7 +19,9 @@ Five scores, each reading a candidate's cached item state straight from the cach
 vector, by the item's stored meta index; RankTower has none); without ``meta`` there is one user row.
 Each returns None where the native kernel is unavailable (:mod:`prerank.kernels.native`), and the caller
 runs PyTorch instead.
-Float32 only, no autograd (a gradient-carrying input is an error). They run on one thread, whatever
+Float32, and bfloat16 item caches for the two block kernels (RankTower's, and IntTower's sum-max for one user
+row), which convert each gathered row to floats in registers; every other case returns None. No autograd (a
+gradient-carrying input is an error). They run on one thread, whatever
 ``torch.get_num_threads()`` says: splitting the rows over a second Python thread measured slower on our
 2-core machines (PyTorch's OpenMP workers occupy the other core). A row outside ``[0, R)`` or a meta
 index outside ``[0, M)`` raises IndexError naming the candidate.
@@ -48,8 +50,16 @@ def _lanes(width: int) -> int:
     return 16 if width > 8 else 8
 
 
-def _check(user: Tensor, user_dims: int, cache: Tensor, rows: Tensor, meta: Tensor | None) -> bool:
-    """Validate the common arguments; False where only PyTorch can score them (not float32 / int64)."""
+def _check(
+    user: Tensor,
+    user_dims: int,
+    cache: Tensor,
+    rows: Tensor,
+    meta: Tensor | None,
+    cache_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+) -> bool:
+    """Validate the common arguments; False where only PyTorch can score them (a float32 user, a cache of
+    ``cache_dtypes`` and int64 rows are native)."""
     if user.dim() != user_dims or cache.dim() != user_dims or user.shape[-1] != cache.shape[-1]:
         got = f"{tuple(user.shape)} and {tuple(cache.shape)}"
         raise ValueError(f"user and cache must be {user_dims}-d with the same last dimension, got {got}")
@@ -61,7 +71,7 @@ def _check(user: Tensor, user_dims: int, cache: Tensor, rows: Tensor, meta: Tens
         raise ValueError(f"without meta there must be one user row, got {user.shape[0]}")
     if meta is not None and (meta.dtype != torch.int64 or meta.shape != cache.shape[:1]):
         raise ValueError(f"meta must be int64 [{cache.shape[0]}], got {meta.dtype} {tuple(meta.shape)}")
-    return user.dtype == cache.dtype == torch.float32 and rows.dtype == torch.int64
+    return user.dtype == torch.float32 and cache.dtype in cache_dtypes and rows.dtype == torch.int64
 
 
 def _run(
@@ -90,11 +100,13 @@ def sum_max_rows(
     user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None = None, bias: float = 0.0
 ) -> Tensor | None:
     """``[N]`` sum-max scores of cache ``rows`` ``[N]``: ``user`` ``[M, H, d]``, ``cache`` ``[R, H_v, d]``."""
-    if not _check(user, 3, cache, rows, meta):
+    if not _check(user, 3, cache, rows, meta, _BLOCK_DTYPES):
         return None
     m, heads, dim = user.shape
     if meta is None and cache.shape[1] <= _BLOCK_MAX_ITEM_HEADS and cache.shape[1] * dim <= _BLOCK_MAX_ROW:
         return _sum_max_block(user[0], cache, rows, bias)
+    if cache.dtype != torch.float32:
+        return None
     lanes = _lanes(heads)
     vectors = -(-heads // lanes)
     defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", lanes), ("NV", vectors))
@@ -107,6 +119,7 @@ def sum_max_rows(
     return _run(fn, ut, cache, rows, meta, bias)
 
 
+_BLOCK_DTYPES = (torch.float32, torch.bfloat16)  # the cache dtypes of the block kernels (vec.h's transpose)
 _BLOCK_MAX_ITEM_HEADS = 16  # sum_max_block keeps HB x HV accumulators in registers
 _BLOCK_MAX_ROW = 512  # floats per item row: a transposed block of 16 rows (16 lanes) then takes 32 KiB of L1
 
@@ -116,6 +129,7 @@ def _sum_max_block(user: Tensor, cache: Tensor, rows: Tensor, bias: float) -> Te
     heads, dim = user.shape
     per_pass = 2 if heads % 2 == 0 and cache.shape[1] <= 8 else 1
     defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", block_lanes()), ("HB", per_pass))
+    defines += (("BF16", int(cache.dtype == torch.bfloat16)),)
     fn = function("sum_max_block", defines, (_P, _P, _I, _P, _I, _F, _P), headers=("vec.h",))
     if fn is None:
         return None
@@ -236,7 +250,7 @@ def rank_tower_kernel(
     fixed: Tensor, cache: dict[str, Tensor], scalars: tuple[float, ...], user_heads: int
 ) -> RankTowerKernel | None:
     """:class:`RankTowerKernel` of these arguments (those of ``rank_tower.c``), checked; None where only PyTorch can
-    score them (not float32, or no native kernel)."""
+    score them (a cache neither float32 nor bfloat16, mixed dtypes, or no native kernel)."""
     items = [cache[x] for x in RANK_TOWER_ITEM_KEYS]
     num_rows, hi, k = items[0].shape
     dk, dv = cache["q"].shape[-1], cache["g"].shape[-1]
@@ -248,11 +262,13 @@ def rank_tower_kernel(
         raise ValueError(f"RankTower kernel parameters have shape {tuple(fixed.shape)}, expected ({size},)")
     if len(scalars) != 6:
         raise ValueError(f"RankTower kernel takes 6 scalars, got {len(scalars)}")
-    if any(t.dtype != torch.float32 for t in (fixed, *items)):
+    dtype = items[0].dtype
+    if fixed.dtype != torch.float32 or dtype not in _BLOCK_DTYPES or any(t.dtype != dtype for t in items):
         return None
     if any(t.requires_grad for t in (fixed, *items)):
         raise ValueError("native scorers have no backward; call them under torch.no_grad() or inference_mode()")
     defines = (("HU", user_heads), ("HI", hi), ("K", k), ("DK", dk), ("DV", dv), ("W", block_lanes()))
+    defines += (("BF16", int(dtype == torch.bfloat16)),)
     fn = function("rank_tower", defines, (*[_P] * 7, _I, _P, _I, *[_F] * 6, _P), headers=("vec.h",))
     if fn is None:
         return None

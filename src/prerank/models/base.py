@@ -80,7 +80,7 @@ class PreRanker(nn.Module):
         What the online scorer runs per request. This default gathers the rows and calls :meth:`score`; a
         model may override it to read the rows straight from the cache (a fused gather) with equal results.
         """
-        return self.score(user, {k: v.index_select(0, rows) for k, v in cache.items()}, pair)
+        return self.score(user, gather_rows(cache, rows), pair)
 
     def forward(self, batch: Batch) -> Tensor:
         return self.score(self.encode_user(batch), self.encode_item(batch), batch)
@@ -88,6 +88,13 @@ class PreRanker(nn.Module):
     def auxiliary_loss(self, batch: Batch, user: State, item: State) -> Tensor | None:
         """Extra training loss of the model's paper (None if it has none)."""
         return None
+
+
+def gather_rows(cache: State, rows: Tensor) -> State:
+    """The states of item-cache ``rows`` ``[N]``, every key ``[N, ...]``. A bfloat16 state (a cache exported with
+    ``--cache-dtype bfloat16``) comes back as float32, the dtype the models compute in."""
+    out = {k: v.index_select(0, rows) for k, v in cache.items()}
+    return {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in out.items()}
 
 
 def num_params(model: nn.Module) -> int:

@@ -7,14 +7,17 @@ Layout of an artifact directory::
     ARTIFACT/model.json               registry name and model config
     ARTIFACT/schema.json              the :class:`~prerank.schema.Schema` the model was built on
     ARTIFACT/weights.pt               the state_dict (torch.save, read back with ``weights_only=True``)
-    ARTIFACT/item_cache/cache.json    the stamp (weights sha256 the cache was built with), id feature, state keys
+    ARTIFACT/item_cache/cache.json    the stamp (weights sha256 the cache was built with), id feature, state keys,
+                                      and the states stored as bfloat16
     ARTIFACT/item_cache/row_of_id.npy ``[V]`` int64: cache row of each item id, 0 = not in the catalogue
     ARTIFACT/item_cache/state-*.npy   one array per ``encode_item`` state key, ``[M + 1, ...]``
 
 Row 0 of every state array is the encoding of the all-padding item (every item feature 0), i.e. what
 the model knows about an unknown item; rows ``1..M`` follow the catalogue (``items.parquet``). Arrays
 are ``.npy`` read with ``allow_pickle=False`` and written through memory maps chunk by chunk, so an
-export holds one chunk of items in memory however large the catalogue is.
+export holds one chunk of items in memory however large the catalogue is. With ``cache_dtype="bfloat16"`` the
+float32 states are stored rounded to bfloat16 (as their int16 bits, which numpy can hold; ``cache.json`` lists
+them): half the bytes per item, and the models read them back as float32.
 
 The weights hash is a sha256 over the state_dict's names, dtypes, shapes and bytes (not over the file),
 so it names the weights themselves; the cache carries it as its stamp and loading recomputes it from the
@@ -43,7 +46,7 @@ import prerank
 from prerank.data.batch import Batch
 from prerank.data.parquet import BatchStream, ParquetSplit
 from prerank.io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
-from prerank.models.base import PreRanker, State
+from prerank.models.base import PreRanker, State, gather_rows
 from prerank.schema import Schema
 from prerank.train.checkpoint import load_model, model_from_payload
 
@@ -52,7 +55,7 @@ CACHE_FORMAT = "prerank-item-cache-v1"
 MANIFEST = "manifest.json"
 ID_FEATURE = "item_id"
 
-# numpy cannot hold bfloat16; a model that caches it must cast in encode_item.
+# numpy cannot hold bfloat16: a bfloat16 state is stored as its int16 bits (CACHE_DTYPES).
 _NPY_DTYPES = {
     torch.float32,
     torch.float64,
@@ -63,6 +66,7 @@ _NPY_DTYPES = {
     torch.int8,
     torch.bool,
 }
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # how an item cache stores float32 states
 
 
 def weights_sha256(state_dict: dict[str, Tensor]) -> str:
@@ -104,14 +108,19 @@ class ItemCache:
     def num_items(self) -> int:
         return int(next(iter(self.states.values())).shape[0]) - 1
 
+    @property
+    def cache_dtype(self) -> str:
+        """``"bfloat16"`` where the float states are stored rounded to bfloat16, else ``"float32"``."""
+        return "bfloat16" if any(t.dtype == torch.bfloat16 for t in self.states.values()) else "float32"
+
     def rows(self, ids: Tensor) -> Tensor:
         """Cache rows ``[N]`` of item ids ``[N]`` (non-negative); 0 where an id is not cached."""
         vocab = self.row_of_id.shape[0]
         return torch.where(ids < vocab, self.row_of_id[ids.clamp_max(vocab - 1)], 0)
 
     def gather(self, rows: Tensor) -> State:
-        """The item state of ``rows`` ``[N]``: every key ``[N, ...]``."""
-        return {k: v.index_select(0, rows) for k, v in self.states.items()}
+        """The item state of ``rows`` ``[N]``: every key ``[N, ...]`` (float32 where the cache holds bfloat16)."""
+        return gather_rows(self.states, rows)
 
     def ids(self) -> Tensor:
         """Item ids in the cache, ``[M]``, in cache-row order."""
@@ -146,13 +155,19 @@ def build_item_cache(
     chunk_rows: int = 8192,
     allocate: Allocate = _in_memory,
     id_feature: str = ID_FEATURE,
+    cache_dtype: str = "float32",
 ) -> ItemCache:
     """Encode every item of ``data_dir/items.parquet`` with ``model.encode_item``, ``chunk_rows`` at a time.
 
     ``allocate(key, dtype, shape)`` provides each output array (a state key, or None for the id -> row map); the
-    default keeps them in memory, :func:`export` passes memory maps on disk. Raises ``ValueError`` for a
-    catalogue without ``id_feature``, with id 0 or with an id twice.
+    default keeps them in memory, :func:`export` passes memory maps on disk. ``cache_dtype`` (a key of
+    :data:`CACHE_DTYPES`) is how float32 states are stored: ``"bfloat16"`` rounds them to nearest even (the
+    allocated arrays then hold int16 bits, the returned cache bfloat16 views). Raises ``ValueError`` for an unknown
+    ``cache_dtype``, a catalogue without ``id_feature``, with id 0 or with an id twice.
     """
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
+    halve = CACHE_DTYPES[cache_dtype] == torch.bfloat16
     schema = model.schema
     if id_feature not in schema or schema[id_feature].tower != "item" or schema[id_feature].kind != "categorical":
         raise ValueError(f"the item cache is keyed by {id_feature!r}, which must be a categorical item feature")
@@ -164,11 +179,17 @@ def build_item_cache(
     with torch.inference_mode():
         unknown = model.encode_item(unknown_item(schema))
         arrays: dict[str, np.ndarray] = {}
+        rounded = {k for k, t in unknown.items() if halve and t.dtype == torch.float32}
+
+        def stored(key: str, t: Tensor) -> np.ndarray:
+            return (t.to(torch.bfloat16).view(torch.int16) if key in rounded else t).numpy()
+
         for key, t in unknown.items():
             if t.dtype not in _NPY_DTYPES:
                 raise ValueError(f"item state {key!r} has dtype {t.dtype}, which the cache cannot store")
-            arrays[key] = allocate(key, np.dtype(str(t.dtype).removeprefix("torch.")), (m + 1, *t.shape[1:]))
-            arrays[key][0] = t[0].numpy()
+            row = stored(key, t[0])
+            arrays[key] = allocate(key, row.dtype, (m + 1, *t.shape[1:]))
+            arrays[key][0] = row
         start = 1
         for batch in BatchStream(split, chunk_rows, shuffle=False, buffer_rows=chunk_rows):
             ids = batch.features[id_feature].numpy()
@@ -183,13 +204,18 @@ def build_item_cache(
             for key, t in model.encode_item(batch).items():
                 if key not in arrays or tuple(t.shape[1:]) != arrays[key].shape[1:]:
                     raise ValueError(f"encode_item state {key!r} changed keys or shape between batches")
-                arrays[key][start : start + len(ids)] = t.numpy()
+                arrays[key][start : start + len(ids)] = stored(key, t)
             start += len(ids)
     return ItemCache(
         row_of_id=torch.from_numpy(np.asarray(row_of_id)),
-        states={k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()},
+        states={k: _as_state(torch.from_numpy(np.asarray(v)), k in rounded) for k, v in arrays.items()},
         id_feature=id_feature,
     )
+
+
+def _as_state(t: Tensor, bfloat16: bool) -> Tensor:
+    """A stored array as the cache state it holds: int16 bits viewed as bfloat16 where ``bfloat16``."""
+    return t.view(torch.bfloat16) if bfloat16 else t
 
 
 # ----------------------------------------------------------------------------------- export
@@ -230,12 +256,21 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def export(checkpoint: str | Path, data_dir: str | Path, out: str | Path, *, chunk_rows: int = 8192) -> dict[str, Any]:
+def export(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    chunk_rows: int = 8192,
+    cache_dtype: str = "float32",
+) -> dict[str, Any]:
     """Export a checkpoint and the item cache of ``data_dir``'s catalogue to the artifact directory ``out``.
 
-    Refuses data whose features differ from the checkpoint's schema (its ids would mean other things).
-    Returns the manifest.
+    ``cache_dtype``: how the cache stores float32 states (:func:`build_item_cache`). Refuses data whose features
+    differ from the checkpoint's schema (its ids would mean other things). Returns the manifest.
     """
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
     name, model, _ = load_model(checkpoint)
     data_schema = Schema.load(data_dir)
     if data_schema.features != model.schema.features:
@@ -258,7 +293,10 @@ def export(checkpoint: str | Path, data_dir: str | Path, out: str | Path, *, chu
             maps.append(np.lib.format.open_memmap(cache_dir / fname, mode="w+", dtype=dtype, shape=shape))
             return maps[-1]
 
-        num_items = build_item_cache(model, data_dir, chunk_rows=chunk_rows, allocate=allocate).num_items
+        cache = build_item_cache(model, data_dir, chunk_rows=chunk_rows, allocate=allocate, cache_dtype=cache_dtype)
+        num_items = cache.num_items
+        bfloat16_states = sorted(k for k, t in cache.states.items() if t.dtype == torch.bfloat16)
+        del cache
         for mm in maps:
             mm.flush()
         maps.clear()
@@ -270,6 +308,7 @@ def export(checkpoint: str | Path, data_dir: str | Path, out: str | Path, *, chu
                 "id_feature": ID_FEATURE,
                 "row_of_id": "row_of_id.npy",
                 "states": state_files,
+                "bfloat16_states": bfloat16_states,
             },
         )
         manifest = {
@@ -277,6 +316,7 @@ def export(checkpoint: str | Path, data_dir: str | Path, out: str | Path, *, chu
             "model_name": name,
             "weights_sha256": digest,
             "num_items": num_items,
+            "cache_dtype": cache_dtype,
             "prerank_version": prerank.__version__,
             "torch_version": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -398,6 +438,13 @@ def _load_cache(root: Path, info: dict[str, Any], model: PreRanker, what: str) -
             f"{what}: item cache has {row_of_id.shape[0]} ids but the schema's {id_feature} vocabulary is {vocab}"
         )
     states = {k: load(f) for k, f in dict(info.get("states", {})).items()}
+    rounded = info.get("bfloat16_states", [])
+    if not isinstance(rounded, list) or not set(rounded) <= set(states):
+        raise CheckpointError(f"{what}: cache.json's bfloat16_states {rounded!r} are not among its states")
+    for k in rounded:
+        if states[k].dtype != torch.int16:
+            raise CheckpointError(f"{what}: item cache state {k!r} holds {states[k].dtype}, not bfloat16 bits (int16)")
+        states[k] = states[k].view(torch.bfloat16)
     with torch.inference_mode():
         expected = model.encode_item(unknown_item(model.schema))
     if set(states) != set(expected):
@@ -406,6 +453,9 @@ def _load_cache(root: Path, info: dict[str, Any], model: PreRanker, what: str) -
     if len(rows) != 1 or int(row_of_id.max()) >= rows.pop():
         raise CheckpointError(f"{what}: item cache arrays disagree on the number of items")
     for k, t in expected.items():
-        if states[k].shape[1:] != t.shape[1:] or not torch.allclose(states[k][0].to(t.dtype), t[0], atol=1e-5):
+        row = t[0].to(states[k].dtype).to(t.dtype)  # as stored: rounded to bfloat16 in a bfloat16 cache
+        if k in rounded and t.dtype != torch.float32:
+            raise CheckpointError(f"{what}: item cache state {k!r} is bfloat16 but the model encodes it as {t.dtype}")
+        if states[k].shape[1:] != t.shape[1:] or not torch.allclose(states[k][0].to(t.dtype), row, atol=1e-5):
             raise CheckpointError(f"{what}: item cache state {k!r} was not built by this model (row 0 differs)")
     return ItemCache(row_of_id=row_of_id, states=states, id_feature=id_feature)

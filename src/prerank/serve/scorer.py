@@ -338,6 +338,7 @@ class Scorer:
             "model": m.get("model_name"),
             "weights_sha256": m.get("weights_sha256"),
             "num_items": self.cache.num_items,
+            "cache_dtype": self.cache.cache_dtype,
             "prerank_version": m.get("prerank_version"),
             "created": m.get("created"),
             "threads": self.threads,
