@@ -69,6 +69,11 @@ _NPY_DTYPES = {
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # how an item cache stores float32 states
 
 
+def _check_cache_dtype(cache_dtype: str) -> None:
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
+
+
 def weights_sha256(state_dict: dict[str, Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
     h = hashlib.sha256()
@@ -165,8 +170,7 @@ def build_item_cache(
     allocated arrays then hold int16 bits, the returned cache bfloat16 views). Raises ``ValueError`` for an unknown
     ``cache_dtype``, a catalogue without ``id_feature``, with id 0 or with an id twice.
     """
-    if cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
+    _check_cache_dtype(cache_dtype)
     halve = CACHE_DTYPES[cache_dtype] == torch.bfloat16
     schema = model.schema
     if id_feature not in schema or schema[id_feature].tower != "item" or schema[id_feature].kind != "categorical":
@@ -269,8 +273,7 @@ def export(
     ``cache_dtype``: how the cache stores float32 states (:func:`build_item_cache`). Refuses data whose features
     differ from the checkpoint's schema (its ids would mean other things). Returns the manifest.
     """
-    if cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
+    _check_cache_dtype(cache_dtype)  # before the checkpoint is read
     name, model, _ = load_model(checkpoint)
     data_schema = Schema.load(data_dir)
     if data_schema.features != model.schema.features:
