@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -18,6 +19,62 @@ from prerank.kernels.native import function
 
 Layer = tuple[Tensor, Tensor, bool]  # weight [out, in], bias [out], and whether a ReLU follows
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+ARGTYPES = (_P, _I, _I, _P, _P, _I, _P, _P)
+
+
+@dataclass(frozen=True)
+class MlpPlan:
+    """The layers of :func:`mlp_row` checked and bound for ``mlp.c``: ``c_ints`` holds each layer's in and out widths
+    and ReLU flag, ``c_ptrs`` its weight's and bias's addresses (of the storages in ``held``, kept alive); ``n_a``,
+    ``n_b`` the layers of the chain and of the gate; ``in_dim``, ``out_dim`` the row's widths and ``width`` the widest
+    layer. Values changed in place are seen; replaced weights are not (build a new plan)."""
+
+    n_a: int
+    n_b: int
+    in_dim: int
+    out_dim: int
+    width: int
+    held: tuple[Tensor, ...]
+    c_ints: ctypes.Array
+    c_ptrs: ctypes.Array
+
+    @classmethod
+    def build(cls, in_dim: int, chain: Sequence[Layer], gate: Sequence[Layer] = ()) -> MlpPlan | None:
+        """The plan of ``chain`` (and ``gate``) for rows of ``in_dim``, or None where a weight or bias is not a
+        contiguous float32 tensor or there are no layers. Widths that do not chain raise ValueError naming the
+        layer."""
+        if not chain:
+            return None
+        ints: list[int] = []
+        held: list[Tensor] = []
+        for part in (chain, gate):
+            width = in_dim
+            for i, (w, b, relu) in enumerate(part):
+                if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (w, b)):
+                    return None
+                out, inputs = w.shape
+                if inputs != width or b.shape != (out,):
+                    raise ValueError(
+                        f"layer {i}: weight {tuple(w.shape)} and bias {tuple(b.shape)} do not take {width} inputs"
+                    )
+                ints += (inputs, out, relu)
+                held += (w.detach(), b.detach())  # the storages: a later `w.data = ...` must not free them
+                width = out
+        out = ints[len(chain) * 3 - 2]
+        if gate and width != out:
+            raise ValueError(f"the gate has {width} outputs, the MLP {out}")
+        ptrs = [t.data_ptr() for t in held]
+        c_ints, c_ptrs = (_I * len(ints))(*ints), (_P * len(ptrs))(*ptrs)
+        return cls(len(chain), len(gate), in_dim, out, max(ints[1::3]), tuple(held), c_ints, c_ptrs)
+
+    def run(self, x: Tensor) -> Tensor | None:
+        """``[1, out_dim]`` of one contiguous float32 row ``x`` ``[1, in_dim]``, or None (no native kernel)."""
+        fn = function("mlp", (("W", 16),), ARGTYPES, headers=("vec.h", "rows.h"))
+        if fn is None:
+            return None
+        scratch, y = torch.empty(3 * self.width), torch.empty(1, self.out_dim)
+        fn(x.data_ptr(), self.n_a, self.n_b, self.c_ints, self.c_ptrs, self.width, scratch.data_ptr(), y.data_ptr())
+        return y
 
 
 def mlp_row(x: Tensor, chain: Sequence[Layer], gate: Sequence[Layer] = ()) -> Tensor | None:
@@ -30,39 +87,5 @@ def mlp_row(x: Tensor, chain: Sequence[Layer], gate: Sequence[Layer] = ()) -> Te
         raise ValueError(f"mlp_row takes one row [1, in], got shape {tuple(x.shape)}")
     if not chain or torch.is_grad_enabled() or x.dtype != torch.float32:
         return None
-    ints: list[int] = []
-    ptrs: list[int] = []
-    for part in (chain, gate):
-        width = x.shape[1]
-        for i, (w, b, relu) in enumerate(part):
-            if w.dtype != torch.float32 or b.dtype != torch.float32 or not (w.is_contiguous() and b.is_contiguous()):
-                return None
-            out, inputs = w.shape
-            if inputs != width or b.shape != (out,):
-                raise ValueError(
-                    f"layer {i}: weight {tuple(w.shape)} and bias {tuple(b.shape)} do not take {width} inputs"
-                )
-            ints += (inputs, out, relu)
-            ptrs += (w.data_ptr(), b.data_ptr())
-            width = out
-    out = ints[len(chain) * 3 - 2]
-    if gate and width != out:
-        raise ValueError(f"the gate has {width} outputs, the MLP {out}")
-    fn = function("mlp", (("W", 16),), (_P, _I, _I, _P, _P, _I, _P, _P), headers=("vec.h", "rows.h"))
-    if fn is None:
-        return None
-    x = x.contiguous()
-    width = max(ints[1::3])
-    scratch, y = torch.empty(3 * width), torch.empty(1, out)
-    n = len(ptrs) // 2
-    fn(
-        x.data_ptr(),
-        len(chain),
-        len(gate),
-        (_I * (3 * n))(*ints),
-        (_P * (2 * n))(*ptrs),
-        width,
-        scratch.data_ptr(),
-        y.data_ptr(),
-    )
-    return y
+    plan = MlpPlan.build(x.shape[1], chain, gate)
+    return plan.run(x.contiguous()) if plan is not None else None

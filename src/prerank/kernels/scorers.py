@@ -88,11 +88,11 @@ def _run(
         row = int(rows[i])
         if 0 <= row < cache.shape[0] and meta is not None:
             raise IndexError(f"candidate {i}: meta index {int(meta[row])} of row {row} outside [0, {user.shape[0]})")
-        raise _row_error(rows, i, cache.shape[0])
+        raise row_error(rows, i, cache.shape[0])
     return out
 
 
-def _row_error(rows: Tensor, i: int, num_rows: int) -> IndexError:
+def row_error(rows: Tensor, i: int, num_rows: int) -> IndexError:
     return IndexError(f"candidate {i}: row {int(rows[i])} outside [0, {num_rows})")
 
 
@@ -138,7 +138,7 @@ def _sum_max_block(user: Tensor, cache: Tensor, rows: Tensor, bias: float) -> Te
     user = user.contiguous()
     err = fn(user.data_ptr(), cache.data_ptr(), cache.shape[0], rows.data_ptr(), rows.shape[0], bias, out.data_ptr())
     if err:
-        raise _row_error(rows, -1 - err, cache.shape[0])
+        raise row_error(rows, -1 - err, cache.shape[0])
     return out
 
 
@@ -209,16 +209,24 @@ class RankTowerKernel:
     ``cache`` holds the item keys ``r, q, g, k, v`` (each ``[R, H_i, .]``), ``fixed`` the user-independent
     parameters and ``scalars`` the six floats, for users of ``user_heads`` heads. Built by :func:`rank_tower_kernel`
     (from :meth:`prerank.layers.gau.GatedCrossAttentionLayer.native`). It holds the tensors whose addresses it
-    passes, so they live as long as it does.
+    passes (``tensors``: ``fixed``, then the item keys, at ``addresses``), so they live as long as it does; ``defines``
+    are the ones it was compiled with.
     """
 
     def __init__(
-        self, fn: Callable[..., int], fixed: Tensor, items: list[Tensor], scalars: tuple[float, ...], user_heads: int
+        self,
+        fn: Callable[..., int],
+        fixed: Tensor,
+        items: list[Tensor],
+        scalars: tuple[float, ...],
+        user_heads: int,
+        defines: tuple[tuple[str, int], ...],
     ):
-        self._fn, self._tensors, self._scalars = fn, (fixed, *items), scalars
-        self._addresses = tuple(t.data_ptr() for t in self._tensors)
+        self._fn, self.tensors, self.scalars = fn, (fixed, *items), scalars
+        self.addresses = tuple(t.data_ptr() for t in self.tensors)
         self.num_rows, _, self.dim = items[0].shape
         self.user_heads = user_heads
+        self.defines = defines
 
     def __call__(self, e_u: Tensor, rows: Tensor) -> Tensor:
         """``[N]`` scores of cache ``rows`` (int64 ``[N]``) for one user's ``E_u`` ``[H_u, k]`` (float32)."""
@@ -234,15 +242,15 @@ class RankTowerKernel:
         out = torch.empty(rows.shape[0])
         err = self._fn(
             e_u.data_ptr(),
-            *self._addresses,
+            *self.addresses,
             self.num_rows,
             rows.data_ptr(),
             rows.shape[0],
-            *self._scalars,
+            *self.scalars,
             out.data_ptr(),
         )
         if err:
-            raise _row_error(rows, -1 - err, self.num_rows)
+            raise row_error(rows, -1 - err, self.num_rows)
         return out
 
 
@@ -272,4 +280,4 @@ def rank_tower_kernel(
     fn = function("rank_tower", defines, (*[_P] * 7, _I, _P, _I, *[_F] * 6, _P), headers=("vec.h",))
     if fn is None:
         return None
-    return RankTowerKernel(fn, fixed.contiguous(), [t.contiguous() for t in items], scalars, user_heads)
+    return RankTowerKernel(fn, fixed.contiguous(), [t.contiguous() for t in items], scalars, user_heads, defines)

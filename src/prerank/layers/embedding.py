@@ -56,7 +56,7 @@ class EmbeddingTables(nn.Module):
             name: (schema[name], self.dense[name] if name in self.dense else self.tables[schema[name].table])
             for name in wanted
         }
-        self._plans: dict[tuple[str, ...], tuple[Tensor, Tensor, list[int]]] = {}  # per field list, for _one_row
+        self._kinds: dict[tuple[str, ...], tuple[int, ...]] = {}  # per field list, its fields.c kinds
 
     def field(self, batch: Batch, name: str) -> Tensor:
         """One feature as ``[B, D]``; sequences are pooled by their schema ``pooling`` (mean if none).
@@ -82,7 +82,7 @@ class EmbeddingTables(nn.Module):
         """Several features stacked as fields ``[B, F, D]``.
 
         One row without autograd (a served request's user) takes one native call where it can
-        (:func:`prerank.kernels.fields.fields_row`): a small tower otherwise spends most of its time in the
+        (:class:`prerank.kernels.fields.FieldsPlan`): a small tower otherwise spends most of its time in the
         fixed cost of several PyTorch calls per field.
         """
         if not torch.is_grad_enabled():
@@ -92,31 +92,19 @@ class EmbeddingTables(nn.Module):
         return torch.stack([self.field(batch, n) for n in names], dim=-2)
 
     def _one_row(self, batch: Batch, names: Sequence[str]) -> Tensor | None:
-        """:meth:`fields` of a batch of one row by the native kernel, or None where it does not apply."""
+        """:meth:`fields` of a batch of one row by the native kernel, or None where it does not apply. The plan is
+        built on every call, so it follows replaced tables."""
+        plan = self.fields_plan(names)
+        return plan.run(batch) if plan is not None else None
+
+    def fields_plan(self, names: Sequence[str]) -> fk.FieldsPlan | None:
+        """The fields ``names`` bound to their current tables for the native kernel
+        (:class:`prerank.kernels.fields.FieldsPlan`), or None where one is not float32."""
         names = tuple(names)
-        values = [batch.features[n] for n in names]
-        if not values or any(v.shape[0] != 1 for v in values):
-            return None
-        if names not in self._plans:
-            kinds = [_native_kind(self.lookups[n][0]) for n in names]
-            rows = [m.num_embeddings if isinstance(m, nn.Embedding) else 0 for m in (self.lookups[n][1] for n in names)]
-            self._plans[names] = (torch.tensor(kinds), torch.tensor(rows), kinds)
-        kinds_t, rows_t, kinds = self._plans[names]
-        tables: list[int] = []
-        inputs: list[int] = []
-        lengths: list[int] = []
-        for name, v, kind in zip(names, values, kinds, strict=True):
-            params = self.lookups[name][1]._parameters  # not the module's attributes: several times faster
-            weight = params["weight"]
-            dense = kind == fk.DENSE
-            sequence = kind in (fk.SEQUENCE_MEAN, fk.SEQUENCE_SUM)
-            want = torch.float32 if dense else torch.int64
-            if v.dtype != want or v.dim() != 1 + sequence or not v.is_contiguous() or weight.dtype != torch.float32:
-                return None
-            inputs.append(v.data_ptr())
-            lengths.append(v.shape[-1])
-            tables += (weight.data_ptr(), params["bias"].data_ptr() if dense else 0)
-        return fk.fields_row(names, kinds_t, rows_t, lengths, tables, inputs, self.dim)
+        kinds = self._kinds.get(names)
+        if kinds is None:
+            kinds = self._kinds[names] = tuple(_native_kind(self.lookups[n][0]) for n in names)
+        return fk.FieldsPlan.build(names, kinds, [self.lookups[n][1] for n in names], self.dim)
 
     def sequence(self, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
         """An unpooled sequence: embeddings ``[B, L, D]`` and its validity mask ``[B, L]``."""

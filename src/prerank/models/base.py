@@ -14,6 +14,7 @@ Models return logits; sigmoid/softmax live in losses and metrics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -23,6 +24,7 @@ from prerank.data.batch import Batch
 from prerank.schema import Schema
 
 State = dict[str, Tensor]
+RequestScorer = Callable[[Batch, Tensor, "Batch | None"], Tensor]  # PreRanker.bind: (user, rows, pair) -> logits
 
 
 class ConfigError(ValueError):
@@ -81,6 +83,20 @@ class PreRanker(nn.Module):
         model may override it to read the rows straight from the cache (a fused gather) with equal results.
         """
         return self.score(user, gather_rows(cache, rows), pair)
+
+    def bind(self, cache: State) -> RequestScorer:
+        """What a server holding the item ``cache`` runs per request: ``(user, rows, pair) -> logits [N]`` for one
+        user's batch of one row, the cache rows ``[N]`` of its candidates and their cross features (or None).
+
+        This default is ``score_cached(encode_user(user), cache, rows, pair)``, which follows every later change of
+        the model. A model may return a faster path with equal results, bound to its parameters and to ``cache`` as
+        they are now (RankTower: the whole request in one native call); bind again after changing either. The online
+        scorer binds once, as it serves a model and its item cache as they were exported."""
+
+        def run(user: Batch, rows: Tensor, pair: Batch | None = None) -> Tensor:
+            return self.score_cached(self.encode_user(user), cache, rows, pair)
+
+        return run
 
     def forward(self, batch: Batch) -> Tensor:
         return self.score(self.encode_user(batch), self.encode_item(batch), batch)

@@ -14,10 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
+from prerank.kernels.mlp import MlpPlan
+from prerank.kernels.request import RankTowerRequest, rank_tower_request
 from prerank.kernels.scorers import RANK_TOWER_ITEM_KEYS, RankTowerKernel
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.gau import GatedCrossAttention, MultiHeadGatedNetwork
-from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
+from prerank.models.base import ConfigError, FeatureSelection, PreRanker, RequestScorer, State
 from prerank.schema import Schema
 
 
@@ -149,6 +151,35 @@ class RankTower(PreRanker):
             if kernel is not None:
                 return kernel(user["e"][0], rows)
         return super().score_cached(user, cache, rows, pair)
+
+    def bind(self, cache: State) -> RequestScorer:
+        """Serving with one cross layer: the whole request (field lookups, gated network, cross-attention and
+        max-similarity) in one native call (:class:`prerank.kernels.request.RankTowerRequest`), bound to the
+        parameters and ``cache`` as they are now. Where it is unavailable, or a request's user values are not of its
+        form, or gradients are on, :meth:`PreRanker.bind`'s path runs instead."""
+        default = super().bind(cache)
+        request = self._request(cache)
+        if request is None:
+            return default
+
+        def run(user: Batch, rows: Tensor, pair: Batch | None = None) -> Tensor:
+            out = None if torch.is_grad_enabled() else request(user, rows)
+            return out if out is not None else default(user, rows, pair)
+
+        return run
+
+    def _request(self, cache: State) -> RankTowerRequest | None:
+        """The fused request over ``cache``, or None where a part has no native form."""
+        tower = self.user_tower
+        chain, gate = tower.mlp.affine_layers(), tower.gate.affine_layers()
+        if len(self.cross.layers) != 1 or chain is None or gate is None:
+            return None
+        kernel = self._native_kernel(cache)
+        fields = self.emb.fields_plan(self.sel.user)
+        plan = MlpPlan.build(len(self.sel.user) * self.config.embedding_dim, chain, gate)
+        if kernel is None or fields is None or plan is None:
+            return None
+        return rank_tower_request(fields, plan, kernel)
 
     def _native_kernel(self, cache: State) -> RankTowerKernel | None:
         """The native kernel over ``cache``, built on its first use and again when the cache or a parameter it

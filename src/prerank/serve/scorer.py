@@ -120,6 +120,10 @@ class Scorer:
             ``"skip"`` scores the others and lists the unknown ones in the result.
         max_candidates: requests with more candidates raise :class:`RequestTooLarge`.
         manifest: the artifact's manifest, for metadata.
+
+    The scorer serves the model and its item cache as they are when it is built: it binds the model's per-request
+    path to the cache once (:meth:`~prerank.models.base.PreRanker.bind`). After changing the model (whose item cache
+    is then stale too), build a new scorer.
     """
 
     def __init__(
@@ -146,6 +150,8 @@ class Scorer:
         self.max_candidates = max_candidates
         self.manifest = manifest or {}
         self.required_user, self.required_cross = _required_features(model)
+        with torch.inference_mode():
+            self._request = self.model.bind(cache.states)
         torch.set_num_threads(threads)
         self.warm_up()
 
@@ -287,11 +293,12 @@ class Scorer:
     # ------------------------------------------------------------------------------- scoring
 
     def logits(self, user: Batch, rows: Tensor, pair: Batch | None) -> Tensor:
-        """Logits ``[N]`` of cache ``rows`` ``[N]``: ``model.score_cached(encode_user(user), cache, rows, pair)``."""
+        """Logits ``[N]`` of cache ``rows`` ``[N]``: ``model.score_cached(encode_user(user), cache, rows, pair)``, by
+        the path the model bound to the cache when the scorer was built (:meth:`PreRanker.bind`)."""
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         with torch.inference_mode():
-            return self.model.score_cached(self.model.encode_user(user), self.cache.states, rows, pair)
+            return self._request(user, rows, pair)
 
     def score(
         self,
