@@ -1,5 +1,5 @@
-"""A served RankTower request in one native call (PreRanker.bind, prerank.kernels.request): equal to the contract's
-path, bounds-checked, and falling back to it wherever the fused call does not apply."""
+"""A served RankTower or IntTower request in one native call (PreRanker.bind, prerank.kernels.request): equal to the
+contract's path, bounds-checked, and falling back to it wherever the fused call does not apply."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from torch import nn
 from prerank.data.batch import Batch
 from prerank.kernels import native
 from prerank.kernels.mlp import MlpPlan
-from prerank.kernels.request import rank_tower_request
+from prerank.kernels.request import int_tower_request, rank_tower_request
+from prerank.models.base import PreRanker
+from prerank.models.int_tower import IntTower, IntTowerConfig
 from prerank.models.rank_tower import RankTower, RankTowerConfig
 from prerank.serve.export import build_item_cache
 from prerank.serve.scorer import Scorer
@@ -23,32 +25,45 @@ pytestmark = [
 ]
 
 
-def trained_like(schema, config: RankTowerConfig = RankTowerConfig()) -> RankTower:
-    """A RankTower whose parameters are away from their initial values (LayerNorm and biases included)."""
-    model = RankTower(schema, config).eval()
+def trained_like(schema, config: RankTowerConfig | IntTowerConfig = RankTowerConfig()) -> PreRanker:
+    """A model whose parameters are away from their initial values (LayerNorm and biases included)."""
+    model = (RankTower if isinstance(config, RankTowerConfig) else IntTower)(schema, config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return model
 
 
+CONFIGS = [
+    RankTowerConfig(),
+    RankTowerConfig(user_heads=3, item_heads=5, head_dim=7, hidden=(24, 12), bias=False),
+    IntTowerConfig(),
+    IntTowerConfig(hidden=(24, 12), user_heads=3, item_heads=5, head_dim=8),
+]
+KERNELS = {RankTower: "rank_tower_request", IntTower: "int_tower_request"}
+BOTH = pytest.mark.parametrize("config", [RankTowerConfig(), IntTowerConfig()], ids=["rank_tower", "int_tower"])
+
+
 def user_row(batch: Batch, i: int) -> Batch:
     return Batch(features={k: v[i : i + 1].contiguous() for k, v in batch.features.items()})
 
 
-def contract(model: RankTower, cache, user: Batch, rows: torch.Tensor) -> torch.Tensor:
+def contract(model: PreRanker, cache, user: Batch, rows: torch.Tensor) -> torch.Tensor:
     """``score(encode_user(user), gathered rows)``: what the bound request must equal."""
     return model.score(model.encode_user(user), cache.gather(rows))
 
 
-@pytest.mark.parametrize(
-    "config",
-    [RankTowerConfig(), RankTowerConfig(user_heads=3, item_heads=5, head_dim=7, hidden=(24, 12), bias=False)],
-)
+@pytest.mark.parametrize("config", CONFIGS, ids=["rank_tower", "rank_tower_odd", "int_tower", "int_tower_odd"])
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 def test_the_bound_request_equals_the_contract(
-    config: RankTowerConfig, lanes: str, cache_dtype: str, schema, batch, tiny_dataset: Path, monkeypatch
+    config: RankTowerConfig | IntTowerConfig,
+    lanes: str,
+    cache_dtype: str,
+    schema,
+    batch,
+    tiny_dataset: Path,
+    monkeypatch,
 ) -> None:
     """Categorical, dense and sequence user fields (mean-pooled, with padding), several users, a short last block."""
     monkeypatch.setenv("PRERANK_KERNEL_LANES", lanes)
@@ -63,11 +78,12 @@ def test_the_bound_request_equals_the_contract(
             torch.testing.assert_close(run(user, rows, None), contract(model, cache, user, rows), rtol=1e-5, atol=1e-4)
         scorer = Scorer(model, cache)
         torch.testing.assert_close(scorer.logits(user, rows, None), contract(model, cache, user, rows))
-    assert list(native.cache_dir().glob("rank_tower_request-*.so"))
+    assert list(native.cache_dir().glob(f"{KERNELS[type(model)]}-*.so"))
 
 
-def test_bad_ids_and_rows_are_named(schema, batch, tiny_dataset: Path) -> None:
-    model = trained_like(schema)
+@BOTH
+def test_bad_ids_and_rows_are_named(config, schema, batch, tiny_dataset: Path) -> None:
+    model = trained_like(schema, config)
     cache = build_item_cache(model, tiny_dataset)
     user = user_row(batch, 0)
     with torch.inference_mode():
@@ -81,9 +97,10 @@ def test_bad_ids_and_rows_are_named(schema, batch, tiny_dataset: Path) -> None:
             run(user, torch.tensor([[1, 2]]), None)
 
 
-def test_other_inputs_and_autograd_take_the_contract_path(schema, batch, tiny_dataset: Path) -> None:
+@BOTH
+def test_other_inputs_and_autograd_take_the_contract_path(config, schema, batch, tiny_dataset: Path) -> None:
     """An int32 id, a strided sequence or gradients on: the fused call does not apply, and the default path scores."""
-    model = trained_like(schema)
+    model = trained_like(schema, config)
     cache = build_item_cache(model, tiny_dataset)
     user, rows = user_row(batch, 0), torch.arange(1, 20)
     with torch.inference_mode():
@@ -102,8 +119,11 @@ def test_other_inputs_and_autograd_take_the_contract_path(schema, batch, tiny_da
     torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_binding_again_follows_new_weights_and_old_bindings_stay_safe(schema, batch, tiny_dataset: Path) -> None:
-    model, other = trained_like(schema), trained_like(schema)
+@BOTH
+def test_binding_again_follows_new_weights_and_old_bindings_stay_safe(
+    config, schema, batch, tiny_dataset: Path
+) -> None:
+    model, other = trained_like(schema, config), trained_like(schema, config)
     cache = build_item_cache(model, tiny_dataset)
     user, rows = user_row(batch, 1), torch.arange(0, 40)
     with torch.inference_mode():
@@ -119,9 +139,10 @@ def test_binding_again_follows_new_weights_and_old_bindings_stay_safe(schema, ba
         assert not torch.allclose(before, contract(other, cache, user, rows))
 
 
-def test_disabled_native_kernels_bind_the_contract_path(schema, batch, tiny_dataset: Path, monkeypatch) -> None:
+@BOTH
+def test_disabled_native_kernels_bind_the_contract_path(config, schema, batch, tiny_dataset: Path, monkeypatch) -> None:
     monkeypatch.setenv("PRERANK_NATIVE", "0")
-    model = trained_like(schema)
+    model = trained_like(schema, config)
     cache = build_item_cache(model, tiny_dataset)
     user, rows = user_row(batch, 2), torch.arange(3, 30)
     with torch.inference_mode():
@@ -129,11 +150,41 @@ def test_disabled_native_kernels_bind_the_contract_path(schema, batch, tiny_data
         torch.testing.assert_close(model.bind(cache.states)(user, rows, None), contract(model, cache, user, rows))
 
 
-def test_a_tower_that_does_not_fit_the_kernel_is_an_error(schema, tiny_dataset: Path) -> None:
-    model = trained_like(schema)
+def test_a_rank_tower_that_does_not_fit_the_kernel_is_an_error(schema, tiny_dataset: Path) -> None:
+    model = trained_like(schema, RankTowerConfig())
     cache = build_item_cache(model, tiny_dataset)
     fields = model.emb.fields_plan(model.sel.user)
     wrong = nn.Linear(len(model.sel.user) * model.config.embedding_dim, 5)
     tower = MlpPlan.build(wrong.in_features, [(wrong.weight.detach(), wrong.bias.detach(), False)])
     with torch.inference_mode(), pytest.raises(ValueError, match="the user tower maps"):
         rank_tower_request(fields, tower, model._native_kernel(cache.states))
+
+
+def test_int_tower_parts_that_do_not_fit_are_errors(schema, tiny_dataset: Path) -> None:
+    model = trained_like(schema, IntTowerConfig())
+    cache = build_item_cache(model, tiny_dataset).states["heads"]
+    fields = model.emb.fields_plan(model.sel.user)
+    se = (model.user_se.linear.weight, model.user_se.linear.bias)
+    layers = [(m.weight, m.bias, True) for m in model.user_layers]
+    proj = [(m.weight, m.bias, False) for m in model.user_proj]
+    with torch.inference_mode():
+        assert int_tower_request(fields, se, layers, proj, cache, 0.0) is not None
+        with pytest.raises(ValueError, match="Light-SE must be"):
+            int_tower_request(fields, (se[0][:1], se[1]), layers, proj, cache, 0.0)
+        with pytest.raises(ValueError, match="one projection per tower layer"):
+            int_tower_request(fields, se, layers, proj[:2], cache, 0.0)
+        with pytest.raises(ValueError, match="layer 0: weight"):
+            int_tower_request(fields, se, layers[1:], proj[1:], cache, 0.0)
+        with pytest.raises(ValueError, match="whole heads of 16 values"):
+            int_tower_request(fields, se, layers, [(w[:8], b[:8], r) for w, b, r in proj], cache, 0.0)
+
+
+def test_int_tower_in_training_or_with_wide_item_rows_binds_the_contract_path(schema, batch, tiny_dataset) -> None:
+    """Item rows wider than sum_max_block.c takes (here 16 heads of 64) and training mode: no fused request."""
+    model = trained_like(schema, IntTowerConfig(item_heads=16, head_dim=64))
+    cache = build_item_cache(model, tiny_dataset)
+    user, rows = user_row(batch, 3), torch.arange(0, 40)
+    with torch.inference_mode():
+        assert model._request(cache.states) is None
+        torch.testing.assert_close(model.bind(cache.states)(user, rows, None), contract(model, cache, user, rows))
+        assert trained_like(schema, IntTowerConfig()).train()._request(cache.states) is None

@@ -87,7 +87,7 @@ class FieldsPlan:
         """``[1, F, dim]`` embeddings of the fields of ``batch`` (one row), or None (no native kernel, or a value
         :meth:`inputs` does not take). An id outside its table raises IndexError naming the feature."""
         args = self.inputs(batch)
-        fn = function("fields", (("D", self.dim),), ARGTYPES, headers=()) if args is not None else None
+        fn = function("fields", (("EMB", self.dim),), ARGTYPES, headers=()) if args is not None else None
         if args is None or fn is None:
             return None
         n = len(self.names)

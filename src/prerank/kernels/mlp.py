@@ -45,27 +45,15 @@ class MlpPlan:
         layer."""
         if not chain:
             return None
-        ints: list[int] = []
-        held: list[Tensor] = []
-        for part in (chain, gate):
-            width = in_dim
-            for i, (w, b, relu) in enumerate(part):
-                if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (w, b)):
-                    return None
-                out, inputs = w.shape
-                if inputs != width or b.shape != (out,):
-                    raise ValueError(
-                        f"layer {i}: weight {tuple(w.shape)} and bias {tuple(b.shape)} do not take {width} inputs"
-                    )
-                ints += (inputs, out, relu)
-                held += (w.detach(), b.detach())  # the storages: a later `w.data = ...` must not free them
-                width = out
-        out = ints[len(chain) * 3 - 2]
-        if gate and width != out:
-            raise ValueError(f"the gate has {width} outputs, the MLP {out}")
-        ptrs = [t.data_ptr() for t in held]
-        c_ints, c_ptrs = (_I * len(ints))(*ints), (_P * len(ptrs))(*ptrs)
-        return cls(len(chain), len(gate), in_dim, out, max(ints[1::3]), tuple(held), c_ints, c_ptrs)
+        widths = [check_chain(in_dim, part) for part in (chain, gate)]
+        out = chain[-1][0].shape[0]
+        if gate and widths[1] != out:
+            raise ValueError(f"the gate has {widths[1]} outputs, the MLP {out}")
+        arrays = affine_arrays([*chain, *gate])
+        if arrays is None:
+            return None
+        width = max(w.shape[0] for w, _, _ in (*chain, *gate))
+        return cls(len(chain), len(gate), in_dim, out, width, *arrays)
 
     def run(self, x: Tensor) -> Tensor | None:
         """``[1, out_dim]`` of one contiguous float32 row ``x`` ``[1, in_dim]``, or None (no native kernel)."""
@@ -89,3 +77,26 @@ def mlp_row(x: Tensor, chain: Sequence[Layer], gate: Sequence[Layer] = ()) -> Te
         return None
     plan = MlpPlan.build(x.shape[1], chain, gate)
     return plan.run(x.contiguous()) if plan is not None else None
+
+
+def check_chain(in_dim: int, layers: Sequence[Layer]) -> int:
+    """The output width of ``layers`` applied one after the other to rows of ``in_dim``; widths that do not chain
+    raise ValueError naming the layer."""
+    width = in_dim
+    for i, (w, b, _) in enumerate(layers):
+        out, inputs = w.shape
+        if inputs != width or b.shape != (out,):
+            raise ValueError(f"layer {i}: weight {tuple(w.shape)} and bias {tuple(b.shape)} do not take {width} inputs")
+        width = out
+    return width
+
+
+def affine_arrays(layers: Sequence[Layer]) -> tuple[tuple[Tensor, ...], ctypes.Array, ctypes.Array] | None:
+    """``mlp.c``'s description of ``layers``: the storages it reads (kept alive by the caller), each layer's in and out
+    widths and ReLU flag, and its weight's and bias's addresses; None where a weight or bias is not a contiguous
+    float32 tensor."""
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for w, b, _ in layers for t in (w, b)):
+        return None
+    held = tuple(t.detach() for w, b, _ in layers for t in (w, b))  # the storages: `w.data = ...` must not free them
+    ints = [x for w, _, relu in layers for x in (w.shape[1], w.shape[0], int(relu))]
+    return held, (_I * len(ints))(*ints), (_P * len(held))(*(t.data_ptr() for t in held))

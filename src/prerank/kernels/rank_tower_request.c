@@ -3,7 +3,7 @@
  * which prerank.kernels.native prepends to this file. Between them a request otherwise paid for three Python calls,
  * whose code and data come back from L3 after the kernel has streamed the item cache through L2.
  *
- * struct plan: what prerank.kernels.request.RankTowerRequest binds once (the arguments of fields, mlp and rank_tower
+ * struct plan: what prerank.kernels.request.rank_tower_request binds once (the arguments of fields, mlp and rank_tower
  * that do not change between requests); inputs, len: each user field's values and length (fields.c); rows, n, out:
  * the candidates' cache rows and their scores (rank_tower.c). The gated network maps the F * D field embeddings to
  * HU * K values (checked when the plan is bound). Scratch lives on the stack, so calls may run concurrently.
@@ -25,7 +25,7 @@ struct plan {
 
 int64_t rank_tower_request(const struct plan *p, const void *const *inputs, const int64_t *len, const int64_t *rows,
                            int64_t n, float *out) {
-    float x[p->n_fields * D], scratch[3 * p->width], eu[HU * K];
+    float x[p->n_fields * EMB], scratch[3 * p->width], eu[HU * K];
     const int64_t err = fields(p->kind, p->table_rows, len, p->tables, inputs, p->n_fields, x);
     if (err) return -err;
     mlp(x, p->n_a, p->n_b, p->ints, p->ptrs, p->width, scratch, eu);

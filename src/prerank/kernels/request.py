@@ -1,78 +1,76 @@
-"""A whole served RankTower request in one native call (``rank_tower_request.c``).
+"""A whole served request in one native call: RankTower's (``rank_tower_request.c``) and IntTower's
+(``int_tower_request.c``).
 
-A request runs the user's field lookups, its multi-head gated network and the cross-attention kernel. Each is one
-native call already (:class:`~prerank.kernels.fields.FieldsPlan`, :class:`~prerank.kernels.mlp.MlpPlan`,
+A request runs the user's field lookups, its user tower and the kernel over the cached items. Each of RankTower's is
+one native call already (:class:`~prerank.kernels.fields.FieldsPlan`, :class:`~prerank.kernels.mlp.MlpPlan`,
 :class:`~prerank.kernels.scorers.RankTowerKernel`), but the Python around the first two, and the check that the
-kernel's packed parameters are current, cost about 0.15 ms per request at 5,000 candidates: more than a fifth of the
-kernel, as their code and data come back from L3 after the kernel has streamed the item cache through L2.
-:class:`RankTowerRequest` binds all three once and makes one call per request. It serves the parameters and the item
-cache as they were when it was bound (:meth:`prerank.models.base.PreRanker.bind`).
+kernel's packed parameters are current, cost about 0.15 ms per request at 5,000 candidates: a quarter of the kernel, as
+their code and data come back from L3 after the kernel has streamed the item cache through L2. IntTower's tower
+(Light-SE, three layers and a head projection per layer) is about 50 small PyTorch calls. :class:`NativeRequest` binds
+everything once and makes one call per request. It serves the parameters and the item cache as they were when it was
+bound (:meth:`prerank.models.base.PreRanker.bind`).
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from prerank.data.batch import Batch
 from prerank.kernels.fields import FieldsPlan
-from prerank.kernels.mlp import MlpPlan
+from prerank.kernels.mlp import Layer, MlpPlan, affine_arrays, check_chain
 from prerank.kernels.native import function
-from prerank.kernels.scorers import RankTowerKernel, row_error
+from prerank.kernels.scorers import RankTowerKernel, row_error, sum_max_block_defines
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_HEADERS = ("vec.h", "rows.h", "fields.c", "mlp.c", "rank_tower.c")
+_ARGTYPES = (_P, _P, _P, _P, _I, _P)  # plan, inputs, lengths, rows, n, out
+_FIELDS = [("kind", _P), ("table_rows", _P), ("tables", _P), ("n_fields", _I)]  # every plan starts with these
 
 
-class _Plan(ctypes.Structure):
+class _RankTowerPlan(ctypes.Structure):
     """``struct plan`` of ``rank_tower_request.c``."""
 
     _fields_ = [
-        ("kind", _P),
-        ("table_rows", _P),
-        ("tables", _P),
-        ("n_fields", _I),
-        ("ints", _P),
-        ("ptrs", _P),
-        ("n_a", _I),
-        ("n_b", _I),
-        ("width", _I),
-        ("fixed", _P),
-        ("ri", _P),
-        ("qi", _P),
-        ("gi", _P),
-        ("ki", _P),
-        ("vi", _P),
+        *_FIELDS,
+        *((name, _P) for name in ("ints", "ptrs")),
+        *((name, _I) for name in ("n_a", "n_b", "width")),
+        *((name, _P) for name in ("fixed", "ri", "qi", "gi", "ki", "vi")),
         ("num_rows", _I),
         *((name, _F) for name in ("s_i", "s_u", "eps_i", "eps_u", "inv_tau", "bias")),
     ]
 
 
-class RankTowerRequest:
-    """One user's fields (``fields``) through the gated network (``tower``) into the cross-attention kernel
-    (``kernel``), in one call. Built by :func:`rank_tower_request`; it holds the three, so every address it passes
-    stays valid while it lives."""
+class _IntTowerPlan(ctypes.Structure):
+    """``struct plan`` of ``int_tower_request.c``."""
 
-    def __init__(self, fn: Callable[..., int], fields: FieldsPlan, tower: MlpPlan, kernel: RankTowerKernel):
-        self._fn, self._parts = fn, (fields, tower, kernel)
-        self.fields, self.num_rows = fields, kernel.num_rows
-        self._plan = _Plan(
-            ctypes.addressof(fields.c_kinds),
-            ctypes.addressof(fields.c_rows),
-            ctypes.addressof(fields.c_tables),
-            len(fields.names),
-            ctypes.addressof(tower.c_ints),
-            ctypes.addressof(tower.c_ptrs),
-            tower.n_a,
-            tower.n_b,
-            tower.width,
-            *kernel.addresses,
-            kernel.num_rows,
-            *kernel.scalars,
-        )
+    _fields_ = [
+        *_FIELDS,
+        *((name, _P) for name in ("se_w", "se_b", "ints", "ptrs")),
+        *((name, _I) for name in ("n_layers", "width")),
+        ("cache", _P),
+        ("num_rows", _I),
+        ("bias", _F),
+    ]
+
+
+class NativeRequest:
+    """One user's fields (``fields``) through a user tower into a kernel over the cached items, in one call of ``fn``
+    with ``plan`` (a ``struct plan``). It holds ``parts``, every tensor whose address the plan holds, so those stay
+    valid while it lives. Built by :func:`rank_tower_request` and :func:`int_tower_request`."""
+
+    def __init__(
+        self,
+        fn: Callable[..., int],
+        fields: FieldsPlan,
+        plan: ctypes.Structure,
+        num_rows: int,
+        parts: tuple[object, ...],
+    ) -> None:
+        self._fn, self._plan, self._parts = fn, plan, parts
+        self.fields, self.num_rows = fields, num_rows
 
     def __call__(self, user: Batch, rows: Tensor) -> Tensor | None:
         """``[N]`` scores of cache ``rows`` (int64 ``[N]``) for the user of ``user`` (a batch of one row), or None
@@ -93,15 +91,83 @@ class RankTowerRequest:
         return out
 
 
-def rank_tower_request(fields: FieldsPlan, tower: MlpPlan, kernel: RankTowerKernel) -> RankTowerRequest | None:
-    """:class:`RankTowerRequest` of the three parts, or None where the native kernel is unavailable. The tower must map
-    the fields' ``F * D`` values to the kernel's ``H_u * k`` (ValueError otherwise)."""
-    n_in = len(fields.names) * fields.dim
-    n_out = kernel.user_heads * kernel.dim
+def _fields_args(fields: FieldsPlan) -> tuple[int, ...]:
+    """The leading ``struct plan`` members: the fields' C arrays and count."""
+    arrays = (fields.c_kinds, fields.c_rows, fields.c_tables)
+    return (*(ctypes.addressof(a) for a in arrays), len(fields.names))
+
+
+def rank_tower_request(fields: FieldsPlan, tower: MlpPlan, kernel: RankTowerKernel) -> NativeRequest | None:
+    """RankTower's request: ``fields`` (the user's), ``tower`` (its multi-head gated network, Eq. 1) and ``kernel``
+    (Eq. 3-8 over the item cache); None where the native kernel is unavailable. The tower must map the fields'
+    ``F * D`` values to the kernel's ``H_u * k`` (ValueError otherwise)."""
+    n_in, n_out = len(fields.names) * fields.dim, kernel.user_heads * kernel.dim
     if (tower.in_dim, tower.out_dim) != (n_in, n_out):
         raise ValueError(f"the user tower maps {tower.in_dim} -> {tower.out_dim} values, the request {n_in} -> {n_out}")
-    defines = (*kernel.defines, ("D", fields.dim))
-    fn = function("rank_tower_request", defines, (_P, _P, _P, _P, _I, _P), headers=_HEADERS)
+    defines = (*kernel.defines, ("EMB", fields.dim))
+    headers = ("vec.h", "rows.h", "fields.c", "mlp.c", "rank_tower.c")
+    fn = function("rank_tower_request", defines, _ARGTYPES, headers=headers)
     if fn is None:
         return None
-    return RankTowerRequest(fn, fields, tower, kernel)
+    plan = _RankTowerPlan(
+        *_fields_args(fields),
+        *(ctypes.addressof(a) for a in (tower.c_ints, tower.c_ptrs)),
+        tower.n_a,
+        tower.n_b,
+        tower.width,
+        *kernel.addresses,
+        kernel.num_rows,
+        *kernel.scalars,
+    )
+    return NativeRequest(fn, fields, plan, kernel.num_rows, (fields, tower, kernel))
+
+
+def int_tower_request(
+    fields: FieldsPlan,
+    se: tuple[Tensor, Tensor],
+    layers: Sequence[Layer],
+    projections: Sequence[Layer],
+    cache: Tensor,
+    bias: float,
+) -> NativeRequest | None:
+    """IntTower's request: ``fields`` (the user's) through Light-SE (``se``: its linear map's ``[F, F]`` weight and
+    ``[F]`` bias), the tower's ``layers`` (ReLU each), each layer's output through its head projection (``projections``,
+    to ``H_u * d`` each), and the sum-max kernel of those ``L * H_u`` heads against the item heads ``cache``
+    ``[R, H_i, d]`` plus ``bias``. None where a part has no native form (not float32, item rows too wide for
+    ``sum_max_block.c``) or the native kernel is unavailable; widths that do not fit raise ValueError."""
+    n_fields, dim = len(fields.names), cache.shape[2]
+    if se[0].shape != (n_fields, n_fields) or se[1].shape != (n_fields,):
+        got = [tuple(t.shape) for t in se]
+        raise ValueError(f"Light-SE must be [{n_fields}, {n_fields}] and [{n_fields}], got {got}")
+    if not layers or len(projections) != len(layers):
+        raise ValueError(f"one projection per tower layer, got {len(projections)} for {len(layers)}")
+    check_chain(n_fields * fields.dim, layers)
+    for layer, proj in zip(layers, projections, strict=True):
+        check_chain(layer[0].shape[0], [proj])
+    sizes = {proj[0].shape[0] for proj in projections}
+    if len(sizes) != 1 or next(iter(sizes)) % dim:
+        raise ValueError(f"every projection must give the same whole heads of {dim} values, got widths {sorted(sizes)}")
+    heads = len(layers) * projections[0][0].shape[0] // dim
+    defines = sum_max_block_defines(heads, cache)
+    arrays = affine_arrays([*((w, b, True) for w, b, _ in layers), *projections])
+    se = tuple(t.detach().contiguous() for t in se)
+    if defines is None or arrays is None or any(t.dtype != torch.float32 for t in se):
+        return None
+    headers = ("vec.h", "rows.h", "fields.c", "mlp.c", "sum_max_block.c")
+    fn = function("int_tower_request", (*defines, ("EMB", fields.dim)), _ARGTYPES, headers=headers)
+    if fn is None:
+        return None
+    held, c_ints, c_ptrs = arrays
+    cache = cache.detach().contiguous()
+    width = max(w.shape[0] for w, _, _ in layers)
+    plan = _IntTowerPlan(
+        *_fields_args(fields),
+        *(t.data_ptr() for t in se),
+        *(ctypes.addressof(a) for a in (c_ints, c_ptrs)),
+        len(layers),
+        width,
+        cache.data_ptr(),
+        cache.shape[0],
+        bias,
+    )
+    return NativeRequest(fn, fields, plan, cache.shape[0], (fields, se, held, c_ints, c_ptrs, cache))

@@ -103,7 +103,7 @@ def sum_max_rows(
     if not _check(user, 3, cache, rows, meta, _BLOCK_DTYPES):
         return None
     m, heads, dim = user.shape
-    if meta is None and cache.shape[1] <= _BLOCK_MAX_ITEM_HEADS and cache.shape[1] * dim <= _BLOCK_MAX_ROW:
+    if meta is None and sum_max_block_defines(heads, cache) is not None:
         return _sum_max_block(user[0], cache, rows, bias)
     if cache.dtype != torch.float32:
         return None
@@ -124,12 +124,20 @@ _BLOCK_MAX_ITEM_HEADS = 16  # sum_max_block keeps HB x HV accumulators in regist
 _BLOCK_MAX_ROW = 512  # floats per item row: a transposed block of 16 rows (16 lanes) then takes 32 KiB of L1
 
 
+def sum_max_block_defines(heads: int, cache: Tensor) -> tuple[tuple[str, int], ...] | None:
+    """The defines of ``sum_max_block.c`` for one user of ``heads`` heads against ``cache`` ``[R, H_v, d]`` (float32 or
+    bfloat16), or None where its rows are too wide for it (then ``sum_max.c``, float32 only, scores them)."""
+    hv, dim = cache.shape[1:]
+    if hv > _BLOCK_MAX_ITEM_HEADS or hv * dim > _BLOCK_MAX_ROW or cache.dtype not in _BLOCK_DTYPES:
+        return None
+    per_pass = 2 if heads % 2 == 0 and hv <= 8 else 1
+    defines = (("H", heads), ("HV", hv), ("D", dim), ("W", block_lanes()), ("HB", per_pass))
+    return (*defines, ("BF16", int(cache.dtype == torch.bfloat16)))
+
+
 def _sum_max_block(user: Tensor, cache: Tensor, rows: Tensor, bias: float) -> Tensor | None:
     """:func:`sum_max_rows` for one user ``[H, d]`` by ``sum_max_block.c`` (one candidate per vector lane)."""
-    heads, dim = user.shape
-    per_pass = 2 if heads % 2 == 0 and cache.shape[1] <= 8 else 1
-    defines = (("H", heads), ("HV", cache.shape[1]), ("D", dim), ("W", block_lanes()), ("HB", per_pass))
-    defines += (("BF16", int(cache.dtype == torch.bfloat16)),)
+    defines = sum_max_block_defines(user.shape[0], cache)
     fn = function("sum_max_block", defines, (_P, _P, _I, _P, _I, _F, _P), headers=("vec.h",))
     if fn is None:
         return None

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
+from prerank.kernels.request import NativeRequest, int_tower_request
 from prerank.kernels.scorers import sum_max_rows
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.field import LightSE
-from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
+from prerank.models.base import ConfigError, FeatureSelection, PreRanker, RequestScorer, State
 from prerank.schema import Schema
 
 _BLOCK_BYTES = 512 * 1024  # item heads scored per block in IntTower's serving path (cache-sized)
@@ -134,6 +135,33 @@ class IntTower(PreRanker):
             if out is not None:
                 return out
         return super().score_cached(user, cache, rows, pair)
+
+    def bind(self, cache: State) -> RequestScorer:
+        """Serving: the whole request (field lookups, Light-SE, the user tower and its head projections, sum-max over
+        the cached item heads) in one native call (:func:`prerank.kernels.request.int_tower_request`), bound to the
+        parameters and ``cache`` as they are now. Where it is unavailable (training mode, a part without a native
+        form), or a request's user values are not of its form, or gradients are on, :meth:`PreRanker.bind`'s path runs
+        instead."""
+        default = super().bind(cache)
+        request = self._request(cache)
+        if request is None:
+            return default
+
+        def run(user: Batch, rows: Tensor, pair: Batch | None = None) -> Tensor:
+            out = None if torch.is_grad_enabled() else request(user, rows)
+            return out if out is not None else default(user, rows, pair)
+
+        return run
+
+    def _request(self, cache: State) -> NativeRequest | None:
+        """The fused request over ``cache``, or None where a part has no native form."""
+        fields = self.emb.fields_plan(self.sel.user)
+        if self.training or fields is None:
+            return None
+        se = self.user_se.linear
+        layers = [(m.weight, m.bias, True) for m in self.user_layers]
+        projections = [(m.weight, m.bias, False) for m in self.user_proj]
+        return int_tower_request(fields, (se.weight, se.bias), layers, projections, cache["heads"], float(self.bias))
 
     def cir_loss(self, batch: Batch, user: State, item: State) -> Tensor:
         """In-batch contrastive loss of positive rows (0 with the graph kept when there is none)."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from prerank.data.batch import Batch
 from prerank.kernels.mlp import MlpPlan
-from prerank.kernels.request import RankTowerRequest, rank_tower_request
+from prerank.kernels.request import NativeRequest, rank_tower_request
 from prerank.kernels.scorers import RANK_TOWER_ITEM_KEYS, RankTowerKernel
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.gau import GatedCrossAttention, MultiHeadGatedNetwork
@@ -154,7 +154,7 @@ class RankTower(PreRanker):
 
     def bind(self, cache: State) -> RequestScorer:
         """Serving with one cross layer: the whole request (field lookups, gated network, cross-attention and
-        max-similarity) in one native call (:class:`prerank.kernels.request.RankTowerRequest`), bound to the
+        max-similarity) in one native call (:class:`prerank.kernels.request.NativeRequest`), bound to the
         parameters and ``cache`` as they are now. Where it is unavailable, or a request's user values are not of its
         form, or gradients are on, :meth:`PreRanker.bind`'s path runs instead."""
         default = super().bind(cache)
@@ -168,7 +168,7 @@ class RankTower(PreRanker):
 
         return run
 
-    def _request(self, cache: State) -> RankTowerRequest | None:
+    def _request(self, cache: State) -> NativeRequest | None:
         """The fused request over ``cache``, or None where a part has no native form."""
         tower = self.user_tower
         chain, gate = tower.mlp.affine_layers(), tower.gate.affine_layers()
