@@ -3,9 +3,10 @@
 One request = one user and N candidate items (DESIGN.md "Definitions": latency). For every model,
 candidate count N and thread count it measures, in process and under :func:`torch.inference_mode`:
 
-- ``cached``: what the server runs per request, ``score_cached(encode_user(user), item cache, rows, pair)``
-  (``score`` of the gathered item states, or a model's fused native kernel, :mod:`prerank.kernels`)
-  (:meth:`~prerank.serve.scorer.Scorer.logits`) on already-validated tensors;
+- ``cached``: what the server runs per request (:meth:`~prerank.serve.scorer.Scorer.logits`, the model's
+  :meth:`~prerank.models.base.PreRanker.bind`), ``score_cached(encode_user(user), item cache, rows, pair)``
+  (``score`` of the gathered item states, or a model's fused native kernel, :mod:`prerank.kernels`; IntTower's
+  and RankTower's whole request in one native call), on already-validated tensors;
 - ``scorer``: :meth:`~prerank.serve.scorer.Scorer.score` from plain Python lists, i.e. ``cached`` plus
   input validation and conversion (what an HTTP request adds before the network);
 - ``full``: ``model(batch)`` on N rows holding the user's features repeated and each candidate's raw
@@ -403,7 +404,8 @@ def markdown(records: list[dict]) -> str:
         f"single-thread fp32 matmul {machine.get('matmul_gflops_1thread')} GFLOP/s (measured in this run), "
         f"native kernels {machine.get('native_kernels')}.",
         "",
-        "cached = encode_user + score_cached (item-cache gather + score, or a fused native kernel); "
+        "cached = the scorer's bound request: encode_user + score_cached (item-cache gather + score, or a fused "
+        "native kernel), or one native call for the whole request (IntTower, RankTower); "
         "scorer = cached + validation from Python lists; "
         "full = model(batch) of N rows. Latencies are per request (one user, N candidates); CPU ms is the "
         "process CPU time of a request (less disturbed by other load than wall time). "
