@@ -103,8 +103,9 @@ def sum_max_rows(
     if not _check(user, 3, cache, rows, meta, _BLOCK_DTYPES):
         return None
     m, heads, dim = user.shape
-    if meta is None and sum_max_block_defines(heads, cache) is not None:
-        return _sum_max_block(user[0], cache, rows, bias)
+    block = sum_max_block_defines(heads, cache) if meta is None else None
+    if block is not None:
+        return _sum_max_block(user[0], cache, rows, bias, block)
     if cache.dtype != torch.float32:
         return None
     lanes = _lanes(heads)
@@ -135,9 +136,11 @@ def sum_max_block_defines(heads: int, cache: Tensor) -> tuple[tuple[str, int], .
     return (*defines, ("BF16", int(cache.dtype == torch.bfloat16)))
 
 
-def _sum_max_block(user: Tensor, cache: Tensor, rows: Tensor, bias: float) -> Tensor | None:
-    """:func:`sum_max_rows` for one user ``[H, d]`` by ``sum_max_block.c`` (one candidate per vector lane)."""
-    defines = sum_max_block_defines(user.shape[0], cache)
+def _sum_max_block(
+    user: Tensor, cache: Tensor, rows: Tensor, bias: float, defines: tuple[tuple[str, int], ...]
+) -> Tensor | None:
+    """:func:`sum_max_rows` for one user ``[H, d]`` by ``sum_max_block.c`` (one candidate per vector lane), compiled
+    with ``defines`` (:func:`sum_max_block_defines`)."""
     fn = function("sum_max_block", defines, (_P, _P, _I, _P, _I, _F, _P), headers=("vec.h",))
     if fn is None:
         return None

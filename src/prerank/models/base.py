@@ -90,8 +90,8 @@ class PreRanker(nn.Module):
 
         This default is ``score_cached(encode_user(user), cache, rows, pair)``, which follows every later change of
         the model. A model may return a faster path with equal results, bound to its parameters and to ``cache`` as
-        they are now (RankTower: the whole request in one native call); bind again after changing either. The online
-        scorer binds once, as it serves a model and its item cache as they were exported."""
+        they are now (IntTower, RankTower: the whole request in one native call); bind again after changing either.
+        The online scorer binds once, as it serves a model and its item cache as they were exported."""
 
         def run(user: Batch, rows: Tensor, pair: Batch | None = None) -> Tensor:
             return self.score_cached(self.encode_user(user), cache, rows, pair)
@@ -104,6 +104,19 @@ class PreRanker(nn.Module):
     def auxiliary_loss(self, batch: Batch, user: State, item: State) -> Tensor | None:
         """Extra training loss of the model's paper (None if it has none)."""
         return None
+
+
+def native_first(native: Callable[[Batch, Tensor], Tensor | None] | None, default: RequestScorer) -> RequestScorer:
+    """A request path (:meth:`PreRanker.bind`) that runs ``native(user, rows)`` (a fused native request, or None where
+    there is none) while gradients are off and it returns scores, and ``default`` otherwise."""
+    if native is None:
+        return default
+
+    def run(user: Batch, rows: Tensor, pair: Batch | None = None) -> Tensor:
+        out = None if torch.is_grad_enabled() else native(user, rows)
+        return out if out is not None else default(user, rows, pair)
+
+    return run
 
 
 def gather_rows(cache: State, rows: Tensor) -> State:

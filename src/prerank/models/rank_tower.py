@@ -19,7 +19,7 @@ from prerank.kernels.request import NativeRequest, rank_tower_request
 from prerank.kernels.scorers import RANK_TOWER_ITEM_KEYS, RankTowerKernel
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.gau import GatedCrossAttention, MultiHeadGatedNetwork
-from prerank.models.base import ConfigError, FeatureSelection, PreRanker, RequestScorer, State
+from prerank.models.base import ConfigError, FeatureSelection, PreRanker, RequestScorer, State, native_first
 from prerank.schema import Schema
 
 
@@ -157,16 +157,7 @@ class RankTower(PreRanker):
         max-similarity) in one native call (:class:`prerank.kernels.request.NativeRequest`), bound to the
         parameters and ``cache`` as they are now. Where it is unavailable, or a request's user values are not of its
         form, or gradients are on, :meth:`PreRanker.bind`'s path runs instead."""
-        default = super().bind(cache)
-        request = self._request(cache)
-        if request is None:
-            return default
-
-        def run(user: Batch, rows: Tensor, pair: Batch | None = None) -> Tensor:
-            out = None if torch.is_grad_enabled() else request(user, rows)
-            return out if out is not None else default(user, rows, pair)
-
-        return run
+        return native_first(self._request(cache), super().bind(cache))
 
     def _request(self, cache: State) -> NativeRequest | None:
         """The fused request over ``cache``, or None where a part has no native form."""
