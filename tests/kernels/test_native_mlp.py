@@ -25,9 +25,13 @@ def torch_forward(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("in_dim", "hidden", "out_dim"), [(112, (128,), 64), (7, (33, 5), 3), (16, (), 9), (20, (6,), None)]
 )
-def test_one_row_equals_pytorch(in_dim: int, hidden: tuple[int, ...], out_dim: int | None) -> None:
-    """Widths that are not multiples of the 16 vector lanes or of the 4 outputs per step; an MLP that ends in ReLU."""
-    mlp = MLP(in_dim, hidden, out_dim=out_dim, dropout=0.1).eval()
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Sigmoid])
+def test_one_row_equals_pytorch(
+    in_dim: int, hidden: tuple[int, ...], out_dim: int | None, activation: type[nn.Module]
+) -> None:
+    """Widths that are not multiples of the 16 vector lanes or of the 4 outputs per step; an MLP that ends in its
+    activation; ReLU and sigmoid (DIN's activation unit)."""
+    mlp = MLP(in_dim, hidden, out_dim=out_dim, dropout=0.1, activation=activation).eval()
     x = torch.randn(1, in_dim)
     with torch.no_grad():
         assert mlp_row(x, mlp.affine_layers()) is not None
@@ -60,7 +64,7 @@ def test_follows_in_place_updates() -> None:
 def test_other_layers_and_autograd_take_the_pytorch_path() -> None:
     x = torch.randn(1, 6)
     assert MLP(6, (4,), out_dim=2, batch_norm=True).eval().affine_layers() is None
-    assert MLP(6, (4,), out_dim=2, activation=nn.Sigmoid).affine_layers() is None
+    assert MLP(6, (4,), out_dim=2, activation=nn.Tanh).affine_layers() is None
     assert MLP(6, (4,), out_dim=2, dropout=0.5).train().affine_layers() is None
     mlp = MLP(6, (4,), out_dim=2)
     assert mlp_row(x, mlp.affine_layers()) is None  # gradients on: PyTorch, which can differentiate

@@ -1,10 +1,11 @@
 /* One row through one or two chains of affine layers: the user tower of a served request (a batch of one row), where
  * PyTorch spends most of the time in the fixed cost of its operator calls rather than in arithmetic.
  *
- * Layer l: out = W_l in + b_l (torch's Linear layout, W_l [out][in]), then ReLU where its flag is set. Chain a is
+ * Layer l: out = W_l in + b_l (torch's Linear layout, W_l [out][in]), then its activation: 0 none, 1 ReLU, 2 sigmoid
+ * (prerank.kernels.mlp's NONE, RELU, SIGMOID). Chain a is
  * layers [0, n_a), chain b the n_b layers after them, and each chain's first layer reads x. With n_b = 0,
  * y = chain_a(x); else y = chain_a(x) o sigmoid(chain_b(x)) (RankTower's multi-head gated network, Eq. 1-2).
- * ints[3l .. 3l + 2]: layer l's in and out widths and ReLU flag; ptrs[2l], ptrs[2l + 1]: its weight and bias.
+ * ints[3l .. 3l + 2]: layer l's in and out widths and activation; ptrs[2l], ptrs[2l + 1]: its weight and bias.
  * scratch: 3 * width floats, width >= every layer's out.
  * Four outputs at a time, each a dot product in W-lane partial sums (four independent chains), added in pairs.
  */
@@ -12,7 +13,7 @@
 
 #define J 4
 
-static void affine(const float *x, int64_t in, int64_t out, const float *w, const float *b, int64_t relu, float *y) {
+static void affine(const float *x, int64_t in, int64_t out, const float *w, const float *b, int64_t act, float *y) {
     for (int64_t j0 = 0; j0 < out; j0 += J) {
         const int64_t nj = out - j0 < J ? out - j0 : J;
         vf acc[J];
@@ -33,7 +34,7 @@ static void affine(const float *x, int64_t in, int64_t out, const float *w, cons
             memcpy(lanes, &acc[j], sizeof lanes);
             s[j] = b[j0 + j] + pairwise_sum(lanes, W);
             for (int64_t k = i; k < in; k++) s[j] += w[(j0 + j) * in + k] * x[k];
-            y[j0 + j] = relu && s[j] < 0.0f ? 0.0f : s[j];
+            y[j0 + j] = act == 1 && s[j] < 0.0f ? 0.0f : act == 2 ? 1.0f / (1.0f + expf(-s[j])) : s[j];
         }
     }
 }

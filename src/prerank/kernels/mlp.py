@@ -17,7 +17,8 @@ from torch import Tensor
 
 from prerank.kernels.native import function
 
-Layer = tuple[Tensor, Tensor, bool]  # weight [out, in], bias [out], and whether a ReLU follows
+NONE, RELU, SIGMOID = 0, 1, 2  # the activation after a layer (mlp.c); a bool reads as NONE or RELU
+Layer = tuple[Tensor, Tensor, int]  # weight [out, in], bias [out], and the activation that follows
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 ARGTYPES = (_P, _I, _I, _P, _P, _I, _P, _P)
 
@@ -93,10 +94,10 @@ def check_chain(in_dim: int, layers: Sequence[Layer]) -> int:
 
 def affine_arrays(layers: Sequence[Layer]) -> tuple[tuple[Tensor, ...], ctypes.Array, ctypes.Array] | None:
     """``mlp.c``'s description of ``layers``: the storages it reads (kept alive by the caller), each layer's in and out
-    widths and ReLU flag, and its weight's and bias's addresses; None where a weight or bias is not a contiguous
+    widths and activation, and its weight's and bias's addresses; None where a weight or bias is not a contiguous
     float32 tensor."""
     if any(t.dtype != torch.float32 or not t.is_contiguous() for w, b, _ in layers for t in (w, b)):
         return None
     held = tuple(t.detach() for w, b, _ in layers for t in (w, b))  # the storages: `w.data = ...` must not free them
-    ints = [x for w, _, relu in layers for x in (w.shape[1], w.shape[0], int(relu))]
+    ints = [x for w, _, act in layers for x in (w.shape[1], w.shape[0], int(act))]
     return held, (_I * len(ints))(*ints), (_P * len(held))(*(t.data_ptr() for t in held))

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from prerank.data.batch import Batch
 from prerank.kernels.fields import FieldsPlan
-from prerank.kernels.mlp import Layer, MlpPlan, affine_arrays, check_chain
+from prerank.kernels.mlp import RELU, Layer, MlpPlan, affine_arrays, check_chain
 from prerank.kernels.native import function
 from prerank.kernels.scorers import RankTowerKernel, row_error, sum_max_block_defines
 
@@ -149,7 +149,7 @@ def int_tower_request(
         raise ValueError(f"every projection must give the same whole heads of {dim} values, got widths {sorted(sizes)}")
     heads = len(layers) * projections[0][0].shape[0] // dim
     defines = sum_max_block_defines(heads, cache)
-    arrays = affine_arrays([*((w, b, True) for w, b, _ in layers), *projections])
+    arrays = affine_arrays([*((w, b, RELU) for w, b, _ in layers), *projections])
     se = tuple(t.detach().contiguous() for t in se)
     if defines is None or arrays is None or any(t.dtype != torch.float32 for t in se):
         return None

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from prerank.kernels.mlp import Layer, mlp_row
+from prerank.kernels.mlp import NONE, RELU, SIGMOID, Layer, mlp_row
 
 
 class MLP(nn.Sequential):
@@ -53,14 +53,15 @@ class MLP(nn.Sequential):
         return super().forward(x)
 
     def affine_layers(self) -> list[Layer] | None:
-        """The MLP as affine layers, each with or without a ReLU after it (:func:`mlp_row`'s input); None where it
-        has other layers (batch norm, another activation, dropout while training)."""
+        """The MLP as affine layers, each followed by no activation, a ReLU or a sigmoid (:func:`mlp_row`'s input);
+        None where it has other layers (batch norm, another activation, dropout while training)."""
         layers: list[Layer] = []
         for m in self._modules.values():
+            act = RELU if isinstance(m, nn.ReLU) else SIGMOID if isinstance(m, nn.Sigmoid) else None
             if type(m) is nn.Linear and m._parameters["bias"] is not None:
-                layers.append((m._parameters["weight"], m._parameters["bias"], False))
-            elif isinstance(m, nn.ReLU) and layers and not layers[-1][2]:
-                layers[-1] = (*layers[-1][:2], True)
+                layers.append((m._parameters["weight"], m._parameters["bias"], NONE))
+            elif act is not None and layers and layers[-1][2] == NONE:
+                layers[-1] = (*layers[-1][:2], act)
             elif not (isinstance(m, nn.Dropout) and not m.training):
                 return None
         return layers

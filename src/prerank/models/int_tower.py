@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
+from prerank.kernels.mlp import NONE, RELU
 from prerank.kernels.request import NativeRequest, int_tower_request
 from prerank.kernels.scorers import sum_max_rows
 from prerank.layers.embedding import EmbeddingTables
@@ -150,8 +151,8 @@ class IntTower(PreRanker):
         if self.training or fields is None:
             return None
         se = self.user_se.linear
-        layers = [(m.weight, m.bias, True) for m in self.user_layers]
-        projections = [(m.weight, m.bias, False) for m in self.user_proj]
+        layers = [(m.weight, m.bias, RELU) for m in self.user_layers]
+        projections = [(m.weight, m.bias, NONE) for m in self.user_proj]
         return int_tower_request(fields, (se.weight, se.bias), layers, projections, cache["heads"], float(self.bias))
 
     def cir_loss(self, batch: Batch, user: State, item: State) -> Tensor:
