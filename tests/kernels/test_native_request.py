@@ -1,5 +1,6 @@
-"""A served RankTower or IntTower request in one native call (PreRanker.bind, prerank.kernels.request): equal to the
-contract's path, bounds-checked, and falling back to it wherever the fused call does not apply."""
+"""A served RankTower or IntTower request in one native call, and FIT's user side in one (PreRanker.bind,
+prerank.kernels.request): equal to the contract's path, bounds-checked, and falling back to it wherever the fused
+call does not apply."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from torch import nn
 from prerank.data.batch import Batch
 from prerank.kernels import native
 from prerank.kernels.mlp import MlpPlan
-from prerank.kernels.request import int_tower_request, rank_tower_request
+from prerank.kernels.request import fit_user, int_tower_request, rank_tower_request
 from prerank.models.base import PreRanker
+from prerank.models.fit import FIT, FITConfig
 from prerank.models.int_tower import IntTower, IntTowerConfig
 from prerank.models.rank_tower import RankTower, RankTowerConfig
 from prerank.serve.export import build_item_cache
@@ -188,3 +190,62 @@ def test_int_tower_in_training_or_with_wide_item_rows_binds_the_contract_path(sc
         assert model._request(cache.states) is None
         torch.testing.assert_close(model.bind(cache.states)(user, rows, None), contract(model, cache, user, rows))
         assert trained_like(schema, IntTowerConfig()).train()._request(cache.states) is None
+
+
+NO_SEQUENCES = ("user_id", "age", "user_ctr", "hour", "item_id", "category_id", "genres", "item_ctr")
+
+
+@pytest.mark.parametrize("scorer", ["lss", "dot", "summax", "fc"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fit_users_native_side_equals_the_contract(scorer: str, normalize: bool, schema, batch, tiny_dataset) -> None:
+    """Every scorer (whose user part is a projection, a bias-free one for FC, or none), DIN with raw and softmax
+    weights; the user side is one native call, then the scorer's kernel."""
+    model = FIT(schema, FITConfig(scorer=scorer, features=NO_SEQUENCES)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.din.normalize = normalize
+    cache = build_item_cache(model, tiny_dataset)
+    rows = torch.randint(0, cache.num_items + 1, (37,))
+    with torch.inference_mode():
+        assert model._native_user() is not None
+        run = model.bind(cache.states)
+        for i in range(4):
+            user = user_row(batch, i)
+            want = contract(model, cache, user, rows)
+            assert want.std() > 0.05  # scores that differ, so that a wrong user state shows
+            torch.testing.assert_close(run(user, rows, None), want, rtol=1e-5, atol=1e-5)
+            states = model.encode_user(user)["user"][0]
+            torch.testing.assert_close(model._native_user()(user).view(states.shape), states, rtol=1e-5, atol=1e-5)
+        bad = Batch(features={**user.features, "age": torch.tensor([schema.vocab("age")])})
+        with pytest.raises(IndexError, match="feature 'age': an id is outside its table"):
+            run(bad, rows, None)
+        with pytest.raises(IndexError, match="candidate 1: row"):
+            run(user, torch.tensor([1, cache.num_items + 1]), None)
+    assert list(native.cache_dir().glob("fit_user-*.so"))
+
+
+def test_fit_with_user_sequences_or_without_mqm_binds_the_contract_path(schema, batch, tiny_dataset) -> None:
+    """DIN over behaviour sequences, and FIT without the MQM: the user side stays in PyTorch."""
+    for model in (FIT(schema).eval(), FIT(schema, FITConfig(use_mqm=False)).eval()):
+        cache = build_item_cache(model, tiny_dataset)
+        user, rows = user_row(batch, 0), torch.arange(0, 40)
+        with torch.inference_mode():
+            assert model._native_user() is None
+            torch.testing.assert_close(model.bind(cache.states)(user, rows, None), contract(model, cache, user, rows))
+
+
+def test_fit_user_parts_that_do_not_fit_are_errors(schema) -> None:
+    model = FIT(schema, FITConfig(features=NO_SEQUENCES)).eval()
+    fields = model.emb.fields_plan(model.sel.user)
+    meta = model.selector.meta
+    unit, tower = model.din.unit.affine_layers(), model.user_tower.affine_layers()
+    with torch.no_grad():
+        fold = model.din.fold_queries(meta)
+        assert fit_user(fields, fold, meta, unit[1:], False, tower) is not None
+        with pytest.raises(ValueError, match="must end in one weight"):
+            fit_user(fields, fold, meta, unit[1:2], False, tower)
+        with pytest.raises(ValueError, match="do not fit"):
+            fit_user(fields, fold, meta[:, :3], unit[1:], False, tower)
+        with pytest.raises(ValueError, match="layer 0: weight"):
+            fit_user(fields, fold, meta, unit[1:], False, tower[1:])

@@ -1,5 +1,5 @@
 """A whole served request in one native call: RankTower's (``rank_tower_request.c``) and IntTower's
-(``int_tower_request.c``).
+(``int_tower_request.c``); and FIT's user side in one (``fit_user.c``, :class:`FitUser`).
 
 A request runs the user's field lookups, its user tower and the kernel over the cached items. Each of RankTower's is
 one native call already (:class:`~prerank.kernels.fields.FieldsPlan`, :class:`~prerank.kernels.mlp.MlpPlan`,
@@ -53,6 +53,20 @@ class _IntTowerPlan(ctypes.Structure):
         ("cache", _P),
         ("num_rows", _I),
         ("bias", _F),
+    ]
+
+
+class _FitUserPlan(ctypes.Structure):
+    """``struct plan`` of ``fit_user.c``."""
+
+    _fields_ = [
+        *_FIELDS,
+        *((name, _P) for name in ("fold_w", "fold_b", "meta")),
+        *((name, _I) for name in ("m", "h1", "normalize")),
+        *((name, _P) for name in ("unit_ints", "unit_ptrs")),
+        ("n_unit", _I),
+        *((name, _P) for name in ("tower_ints", "tower_ptrs")),
+        *((name, _I) for name in ("n_tower", "width", "out_dim")),
     ]
 
 
@@ -171,3 +185,77 @@ def int_tower_request(
         bias,
     )
     return NativeRequest(fn, fields, plan, cache.shape[0], (fields, se, held, c_ints, c_ptrs, cache))
+
+
+class FitUser:
+    """FIT's user state for every meta vector, ``[M, out_dim]``, of one user in one call (``fit_user.c``). Built by
+    :func:`fit_user`; it holds every tensor whose address its plan holds."""
+
+    def __init__(self, fn: Callable[..., int], fields: FieldsPlan, plan: ctypes.Structure, parts: tuple[object, ...]):
+        self._fn, self._plan, self._parts, self.fields = fn, plan, parts, fields
+        self.shape = (plan.m, plan.out_dim)
+
+    def __call__(self, user: Batch) -> Tensor | None:
+        """The state of the user of ``user`` (a batch of one row), or None where a user value is not of the kernel's
+        form (:meth:`FieldsPlan.inputs`). An id outside its table raises IndexError naming the feature."""
+        args = self.fields.inputs(user)
+        if args is None:
+            return None
+        out = torch.empty(self.shape)
+        err = self._fn(ctypes.byref(self._plan), args[0], args[1], out.data_ptr())
+        if err:
+            raise self.fields.id_error(err - 1)
+        return out
+
+
+def fit_user(
+    fields: FieldsPlan,
+    fold: tuple[Tensor, Tensor],
+    meta: Tensor,
+    unit: Sequence[Layer],
+    normalize: bool,
+    tower: Sequence[Layer],
+) -> FitUser | None:
+    """FIT's user side with the MQM for a user whose DIN keys are its fields: DIN's activation unit, its first layer
+    folded with the meta vectors ``meta`` ``[M, D]`` (``fold``: ``[D, M * H1]`` and ``[M * H1]``,
+    :meth:`prerank.layers.attention.DINAttention.fold_queries`) and followed by a sigmoid, then ``unit`` (the unit's
+    other layers, down to one weight), softmax-normalised over the keys if ``normalize``; then ``tower`` (the user MLP
+    and the scorer's user part) for each meta vector. None where a part is not float32 or the native kernel is
+    unavailable; widths that do not fit raise ValueError."""
+    n_fields, dim = len(fields.names), fields.dim
+    m = meta.shape[0]
+    if meta.shape != (m, dim) or fold[0].dim() != 2 or fold[0].shape[0] != dim or fold[0].shape[1] % max(m, 1):
+        raise ValueError(
+            f"meta [M, {dim}] and a folded layer [{dim}, M * H1] do not fit: {tuple(meta.shape)}, "
+            f"{tuple(fold[0].shape)}"
+        )
+    h1 = fold[0].shape[1] // m
+    if fold[1].shape != (m * h1,):
+        raise ValueError(f"the folded bias must be [{m * h1}], got {tuple(fold[1].shape)}")
+    if check_chain(h1, unit) != 1 or not tower:
+        raise ValueError("DIN's activation unit must end in one weight, and the tower needs a layer")
+    out_dim = check_chain((n_fields + 2) * dim, tower)
+    unit_arrays, tower_arrays = affine_arrays(unit), affine_arrays(tower)
+    dense = tuple(t.detach().contiguous() for t in (*fold, meta))
+    if unit_arrays is None or tower_arrays is None or any(t.dtype != torch.float32 for t in dense):
+        return None
+    fn = function(
+        "fit_user", (("EMB", dim), ("W", 16)), (_P, _P, _P, _P), headers=("vec.h", "rows.h", "fields.c", "mlp.c")
+    )
+    if fn is None:
+        return None
+    width = max(h1, *(w.shape[0] for w, _, _ in (*unit, *tower)))
+    plan = _FitUserPlan(
+        *_fields_args(fields),
+        *(t.data_ptr() for t in dense),
+        m,
+        h1,
+        int(normalize),
+        *(ctypes.addressof(a) for a in unit_arrays[1:]),
+        len(unit),
+        *(ctypes.addressof(a) for a in tower_arrays[1:]),
+        len(tower),
+        width,
+        out_dim,
+    )
+    return FitUser(fn, fields, plan, (fields, dense, unit_arrays, tower_arrays))

@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.kernels.mlp import NONE, Layer
 from prerank.kernels.scorers import dot_rows, fc_rows, lss_rows, sum_max_rows
+
+
+def linear_layers(linear: nn.Linear) -> list[Layer]:
+    """``linear`` as one affine layer without activation (a missing bias reads as zeros)."""
+    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+    return [(linear.weight, bias, NONE)]
 
 
 def gather_rows(user: Tensor, index: Tensor | None) -> Tensor:
@@ -151,6 +158,10 @@ class LightweightSimilarityScorer(nn.Module):
         """``[..., D']`` -> user heads ``[..., H_u, d]``."""
         return self.user_proj(u).unflatten(-1, (self.user_heads, self.head_dim))
 
+    def user_layers(self) -> list[Layer]:
+        """:meth:`user_part` as affine layers (flattened heads), for the native user side of a served request."""
+        return linear_layers(self.user_proj)
+
     def item_part(self, v: Tensor) -> Tensor:
         """``[N, D']`` -> the item heads mixed for each user head, ``[N, H_u, d]`` (see :meth:`mix`)."""
         return self.mix(self.item_proj(v).unflatten(-1, (self.item_heads, self.head_dim)))
@@ -204,6 +215,9 @@ class SumMaxScorer(nn.Module):
     def user_part(self, u: Tensor) -> Tensor:
         return self.user_proj(u).unflatten(-1, (self.user_heads, self.head_dim))
 
+    def user_layers(self) -> list[Layer]:
+        return linear_layers(self.user_proj)
+
     def item_part(self, v: Tensor) -> Tensor:
         return self.item_proj(v).unflatten(-1, (self.item_heads, self.head_dim))
 
@@ -225,6 +239,9 @@ class DotScorer(nn.Module):
 
     def user_part(self, u: Tensor) -> Tensor:
         return u
+
+    def user_layers(self) -> list[Layer]:
+        return []
 
     def item_part(self, v: Tensor) -> Tensor:
         return v
@@ -255,6 +272,9 @@ class FCScorer(nn.Module):
 
     def user_part(self, u: Tensor) -> Tensor:
         return self.user_proj(u)
+
+    def user_layers(self) -> list[Layer]:
+        return linear_layers(self.user_proj)
 
     def item_part(self, v: Tensor) -> Tensor:
         return self.item_proj(v)

@@ -9,6 +9,7 @@ No public implementation exists; where the slides are silent the choice is writt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
+from prerank.kernels.mlp import SIGMOID
+from prerank.kernels.request import FitUser, fit_user
 from prerank.layers.attention import DINAttention
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.fit_parts import (
@@ -27,7 +30,15 @@ from prerank.layers.fit_parts import (
     SumMaxScorer,
 )
 from prerank.layers.mlp import MLP
-from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State, broadcast_rows
+from prerank.models.base import (
+    ConfigError,
+    FeatureSelection,
+    PreRanker,
+    RequestScorer,
+    State,
+    broadcast_rows,
+    native_first,
+)
 from prerank.schema import Schema
 
 SCORERS: tuple[str, ...] = ("lss", "dot", "summax", "fc")
@@ -280,6 +291,42 @@ class FIT(PreRanker):
         if user.shape[0] == 1:
             return user[0], index
         return user[torch.arange(n, device=index.device), index], None
+
+    def bind(self, cache: State) -> RequestScorer:
+        """Serving with the MQM, for users without behaviour sequences: the user side (field lookups, DIN of every
+        meta vector, the user tower and the scorer's user part per meta vector) in one native call
+        (:func:`prerank.kernels.request.fit_user`), then the scorer's native kernel over the cache; bound to the
+        parameters and ``cache`` as they are now. Elsewhere, or where a request's user values are not of its form, or
+        gradients are on, :meth:`PreRanker.bind`'s path runs instead."""
+        return native_first(self._request(cache), super().bind(cache))
+
+    def _request(self, cache: State) -> Callable[[Batch, Tensor], Tensor | None] | None:
+        """The fused request over ``cache``, or None where a part has no native form."""
+        user = self._native_user()
+        if user is None or "item" not in cache or "meta_index" not in cache:
+            return None
+        shape = self.scorer.user_part(torch.zeros(1, self.config.rep_dim)).shape[1:]
+        item, meta_index = cache["item"], cache["meta_index"]
+
+        def run(batch: Batch, rows: Tensor) -> Tensor | None:
+            u = user(batch)
+            return None if u is None else self.scorer.native(u.view(-1, *shape), item, rows, meta_index)
+
+        return run
+
+    def _native_user(self) -> FitUser | None:
+        """:func:`prerank.kernels.request.fit_user` of this model, or None (no MQM, user sequences, training mode, or
+        layers without a native form)."""
+        if not self.config.use_mqm or self.user_sequences or self.training:
+            return None
+        fields = self.emb.fields_plan(self.sel.user)
+        unit, tower = self.din.unit.affine_layers(), self.user_tower.affine_layers()
+        if fields is None or unit is None or tower is None or len(unit) < 2 or unit[0][2] != SIGMOID:
+            return None
+        meta = self.selector.meta
+        with torch.no_grad():
+            fold = self.din.fold_queries(meta)
+        return fit_user(fields, fold, meta, unit[1:], self.din.normalize, [*tower, *self.scorer.user_layers()])
 
     def forward(self, batch: Batch) -> Tensor:
         """The training path of Figure 2 (one selected meta query per row, then DIN), in every mode."""
