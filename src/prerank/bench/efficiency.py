@@ -6,7 +6,7 @@ candidate count N and thread count it measures, in process and under :func:`torc
 - ``cached``: what the server runs per request (:meth:`~prerank.serve.scorer.Scorer.logits`, the model's
   :meth:`~prerank.models.base.PreRanker.bind`), ``score_cached(encode_user(user), item cache, rows, pair)``
   (``score`` of the gathered item states, or a model's fused native kernel, :mod:`prerank.kernels`; IntTower's
-  and RankTower's whole request in one native call), on already-validated tensors;
+  and RankTower's whole request, and FIT's user side, in one native call), on already-validated tensors;
 - ``scorer``: :meth:`~prerank.serve.scorer.Scorer.score` from plain Python lists, i.e. ``cached`` plus
   input validation and conversion (what an HTTP request adds before the network);
 - ``full``: ``model(batch)`` on N rows holding the user's features repeated and each candidate's raw
@@ -405,7 +405,7 @@ def markdown(records: list[dict]) -> str:
         f"native kernels {machine.get('native_kernels')}.",
         "",
         "cached = the scorer's bound request: encode_user + score_cached (item-cache gather + score, or a fused "
-        "native kernel), or one native call for the whole request (IntTower, RankTower); "
+        "native kernel), or one native call for the whole request (IntTower, RankTower) or the user side (FIT); "
         "scorer = cached + validation from Python lists; "
         "full = model(batch) of N rows. Latencies are per request (one user, N candidates); CPU ms is the "
         "process CPU time of a request (less disturbed by other load than wall time). "

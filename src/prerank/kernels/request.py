@@ -6,9 +6,10 @@ one native call already (:class:`~prerank.kernels.fields.FieldsPlan`, :class:`~p
 :class:`~prerank.kernels.scorers.RankTowerKernel`), but the Python around the first two, and the check that the
 kernel's packed parameters are current, cost about 0.15 ms per request at 5,000 candidates: a quarter of the kernel, as
 their code and data come back from L3 after the kernel has streamed the item cache through L2. IntTower's tower
-(Light-SE, three layers and a head projection per layer) is about 50 small PyTorch calls. :class:`NativeRequest` binds
-everything once and makes one call per request. It serves the parameters and the item cache as they were when it was
-bound (:meth:`prerank.models.base.PreRanker.bind`).
+(Light-SE, three layers and a head projection per layer) is about 50 small PyTorch calls, and FIT's (DIN of 16 meta
+vectors, the user tower and the scorer's user part for each) about 25. :class:`NativeRequest` and :class:`FitUser`
+bind everything once and make one call per request. They serve the parameters and the item cache as they were when
+they were bound (:meth:`prerank.models.base.PreRanker.bind`).
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ class PreRanker(nn.Module):
 
         This default is ``score_cached(encode_user(user), cache, rows, pair)``, which follows every later change of
         the model. A model may return a faster path with equal results, bound to its parameters and to ``cache`` as
-        they are now (IntTower, RankTower: the whole request in one native call); bind again after changing either.
+        they are now (IntTower, RankTower: the whole request in one native call; FIT: its user side); bind again after
+        changing either.
         The online scorer binds once, as it serves a model and its item cache as they were exported."""
 
         def run(user: Batch, rows: Tensor, pair: Batch | None = None) -> Tensor:
