@@ -43,10 +43,20 @@ class FieldsPlan:
 
     @classmethod
     def build(
-        cls, names: Sequence[str], kinds: Sequence[int], modules: Sequence[torch.nn.Module], dim: int
+        cls,
+        names: Sequence[str],
+        kinds: Sequence[int],
+        modules: Sequence[torch.nn.Module],
+        dim: int,
+        *,
+        keep: bool = True,
     ) -> FieldsPlan | None:
         """The plan of these fields (``modules``: each field's ``nn.Embedding`` or dense ``nn.Linear(1, dim)``), or
-        None where there are none or a table is not a contiguous float32 tensor."""
+        None where there are none or a table is not a contiguous float32 tensor.
+
+        ``keep``: hold each table's storage (a detached alias), so that a plan kept across requests stays valid after
+        ``weight.data = ...``. A plan used at once and dropped (``keep=False``) holds the parameters themselves,
+        which spares a detach per table on every request."""
         held: list[Tensor] = []
         tables: list[int] = []
         rows: list[int] = []
@@ -55,14 +65,14 @@ class FieldsPlan:
             weight = params["weight"]
             if weight.dtype != torch.float32 or not weight.is_contiguous():
                 return None
-            held.append(weight.detach())  # the storage itself: a later `weight.data = ...` must not free it
-            if kind == DENSE:
-                held.append(params["bias"].detach())
+            held += (weight, params["bias"]) if kind == DENSE else (weight,)
             tables += (weight.data_ptr(), params["bias"].data_ptr() if kind == DENSE else 0)
             rows.append(0 if kind == DENSE else weight.shape[0])
         n = len(rows)
         if n == 0:
             return None
+        if keep:  # the storages themselves: a later `weight.data = ...` must not free them
+            held = [t.detach() for t in held]
         c_kinds, c_rows, c_tables = (_I * n)(*kinds), (_I * n)(*rows), (_P * (2 * n))(*tables)
         return cls(tuple(names), tuple(kinds), tuple(rows), dim, tuple(held), c_kinds, c_rows, c_tables)
 

@@ -94,17 +94,17 @@ class EmbeddingTables(nn.Module):
     def _one_row(self, batch: Batch, names: Sequence[str]) -> Tensor | None:
         """:meth:`fields` of a batch of one row by the native kernel, or None where it does not apply. The plan is
         built on every call, so it follows replaced tables."""
-        plan = self.fields_plan(names)
+        plan = self.fields_plan(names, keep=False)
         return plan.run(batch) if plan is not None else None
 
-    def fields_plan(self, names: Sequence[str]) -> fk.FieldsPlan | None:
+    def fields_plan(self, names: Sequence[str], *, keep: bool = True) -> fk.FieldsPlan | None:
         """The fields ``names`` bound to their current tables for the native kernel
-        (:class:`prerank.kernels.fields.FieldsPlan`), or None where one is not float32."""
+        (:class:`prerank.kernels.fields.FieldsPlan`, ``keep`` as there), or None where one is not float32."""
         names = tuple(names)
         kinds = self._kinds.get(names)
         if kinds is None:
             kinds = self._kinds[names] = tuple(_native_kind(self.lookups[n][0]) for n in names)
-        return fk.FieldsPlan.build(names, kinds, [self.lookups[n][1] for n in names], self.dim)
+        return fk.FieldsPlan.build(names, kinds, [self.lookups[n][1] for n in names], self.dim, keep=keep)
 
     def sequence(self, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
         """An unpooled sequence: embeddings ``[B, L, D]`` and its validity mask ``[B, L]``."""
