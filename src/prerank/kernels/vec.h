@@ -11,10 +11,20 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 
 static inline vf splat(float x) { return x - (vf){0}; }
 
+/* b > a ? b : a, lane by lane: one maxps where the vectors are a whole register (maxps(x, y) is x > y ? x : y, so
+ * NaNs come out alike), a compare and a blend elsewhere */
+#if defined(__AVX512F__) && W == 16
+#include <immintrin.h>
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)b, (__m512)a); }
+#elif defined(__AVX__) && W == 8
+#include <immintrin.h>
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)b, (__m256)a); }
+#else
 static inline vf vmax(vf a, vf b) {
     vi gt = b > a;
     return (vf)((gt & (vi)b) | (~gt & (vi)a));
 }
+#endif
 
 #if W == 16 && defined(__GNUC__) && !defined(__clang__)
 /* 16 x 16 transpose in registers (GCC's __builtin_shuffle): four stages swap the off-diagonal blocks of

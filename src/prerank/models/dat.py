@@ -130,8 +130,8 @@ class DAT(PreRanker):
         """Serving one user: the native fused gather + dot kernel (:mod:`prerank.kernels.scorers`) where it is
         available, else :meth:`score` of the gathered rows."""
         if user["p"].shape[0] == 1 and not torch.is_grad_enabled():
-            scale = float(self.log_inv_temperature.exp())
-            out = dot_rows(user["p"], cache["p"], rows, scale=scale, bias=float(self.bias))
+            scale = float(self.log_inv_temperature.detach().exp())
+            out = dot_rows(user["p"], cache["p"], rows, scale=scale, bias=float(self.bias.detach()))
             if out is not None:
                 return out
         return super().score_cached(user, cache, rows, pair)

@@ -132,7 +132,7 @@ class IntTower(PreRanker):
         is available, else :meth:`score` of the gathered rows."""
         u = user["heads"]
         if u.shape[0] == 1 and not torch.is_grad_enabled():
-            out = sum_max_rows(u[0].flatten(0, 1)[None], cache["heads"], rows, bias=float(self.bias))
+            out = sum_max_rows(u[0].flatten(0, 1)[None], cache["heads"], rows, bias=float(self.bias.detach()))
             if out is not None:
                 return out
         return super().score_cached(user, cache, rows, pair)
@@ -153,7 +153,9 @@ class IntTower(PreRanker):
         se = self.user_se.linear
         layers = [(m.weight, m.bias, RELU) for m in self.user_layers]
         projections = [(m.weight, m.bias, NONE) for m in self.user_proj]
-        return int_tower_request(fields, (se.weight, se.bias), layers, projections, cache["heads"], float(self.bias))
+        return int_tower_request(
+            fields, (se.weight, se.bias), layers, projections, cache["heads"], float(self.bias.detach())
+        )
 
     def cir_loss(self, batch: Batch, user: State, item: State) -> Tensor:
         """In-batch contrastive loss of positive rows (0 with the graph kept when there is none)."""

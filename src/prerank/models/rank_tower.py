@@ -189,9 +189,9 @@ class RankTower(PreRanker):
             *(x for t in items for x in (id(t), t.data_ptr())),
         )
         if self._kernel is None or self._kernel[0] != key:
-            bias = float(self.bias) if self.bias is not None else 0.0
+            bias = float(self.bias.detach()) if self.bias is not None else 0.0
             layer = self.cross.layers[0]
-            kernel = layer.native(cache, float(torch.exp(-self.log_temperature)), bias, self.config.user_heads)
+            kernel = layer.native(cache, float(torch.exp(-self.log_temperature.detach())), bias, self.config.user_heads)
             self._kernel = (key, (params, items), kernel)
         return self._kernel[2]
 

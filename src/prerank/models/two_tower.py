@@ -71,8 +71,8 @@ class TwoTower(PreRanker):
         """Serving one user: the native fused gather + dot kernel (:mod:`prerank.kernels.scorers`) where it is
         available, else :meth:`score` of the gathered rows."""
         if user["u"].shape[0] == 1 and not torch.is_grad_enabled():
-            scale = 1.0 if self.log_inv_temperature is None else float(self.log_inv_temperature.exp())
-            out = dot_rows(user["u"], cache["i"], rows, scale=scale, bias=float(self.bias))
+            scale = 1.0 if self.log_inv_temperature is None else float(self.log_inv_temperature.detach().exp())
+            out = dot_rows(user["u"], cache["i"], rows, scale=scale, bias=float(self.bias.detach()))
             if out is not None:
                 return out
         return super().score_cached(user, cache, rows, pair)

@@ -48,6 +48,7 @@ from prerank.data.parquet import BatchStream, ParquetSplit
 from prerank.io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
 from prerank.models.base import PreRanker, State, gather_rows
 from prerank.schema import Schema
+from prerank.serve import pages
 from prerank.train.checkpoint import load_model, model_from_payload
 
 FORMAT = "prerank-artifact-v1"
@@ -146,11 +147,11 @@ def unknown_item(schema: Schema) -> Batch:
     return Batch(features=feats)
 
 
-Allocate = Callable[[str | None, np.dtype, tuple[int, ...]], np.ndarray]
+Allocate = Callable[[dict[str | None, pages.Spec]], dict[str | None, np.ndarray]]  # (shape, dtype) -> array per key
 
 
-def _in_memory(_key: str | None, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    return np.zeros(shape, dtype=dtype)
+def _in_memory(specs: dict[str | None, pages.Spec]) -> dict[str | None, np.ndarray]:
+    return dict(zip(specs, pages.zeros_many(list(specs.values())), strict=True))
 
 
 def build_item_cache(
@@ -164,8 +165,9 @@ def build_item_cache(
 ) -> ItemCache:
     """Encode every item of ``data_dir/items.parquet`` with ``model.encode_item``, ``chunk_rows`` at a time.
 
-    ``allocate(key, dtype, shape)`` provides each output array (a state key, or None for the id -> row map); the
-    default keeps them in memory, :func:`export` passes memory maps on disk. ``cache_dtype`` (a key of
+    ``allocate(specs)`` provides the output arrays, given the ``(shape, dtype)`` of each (a state key, or None for
+    the id -> row map): the default keeps them in memory (:func:`prerank.serve.pages.zeros_many`: one block, in huge
+    pages where the OS grants them), :func:`export` passes memory maps on disk. ``cache_dtype`` (a key of
     :data:`CACHE_DTYPES`) is how float32 states are stored: ``"bfloat16"`` rounds them to nearest even (the
     allocated arrays then hold int16 bits, the returned cache bfloat16 views). Raises ``ValueError`` for an unknown
     ``cache_dtype``, a catalogue without ``id_feature``, with id 0 or with an id twice.
@@ -177,12 +179,9 @@ def build_item_cache(
         raise ValueError(f"the item cache is keyed by {id_feature!r}, which must be a categorical item feature")
     split = ParquetSplit(data_dir, "items", schema)
     m = split.num_rows
-    row_of_id = allocate(None, np.dtype(np.int64), (schema.vocab(id_feature),))
-    row_of_id[:] = 0
     model.eval()
     with torch.inference_mode():
         unknown = model.encode_item(unknown_item(schema))
-        arrays: dict[str, np.ndarray] = {}
         rounded = {k for k, t in unknown.items() if halve and t.dtype == torch.float32}
 
         def stored(key: str, t: Tensor) -> np.ndarray:
@@ -191,8 +190,13 @@ def build_item_cache(
         for key, t in unknown.items():
             if t.dtype not in _NPY_DTYPES:
                 raise ValueError(f"item state {key!r} has dtype {t.dtype}, which the cache cannot store")
-            row = stored(key, t[0])
-            arrays[key] = allocate(key, row.dtype, (m + 1, *t.shape[1:]))
+        first = {key: stored(key, t[0]) for key, t in unknown.items()}
+        specs: dict[str | None, pages.Spec] = {None: ((schema.vocab(id_feature),), np.dtype(np.int64))}
+        specs |= {key: ((m + 1, *row.shape), row.dtype) for key, row in first.items()}
+        arrays = allocate(specs)
+        row_of_id = arrays.pop(None)
+        row_of_id[:] = 0
+        for key, row in first.items():
             arrays[key][0] = row
         start = 1
         for batch in BatchStream(split, chunk_rows, shuffle=False, buffer_rows=chunk_rows):
@@ -289,12 +293,15 @@ def export(
         state_files: dict[str, str] = {}
         maps: list[np.memmap] = []
 
-        def allocate(key: str | None, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-            fname = "row_of_id.npy"
-            if key is not None:
-                fname = state_files[key] = f"state-{len(state_files):03d}.npy"
-            maps.append(np.lib.format.open_memmap(cache_dir / fname, mode="w+", dtype=dtype, shape=shape))
-            return maps[-1]
+        def allocate(specs: dict[str | None, pages.Spec]) -> dict[str | None, np.ndarray]:
+            arrays = {}
+            for key, (shape, dtype) in specs.items():
+                fname = "row_of_id.npy"
+                if key is not None:
+                    fname = state_files[key] = f"state-{len(state_files):03d}.npy"
+                maps.append(np.lib.format.open_memmap(cache_dir / fname, mode="w+", dtype=dtype, shape=shape))
+                arrays[key] = maps[-1]
+            return arrays
 
         cache = build_item_cache(model, data_dir, chunk_rows=chunk_rows, allocate=allocate, cache_dtype=cache_dtype)
         num_items = cache.num_items
@@ -427,20 +434,18 @@ def _load_cache(root: Path, info: dict[str, Any], model: PreRanker, what: str) -
     if id_feature not in model.schema:
         raise CheckpointError(f"{what}: the cache's id feature {id_feature!r} is not in the schema")
 
-    def load(fname: object) -> Tensor:
-        p = cache_dir / str(fname)
-        try:
-            return torch.from_numpy(np.load(p, allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{what}: item_cache/{fname} is corrupt: {e}") from e
-
-    row_of_id = load(info.get("row_of_id"))
+    files = {k: cache_dir / str(f) for k, f in dict(info.get("states", {})).items()}
+    try:  # one block for the whole cache, in huge pages where the OS grants them
+        row_of_id, *arrays = pages.load_npys([cache_dir / str(info.get("row_of_id")), *files.values()])
+    except pages.NpyError as e:
+        raise CheckpointError(f"{what}: item_cache/{e.path.name} is corrupt: {e.reason}") from e
+    row_of_id = torch.from_numpy(row_of_id)
     vocab = model.schema.vocab(id_feature)
     if row_of_id.shape != (vocab,):
         raise CheckpointError(
             f"{what}: item cache has {row_of_id.shape[0]} ids but the schema's {id_feature} vocabulary is {vocab}"
         )
-    states = {k: load(f) for k, f in dict(info.get("states", {})).items()}
+    states = {k: torch.from_numpy(a) for k, a in zip(files, arrays, strict=True)}
     rounded = info.get("bfloat16_states", [])
     if not isinstance(rounded, list) or not set(rounded) <= set(states):
         raise CheckpointError(f"{what}: cache.json's bfloat16_states {rounded!r} are not among its states")
