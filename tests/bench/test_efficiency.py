@@ -75,7 +75,8 @@ def test_bench_records_and_report(data_dir: Path, tmp_path: Path) -> None:
         assert 0 < r["p50_ms_cached"] <= r["p99_ms_cached"] and 0 < r["p50_ms_full"] <= r["p99_ms_full"]
         # two_tower scores with one D-dim dot product per candidate (+ bias): at least 2 D FLOPs
         assert r["flops_per_candidate"] >= 2 * 64
-        gflops = r["machine"]["matmul_gflops_1thread"]
+        gflops = r["matmul_gflops_1thread"]
+        assert gflops > 0 and r["machine"]["matmul_gflops_1thread"] > 0
         expected_bound = r["flops_per_candidate"] * r["candidates"] / (gflops * 1e9) * 1e3
         assert r["flop_bound_ms"] == pytest.approx(expected_bound, rel=1e-2)
         assert r["item_cache_bytes_per_item"] == 64 * 4

@@ -133,7 +133,7 @@ def bench_cmd(
     records = run_bench(targets, data, config)
     machine = records[0]["machine"]
     gflops, kernels = machine["matmul_gflops_1thread"], machine["native_kernels"]
-    table = Table(title=f"prerank bench ({gflops} GFLOP/s 1-thread matmul, native kernels {kernels})")
+    table = Table(title=f"prerank bench ({gflops} GFLOP/s 1-thread matmul at the start, native kernels {kernels})")
     for head, _, _ in COLUMNS:
         table.add_column(head, justify="right")
     for row in table_rows(records):
