@@ -98,9 +98,12 @@ def load_npys(paths: Sequence[Path]) -> list[np.ndarray]:
             raise NpyError(path, e) from e
     arrays = zeros_many([spec for spec, _, _ in headers])
     for path, (_, _, offset), out in zip(paths, headers, arrays, strict=True):
-        with open(path, "rb") as f:
-            f.seek(offset)
-            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        except OSError as e:
+            raise NpyError(path, e) from e
         if got != out.nbytes:
             raise NpyError(path, f"it ends after {got} of its {out.nbytes} data bytes")
     return [a.T if fortran_order else a for a, (_, fortran_order, _) in zip(arrays, headers, strict=True)]
