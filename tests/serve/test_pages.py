@@ -55,7 +55,7 @@ def test_zeros_many_gives_separate_zeroed_arrays_on_cache_lines() -> None:
 @needs_madvise
 def test_a_block_of_huge_page_size_is_advised_huge(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(pages.ENV, raising=False)
-    big = pages.zeros((pages.HUGE_PAGE // 4,), np.float32)
+    big = pages.zeros_many([((pages.HUGE_PAGE // 4,), np.dtype(np.float32))])[0]
     assert big.ctypes.data % pages.HUGE_PAGE == 0 and advised_huge(big)
     big[-1] = 3.0
     assert big.sum() == 3.0
@@ -67,10 +67,10 @@ def test_small_blocks_and_the_switch_stay_in_numpy_memory(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(pages.mmap, "mmap", no_map)
     monkeypatch.delenv(pages.ENV, raising=False)
-    assert pages.zeros((1000,), np.float32).ctypes.data % pages.LINE == 0
+    assert pages.zeros_many([((1000,), np.dtype(np.float32))])[0].ctypes.data % pages.LINE == 0
     monkeypatch.setenv(pages.ENV, "0")
     assert not pages.enabled()
-    off = pages.zeros((pages.HUGE_PAGE // 4,), np.float32)
+    off = pages.zeros_many([((pages.HUGE_PAGE // 4,), np.dtype(np.float32))])[0]
     assert off.ctypes.data % pages.LINE == 0 and not off.any()
 
 

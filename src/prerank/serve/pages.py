@@ -68,11 +68,6 @@ def zeros_many(specs: Sequence[Spec]) -> list[np.ndarray]:
     ]
 
 
-def zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-    """One array of :func:`zeros_many`."""
-    return zeros_many([(shape, np.dtype(dtype))])[0]
-
-
 def _header(path: Path) -> tuple[Spec, bool, int]:
     """(shape, dtype), Fortran order and the data offset of a ``.npy`` file."""
     with open(path, "rb") as f:
