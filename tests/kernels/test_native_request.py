@@ -12,7 +12,7 @@ from torch import nn
 
 from prerank.data.batch import Batch
 from prerank.kernels import native
-from prerank.kernels.mlp import MlpPlan
+from prerank.kernels.mlp import NONE, RELU, MlpPlan
 from prerank.kernels.request import fit_user, int_tower_request, rank_tower_request
 from prerank.models.base import PreRanker
 from prerank.models.fit import FIT, FITConfig
@@ -157,7 +157,7 @@ def test_a_rank_tower_that_does_not_fit_the_kernel_is_an_error(schema, tiny_data
     cache = build_item_cache(model, tiny_dataset)
     fields = model.emb.fields_plan(model.sel.user)
     wrong = nn.Linear(len(model.sel.user) * model.config.embedding_dim, 5)
-    tower = MlpPlan.build(wrong.in_features, [(wrong.weight.detach(), wrong.bias.detach(), False)])
+    tower = MlpPlan.build(wrong.in_features, [(wrong.weight.detach(), wrong.bias.detach(), NONE)])
     with torch.inference_mode(), pytest.raises(ValueError, match="the user tower maps"):
         rank_tower_request(fields, tower, model._native_kernel(cache.states))
 
@@ -167,8 +167,8 @@ def test_int_tower_parts_that_do_not_fit_are_errors(schema, tiny_dataset: Path) 
     cache = build_item_cache(model, tiny_dataset).states["heads"]
     fields = model.emb.fields_plan(model.sel.user)
     se = (model.user_se.linear.weight, model.user_se.linear.bias)
-    layers = [(m.weight, m.bias, True) for m in model.user_layers]
-    proj = [(m.weight, m.bias, False) for m in model.user_proj]
+    layers = [(m.weight, m.bias, RELU) for m in model.user_layers]
+    proj = [(m.weight, m.bias, NONE) for m in model.user_proj]
     with torch.inference_mode():
         assert int_tower_request(fields, se, layers, proj, cache, 0.0) is not None
         with pytest.raises(ValueError, match="Light-SE must be"):

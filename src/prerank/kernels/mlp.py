@@ -17,7 +17,7 @@ from torch import Tensor
 
 from prerank.kernels.native import function
 
-NONE, RELU, SIGMOID = 0, 1, 2  # the activation after a layer (mlp.c); a bool reads as NONE or RELU
+NONE, RELU, SIGMOID = 0, 1, 2  # the activation after a layer (mlp.c)
 Layer = tuple[Tensor, Tensor, int]  # weight [out, in], bias [out], and the activation that follows
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 ARGTYPES = (_P, _I, _I, _P, _P, _I, _P, _P)
@@ -26,7 +26,7 @@ ARGTYPES = (_P, _I, _I, _P, _P, _I, _P, _P)
 @dataclass(frozen=True)
 class MlpPlan:
     """The layers of :func:`mlp_row` checked and bound for ``mlp.c``: ``c_ints`` holds each layer's in and out widths
-    and ReLU flag, ``c_ptrs`` its weight's and bias's addresses (of the storages in ``held``, kept alive); ``n_a``,
+    and activation, ``c_ptrs`` its weight's and bias's addresses (of the storages in ``held``, kept alive); ``n_a``,
     ``n_b`` the layers of the chain and of the gate; ``in_dim``, ``out_dim`` the row's widths and ``width`` the widest
     layer. Values changed in place are seen; replaced weights are not (build a new plan)."""
 
