@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,6 @@ import torch
 
 from prerank.data.batch import Batch
 from prerank.data.parquet import table_to_batch, write_dataset
-from prerank.kernels import native
 from prerank.schema import FeatureSpec, Schema
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -84,30 +81,6 @@ def tiny_dataset(tmp_path: Path, schema: Schema) -> Path:
         row_group_size=100,
     )
     return root
-
-
-@pytest.fixture
-def fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Native kernels build into this test's own directory and are resolved anew (the kernel tests)."""
-    monkeypatch.setenv("PRERANK_KERNEL_DIR", str(tmp_path / "kernels"))
-    monkeypatch.delenv("PRERANK_NATIVE", raising=False)
-    native.library.cache_clear()
-    native.function.cache_clear()
-    yield
-    native.library.cache_clear()
-    native.function.cache_clear()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Native kernels built by the suite go to a temporary directory, not the user's cache."""
-    before = os.environ.get("PRERANK_KERNEL_DIR")
-    os.environ["PRERANK_KERNEL_DIR"] = str(tmp_path_factory.mktemp("kernels"))
-    yield
-    if before is None:
-        os.environ.pop("PRERANK_KERNEL_DIR", None)
-    else:
-        os.environ["PRERANK_KERNEL_DIR"] = before
 
 
 @pytest.fixture(autouse=True)

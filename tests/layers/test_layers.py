@@ -54,7 +54,7 @@ def test_din_shared_queries_follow_weight_changes_and_train() -> None:
     with torch.inference_mode():
         before = din.shared_queries(query, keys)
     other = DINAttention(8, (16, 4)).state_dict()
-    din.load_state_dict(other)  # the folded first layer is recomputed after a weight change ...
+    din.load_state_dict(other)  # the folded first layer follows a weight change ...
     with torch.no_grad():
         query.mul_(2.0)  # ... and after the query changes in place
         after = din.shared_queries(query, keys)

@@ -8,7 +8,6 @@ import torch
 from prerank.bench.cost import score_cost
 from prerank.data.batch import Batch
 from prerank.layers.field import squeeze
-from prerank.models import cold
 from prerank.models.base import ConfigError
 from prerank.models.cold import COLD, COLDConfig
 from prerank.schema import Schema
@@ -31,22 +30,15 @@ def _unsplit_forward(model: COLD, batch: Batch) -> torch.Tensor:
     return model.head(h).squeeze(-1)
 
 
-@pytest.fixture(params=[None, 24], ids=["one-block", "row-blocks"])
-def row_block(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Score the 64 test rows in one block, or in blocks of 24 rows (the last one partial)."""
-    if request.param is not None:
-        monkeypatch.setattr(cold, "_ROW_BLOCK", request.param)
-
-
 @pytest.mark.parametrize("se_block", SE_BLOCKS)
-def test_split_scoring_equals_the_unsplit_network(se_block: str, schema: Schema, batch: Batch, row_block: None) -> None:
+def test_split_scoring_equals_the_unsplit_network(se_block: str, schema: Schema, batch: Batch) -> None:
     model = COLD(schema, COLDConfig(se_block=se_block)).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(batch), _unsplit_forward(model, batch), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("se_block", SE_BLOCKS)
-def test_one_user_against_cached_items(se_block: str, schema: Schema, batch: Batch, row_block: None) -> None:
+def test_one_user_against_cached_items(se_block: str, schema: Schema, batch: Batch) -> None:
     """A user state of one row broadcast over N cached item states scores like N full rows."""
     model = COLD(schema, COLDConfig(se_block=se_block)).eval()
     user_side = {f.name for f in schema.tower("user", "context")}

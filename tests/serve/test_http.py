@@ -108,7 +108,7 @@ def test_server_keeps_serving_after_errors(client: httpx.Client) -> None:
 
 
 def test_skip_mode_reports_skipped(scorer: Scorer) -> None:
-    skipping = Scorer(scorer.model, scorer.cache, unknown_items="skip", manifest=scorer.manifest)
+    skipping = Scorer(scorer.runtime, scorer.cache, scorer.schema, unknown_items="skip", manifest=scorer.manifest)
     with serve_in_thread(create_app(skipping)) as url:
         r = httpx.post(f"{url}/score", json={**BODY, "candidates": [5, 39, 1, 0, 7]})
     assert r.status_code == 200 and r.json()["skipped"] == [39, 0] and r.json()["ids"] == [5, 1, 7]

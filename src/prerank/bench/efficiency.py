@@ -1,34 +1,41 @@
-"""Serving efficiency: per-request latency with the item cache vs the full forward, against a FLOP bound.
+"""Serving efficiency: per-request latency of every way prerank can run a request, side by side in one process.
 
-One request = one user and N candidate items (DESIGN.md "Definitions": latency). For every model,
-candidate count N and thread count it measures, in process and under :func:`torch.inference_mode`:
+One request = one user and N candidate items (DESIGN.md "Definitions": latency). Every model is benched from an
+artifact (:mod:`prerank.serve.export`; a registry model at random init, or an artifact lacking a graph format, is
+exported to a temporary directory first). For every candidate count N and thread count, on the same prepared
+requests and under :func:`torch.inference_mode`, it times:
 
-- ``cached``: what the server runs per request (:meth:`~prerank.serve.scorer.Scorer.logits`, the model's
-  :meth:`~prerank.models.base.PreRanker.bind`), ``score_cached(encode_user(user), item cache, rows, pair)``
-  (``score`` of the gathered item states, or a model's fused native kernel, :mod:`prerank.kernels`; IntTower's
-  and RankTower's whole request, and FIT's user side, in one native call), on already-validated tensors;
-- ``scorer``: :meth:`~prerank.serve.scorer.Scorer.score` from plain Python lists, i.e. ``cached`` plus
-  input validation and conversion (what an HTTP request adds before the network);
-- ``full``: ``model(batch)`` on N rows holding the user's features repeated and each candidate's raw
-  item features (the batch is built before the clock starts, so the full path is not charged for it).
+- ``full``:   ``model(batch)`` in PyTorch eager on N rows holding the user's features repeated and each
+  candidate's raw item features (the batch is built before the clock starts);
+- ``eager``:  the served request (:meth:`~prerank.serve.scorer.Scorer.logits`: user graph, item-cache gather,
+  score graph) on :class:`~prerank.serve.runtime.EagerRuntime`, the model in PyTorch eager;
+- ``torch``:  the same on :class:`~prerank.serve.runtime.TorchExportRuntime`, the torch.export programs;
+- ``onnx``:   the same on :class:`~prerank.serve.runtime.OnnxRuntime` with that many intra-op threads;
+- ``native``: the same on the optional C backend (:func:`prerank.serve.native.open_native`: IntTower and
+  RankTower only; None for other models, or where there is no compiler);
+- ``scorer``: :meth:`~prerank.serve.scorer.Scorer.score` from plain Python lists on the default runtime
+  (:data:`~prerank.serve.runtime.DEFAULT_RUNTIME`), i.e. that runtime plus input validation and conversion (what an
+  HTTP request adds before the network).
 
-User and cross features come from the data's rows, candidates are drawn from the item catalogue (with
-replacement when N exceeds it). The FLOP bound is the counted FLOPs of ``score`` per candidate
-(:func:`prerank.bench.cost.score_cost`) x N divided by this machine's single-thread fp32 matmul rate
-(:func:`matmul_gflops`), measured right before and right after each record's ``cached`` timing (the higher of
-the two), so that the bound and the latency it is compared with see the same phase of a shared machine, whose
-speed drifts by up to 2x within minutes. The latency target is p50 within 3x of that bound, or under 0.5 ms where
-the bound is tiny.
+``threads`` sets torch's intra-op threads (every path), onnxruntime's session threads and the native runtime's
+concurrent kernel calls. Before timing a setting, every runtime's logits of one request must equal eager's (rtol
+:data:`RTOL`, atol :data:`ATOL`); the largest absolute differences are recorded. The paths are timed in turns of
+blocks of consecutive requests, so that a shared machine's drift in speed hits all of them alike. User and cross
+features come from the data's rows, candidates are drawn from the item catalogue (with replacement when N
+exceeds it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +46,22 @@ from prerank.bench.cost import score_cost, state_bytes_per_row
 from prerank.data.batch import Batch
 from prerank.data.parquet import BatchStream, ParquetSplit
 from prerank.io import atomic_write_text
-from prerank.kernels import native
-from prerank.models.base import PreRanker
 from prerank.models.registry import build_model
 from prerank.schema import Schema
-from prerank.serve.export import ItemCache, build_item_cache, load_artifact
+from prerank.serve import native
+from prerank.serve.export import Artifact, export_model, load_artifact
+from prerank.serve.graphs import FORMATS, GRAPHS, SUFFIX
+from prerank.serve.runtime import DEFAULT_RUNTIME, OnnxRuntime, Runtime, TorchExportRuntime
 from prerank.serve.scorer import Scorer
 
-TARGET_FACTOR = 3.0
-TARGET_FLOOR_MS = 0.5
+PATHS = ("full", "eager", "torch", "onnx", "native", "scorer")  # every timed path, in report order
+STANDARD = ("eager", "torch", "onnx")  # the runtimes that need no compiler
+CHECKED = ("torch", "onnx", "native")  # runtimes whose logits must equal eager's
+RTOL, ATOL = 1e-4, 1e-5
+
+
+class RuntimeMismatch(ValueError):
+    """A runtime's logits differ from eager's by more than :data:`RTOL` / :data:`ATOL`."""
 
 
 @dataclass(frozen=True)
@@ -56,14 +70,14 @@ class BenchConfig:
 
     Attributes:
         candidates: candidate counts N per request.
-        threads: torch intra-op thread counts.
+        threads: thread counts (torch intra-op, onnxruntime session, native concurrent calls).
         requests: timed requests per (N, threads) and path.
-        warmup: untimed requests before each timing.
+        warmup: untimed requests per path before each timing.
         distinct: distinct requests (user rows and candidate draws) cycled through.
         seed: seeds candidate draws and the initialisation of untrained models.
     """
 
-    candidates: tuple[int, ...] = (100, 1000, 5000)
+    candidates: tuple[int, ...] = (100, 1000, 10_000)
     threads: tuple[int, ...] = (1, 2)
     requests: int = 200
     warmup: int = 20
@@ -81,11 +95,11 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class BenchTarget:
-    """A model with its item cache; ``source`` says where it came from (an artifact or random init)."""
+    """A model to bench: an artifact directory with torch and ONNX graphs; ``source`` says where it came from (an
+    artifact path or random init)."""
 
     name: str
-    model: PreRanker
-    cache: ItemCache
+    artifact: Path
     source: str
 
 
@@ -172,51 +186,49 @@ def _full_batch(scorer: Scorer, sample: RequestSample, catalogue: Batch, positio
 # ----------------------------------------------------------------------------------- timing
 
 
-def matmul_gflops(size: int = 512, repeats: int = 20) -> float:
-    """Single-thread fp32 ``torch.mm`` rate of this machine, GFLOP/s (2 size^3 FLOPs per product).
+Call = tuple[Callable[[Any], object], list[Any]]
 
-    The fastest of ``repeats`` products: the rate the machine attains, so the FLOP bound built on it is
-    a lower bound on time even when other processes slow some repeats down.
+
+def time_paths(calls: dict[str, Call], requests: int, warmup: int, blocks: int = 4) -> dict[str, np.ndarray]:
+    """Wall milliseconds of ``requests`` calls of each ``fn`` cycling over its ``inputs``, after ``warmup`` calls.
+
+    The requests are split into ``blocks`` runs of consecutive calls; the paths take turns by block (the order
+    rotating), so each path runs warm, yet drift of the machine's speed is spread over all of them.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
-        with torch.inference_mode():
-            for _ in range(3):
-                torch.mm(a, b)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                torch.mm(a, b)
-                times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
-    return 2 * size**3 / min(times) / 1e9
-
-
-def time_calls(
-    fn: Callable[[Any], object], inputs: list[Any], requests: int, warmup: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Wall and process-CPU milliseconds of ``requests`` calls of ``fn`` cycling over ``inputs``, after warm-up.
-
-    CPU time (all threads of the process) is less disturbed than wall time when other processes share the
-    cores; wall time is what a request waits.
-    """
+    names = list(calls)
+    blocks = max(1, min(blocks, requests))
+    edges = np.linspace(0, requests, blocks + 1).astype(int)
+    out = {name: np.empty(requests) for name in names}
     with torch.inference_mode():
-        for i in range(warmup):
-            fn(inputs[i % len(inputs)])
-        wall, cpu = np.empty(requests), np.empty(requests)
-        for i in range(requests):
-            x = inputs[i % len(inputs)]
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn(x)
-            wall[i], cpu[i] = time.perf_counter() - t0, time.process_time() - c0
-    return wall * 1e3, cpu * 1e3
+        for fn, inputs in calls.values():
+            for i in range(warmup):
+                fn(inputs[i % len(inputs)])
+        for b in range(blocks):
+            shift = b % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn, inputs = calls[name]
+                for i in range(edges[b], edges[b + 1]):
+                    x = inputs[i % len(inputs)]
+                    t0 = time.perf_counter()
+                    fn(x)
+                    out[name][i] = time.perf_counter() - t0
+    return {name: t * 1e3 for name, t in out.items()}
 
 
-def machine_info(gflops: float) -> dict[str, Any]:
+def time_calls(fn: Callable[[Any], object], inputs: list[Any], requests: int, warmup: int) -> np.ndarray:
+    """Wall milliseconds of ``requests`` calls of ``fn`` cycling over ``inputs``, after ``warmup`` calls."""
+    return time_paths({"fn": (fn, inputs)}, requests, warmup, blocks=1)["fn"]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """The CPU, library versions and whether native kernels can be compiled here."""
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -226,36 +238,119 @@ def machine_info(gflops: float) -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
-        "matmul_gflops_1thread": round(gflops, 2),
-        "native_kernels": native.status(),
+        "onnxruntime": _version("onnxruntime"),
+        "native": native.status(),
     }
 
 
 # ----------------------------------------------------------------------------------- targets
 
 
-def target_from_model(name: str, data_dir: str | Path, seed: int = 0, cache_dtype: str = "float32") -> BenchTarget:
-    """An untrained (randomly initialised) registry model on the data's schema, with its item cache (float states
-    stored as ``cache_dtype``, see :func:`prerank.serve.export.build_item_cache`)."""
+def _has_all_formats(manifest: dict[str, Any]) -> bool:
+    graphs = manifest.get("graphs", {})
+    return all(f"{g}{SUFFIX[fmt]}" in graphs for g in GRAPHS for fmt in FORMATS)
+
+
+def target_from_model(
+    name: str, data_dir: str | Path, workdir: str | Path, *, seed: int = 0, cache_dtype: str = "float32"
+) -> BenchTarget:
+    """An untrained (randomly initialised, seeded) registry model on the data's schema, exported with torch and ONNX
+    graphs and an item cache of the data's catalogue (float states stored as ``cache_dtype``) under ``workdir``."""
     torch.manual_seed(seed)
     model = build_model(name, Schema.load(data_dir)).eval()
-    cache = build_item_cache(model, data_dir, cache_dtype=cache_dtype)
-    return BenchTarget(name=name, model=model, cache=cache, source="random init")
+    out = Path(workdir) / f"{name}-{cache_dtype}"
+    export_model(name, model, data_dir, out, cache_dtype=cache_dtype, source={"bench": "random init"})
+    return BenchTarget(name=name, artifact=out, source="random init")
 
 
-def target_from_artifact(path: str | Path, data_dir: str | Path) -> BenchTarget:
-    """A verified artifact; its schema must be the data's (the requests come from the data)."""
-    art = load_artifact(path, expected_schema=Schema.load(data_dir))
-    return BenchTarget(name=art.name, model=art.model, cache=art.cache, source=str(path))
+def target_from_artifact(path: str | Path, data_dir: str | Path, workdir: str | Path) -> BenchTarget:
+    """A verified artifact; its schema must be the data's (the requests come from the data). One that lacks the
+    torch or ONNX graphs is exported again, with both, under ``workdir`` (its cache then holds the data's
+    catalogue)."""
+    art = load_artifact(path, runtime="eager", expected_schema=Schema.load(data_dir))
+    if _has_all_formats(art.manifest):
+        return BenchTarget(name=art.name, artifact=Path(path), source=str(path))
+    assert art.model is not None
+    out = Path(workdir) / f"{art.name}-{Path(path).name}"
+    export_model(art.name, art.model, data_dir, out, cache_dtype=art.cache.cache_dtype, source={"artifact": str(path)})
+    return BenchTarget(name=art.name, artifact=out, source=f"{path} (re-exported with {', '.join(FORMATS)} graphs)")
+
+
+# ----------------------------------------------------------------------------------- benching
+
+
+def _open_native(art: Artifact, threads: int) -> tuple[Runtime | None, str]:
+    """The native runtime of the artifact's model, bound to its cache, or ``(None, why not)``."""
+    assert art.model is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rt = native.open_native(art.model, art.runtime.signature, threads=threads)
+        if rt is not None and rt.bind(art.cache.states) is None:
+            rt = None
+    if rt is not None:
+        return rt, ""
+    why = "; ".join(str(w.message) for w in caught) or f"no native runtime for {type(art.model).__name__}"
+    return None, why
+
+
+def _check(scorers: dict[str, Scorer], request: tuple, full_logits: torch.Tensor, where: str) -> dict[str, float]:
+    """Max absolute difference of each runtime's logits (and the full forward's) from eager's on one request;
+    :class:`RuntimeMismatch` where a runtime's exceed rtol :data:`RTOL` / atol :data:`ATOL`."""
+    ref = scorers["eager"].logits(*request)
+    diffs: dict[str, float] = {}
+    for name in CHECKED:
+        if name not in scorers:
+            continue
+        got = scorers[name].logits(*request)
+        diffs[name] = float((got - ref).abs().max())
+        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=RTOL, atol=ATOL):
+            raise RuntimeMismatch(
+                f"{where}: the {name} runtime's logits differ from eager's by up to {diffs[name]:.3g} "
+                f"(allowed: rtol {RTOL:g}, atol {ATOL:g})"
+            )
+    diffs["full"] = float((full_logits - ref).abs().max())
+    return diffs
+
+
+def _p(t: np.ndarray | None, q: float) -> float | None:
+    return None if t is None else float(np.percentile(t, q))
+
+
+@contextlib.contextmanager
+def _no_progress() -> Iterator[Callable[[str], None]]:
+    yield lambda _: None
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar on stderr over ``total`` settings; yields ``advance(description)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("bench", total=total)
+
+        def advance(description: str) -> None:
+            bar.update(task, advance=1, description=description)
+
+        yield advance
 
 
 def bench_target(
-    target: BenchTarget, data_dir: str | Path, config: BenchConfig, max_items: int = 200_000
+    target: BenchTarget,
+    data_dir: str | Path,
+    config: BenchConfig,
+    *,
+    advance: Callable[[str], None] = lambda _: None,
+    max_items: int = 200_000,
 ) -> list[dict[str, Any]]:
-    """Records for one model: every (N, threads) of ``config``."""
-    model, cache = target.model.eval(), target.cache
-    schema = model.schema
+    """Records for one target: every (N, threads) of ``config``; ``advance(description)`` after each setting."""
+    art = load_artifact(target.artifact, runtime="eager", expected_schema=Schema.load(data_dir))
+    model, cache, schema, sig = art.model, art.cache, art.schema, art.runtime.signature
+    assert model is not None
     catalogue = read_rows(data_dir, "items", max_items, schema)
     cat_ids = catalogue.features[cache.id_feature].numpy()
     cached_ids = cat_ids[cache.rows(torch.from_numpy(cat_ids)).numpy() != 0]
@@ -265,158 +360,145 @@ def bench_target(
     position[cat_ids] = np.arange(len(cat_ids))
     rows = request_rows(data_dir, schema=schema)
     cache_bytes = state_bytes_per_row(cache.states)
+    graph_dir = Path(target.artifact) / "graphs"
+    limit = max(config.candidates)
+    torch_rt = TorchExportRuntime(graph_dir, sig)
+
+    per_threads: dict[int, dict[str, Scorer]] = {}
+    native_note = ""
+    for threads in config.threads:
+        opts: dict[str, Any] = {"threads": threads, "max_candidates": limit}
+        native_rt, why = _open_native(art, threads)
+        native_note = native_note or why
+        runtimes: dict[str, Runtime | None] = {
+            "eager": art.runtime,
+            "torch": torch_rt,
+            "onnx": OnnxRuntime(graph_dir, sig, threads=threads),
+            "native": native_rt,
+        }
+        per_threads[threads] = {k: Scorer(rt, cache, schema, **opts) for k, rt in runtimes.items() if rt is not None}
+
     records = []
     for n in config.candidates:
         samples = sample_requests(rows, schema, cached_ids, config.distinct, n, seed=config.seed + n)
-        probe = Scorer(model, cache, max_candidates=n)
+        probe = per_threads[config.threads[0]]["eager"]
         full = [_full_batch(probe, s, catalogue, position) for s in samples]
-        cached = [
+        prepared = [
             (probe.user_batch(s.user), cache.rows(torch.tensor(s.candidates)), probe.pair_batch(s.cross, n))
             for s in samples
         ]
         flops = score_cost(model, full[0])["score_flops_per_candidate"]
         for threads in config.threads:
-            scorer = Scorer(model, cache, threads=threads, max_candidates=n)
-            gflops = matmul_gflops()
-            t_cached, cpu_cached = time_calls(lambda x, s=scorer: s.logits(*x), cached, config.requests, config.warmup)
-            gflops = max(gflops, matmul_gflops())
-            bound_ms = flops * n / (gflops * 1e9) * 1e3
-            t_scorer, _ = time_calls(
-                lambda x, s=scorer: s.score(x.user, x.candidates, cross=x.cross),
-                samples,
-                config.requests,
-                config.warmup,
-            )
-            t_full, cpu_full = time_calls(model, full, config.requests, config.warmup)
-            p50_cached, p50_full = float(np.percentile(t_cached, 50)), float(np.percentile(t_full, 50))
-            target_ms = max(TARGET_FACTOR * bound_ms, TARGET_FLOOR_MS)
-            records.append(
-                {
-                    "model": target.name,
-                    "cache_dtype": cache.cache_dtype,
-                    "source": target.source,
-                    "candidates": n,
-                    "threads": threads,
-                    "requests": config.requests,
-                    "p50_ms_cached": p50_cached,
-                    "p99_ms_cached": float(np.percentile(t_cached, 99)),
-                    "p50_cpu_ms_cached": float(np.percentile(cpu_cached, 50)),
-                    "p50_ms_scorer": float(np.percentile(t_scorer, 50)),
-                    "p99_ms_scorer": float(np.percentile(t_scorer, 99)),
-                    "p50_ms_full": p50_full,
-                    "p99_ms_full": float(np.percentile(t_full, 99)),
-                    "p50_cpu_ms_full": float(np.percentile(cpu_full, 50)),
-                    "candidates_per_s": n / p50_cached * 1e3,
-                    "speedup_cached_vs_full": p50_full / p50_cached,
-                    "flops_per_candidate": flops,
-                    "flop_bound_ms": bound_ms,
-                    "matmul_gflops_1thread": gflops,
-                    "latency_target_ms": target_ms,
-                    "latency_target_met": p50_cached <= target_ms,
-                    "item_cache_bytes_per_item": cache_bytes,
-                }
-            )
-    return records
-
-
-def run_bench(targets: list[BenchTarget], data_dir: str | Path, config: BenchConfig = BenchConfig()) -> list[dict]:
-    """Bench every target; each record carries the machine info (with the matmul rate at the start of the run) and
-    its own matmul rate (around its timing, which its FLOP bound uses)."""
-    before = torch.get_num_threads()
-    try:
-        machine = machine_info(matmul_gflops())
-        records = []
-        for target in targets:
-            records += [{**r, "machine": machine} for r in bench_target(target, data_dir, config)]
-    finally:
-        torch.set_num_threads(before)
-    return records
-
-
-def profile_score(target: BenchTarget, data_dir: str | Path, n: int, repeats: int = 5, top: int = 8) -> str:
-    """Where one request of ``n`` candidates spends its time on 1 thread.
-
-    Returns the median milliseconds of ``encode_user``, the cache gather, ``score`` and ``score_cached`` (what
-    the scorer runs: gather + ``score``, or a fused native kernel), then torch.profiler's table of the ``top``
-    operators of ``score_cached`` by self CPU time, grouped by input shape, so a model that
-    misses its FLOP bound shows which operator (and which shapes) to fix.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    model, cache = target.model.eval(), target.cache
-    sample = sample_requests(request_rows(data_dir, schema=model.schema), model.schema, cache.ids().numpy(), 1, n)[0]
-    before = torch.get_num_threads()
-    scorer = Scorer(model, cache, threads=1, max_candidates=n)
-    user_batch, rows = scorer.user_batch(sample.user), cache.rows(torch.tensor(sample.candidates))
-    pair = scorer.pair_batch(sample.cross, n)
-    try:
-        with torch.inference_mode():
-            user, items = model.encode_user(user_batch), cache.gather(rows)
-            steps = {
-                "encode_user": lambda _: model.encode_user(user_batch),
-                "gather": lambda _: cache.gather(rows),
-                "score": lambda _: model.score(user, items, pair),
-                "score_cached": lambda _: model.score_cached(user, cache.states, rows, pair),
+            scorers = per_threads[threads]
+            torch.set_num_threads(threads)
+            where = f"{target.name} at N={n} on {threads} thread{'s' if threads > 1 else ''}"
+            with torch.inference_mode():
+                diffs = _check(scorers, prepared[0], model(full[0]), where)
+            calls: dict[str, Call] = {"full": (model, full)}
+            for name in ("eager", "torch", "onnx", "native"):
+                if name in scorers:
+                    calls[name] = (lambda x, s=scorers[name]: s.logits(*x), prepared)
+            default = scorers[DEFAULT_RUNTIME]
+            calls["scorer"] = (lambda x, s=default: s.score(x.user, x.candidates, cross=x.cross), samples)
+            times = time_paths(calls, config.requests, config.warmup)
+            torch.set_num_threads(threads)  # the timed scorers set it too; keep it for what follows
+            p50 = {path: _p(times.get(path), 50) for path in PATHS}
+            best = min(STANDARD, key=lambda k: p50[k])  # type: ignore[arg-type,return-value]
+            best_ms = p50[best]
+            record: dict[str, Any] = {
+                "model": target.name,
+                "source": target.source,
+                "cache_dtype": cache.cache_dtype,
+                "candidates": n,
+                "threads": threads,
+                "requests": config.requests,
             }
-            split = {k: float(np.median(time_calls(fn, [None], repeats * 4, 2)[0])) for k, fn in steps.items()}
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                for _ in range(repeats):
-                    model.score_cached(user, cache.states, rows, pair)
+            for path in PATHS:
+                record[f"p50_ms_{path}"] = p50[path]
+                record[f"p99_ms_{path}"] = _p(times.get(path), 99)
+            record |= {
+                "scorer_runtime": DEFAULT_RUNTIME,
+                "best_standard": best,
+                "best_standard_ms": best_ms,
+                "native_speedup": None if p50["native"] is None else best_ms / p50["native"],  # type: ignore[operator]
+                "native_note": native_note if p50["native"] is None else "",
+                **{f"max_abs_diff_{k}": diffs.get(k) for k in (*CHECKED, "full")},
+                "flops_per_candidate": flops,
+                "item_cache_bytes_per_item": cache_bytes,
+            }
+            records.append(record)
+            advance(f"{target.name} N={n} threads={threads}")
+    return records
+
+
+def run_bench(
+    targets: list[BenchTarget], data_dir: str | Path, config: BenchConfig = BenchConfig(), *, progress: bool = False
+) -> list[dict]:
+    """Bench every target (:func:`bench_target`); each record carries the machine info. ``progress`` shows a rich
+    progress bar on stderr over the (model, N, threads) settings. Restores torch's thread count."""
+    before = torch.get_num_threads()
+    machine = machine_info()
+    total = len(targets) * len(config.candidates) * len(config.threads)
+    records = []
+    try:
+        with _progress(total) if progress else _no_progress() as advance:
+            for target in targets:
+                got = bench_target(target, data_dir, config, advance=advance)
+                records += [{**r, "machine": machine} for r in got]
     finally:
         torch.set_num_threads(before)
-    table = prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=32, max_shapes_column_width=64
-    )
-    times = ", ".join(f"{k} {v:.3f} ms" for k, v in split.items())
-    return f"{target.name}, one request of N={n} on 1 thread: {times}\nscore_cached, {repeats} calls:\n{table}"
+    return records
 
 
 # ----------------------------------------------------------------------------------- reports
 
 
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("model", "model", "{}"),
-    ("cache", "cache_dtype", "{}"),
-    ("N", "candidates", "{}"),
-    ("threads", "threads", "{}"),
-    ("p50 cached ms", "p50_ms_cached", "{:.3f}"),
-    ("p99 cached ms", "p99_ms_cached", "{:.3f}"),
-    ("p50 cached CPU ms", "p50_cpu_ms_cached", "{:.3f}"),
-    ("p50 scorer ms", "p50_ms_scorer", "{:.3f}"),
-    ("p50 full ms", "p50_ms_full", "{:.3f}"),
-    ("p99 full ms", "p99_ms_full", "{:.3f}"),
-    ("speedup", "speedup_cached_vs_full", "{:.1f}x"),
-    ("cand/s", "candidates_per_s", "{:,.0f}"),
-    ("FLOPs/cand", "flops_per_candidate", "{:,.0f}"),
-    ("bound ms", "flop_bound_ms", "{:.4f}"),
-    ("GFLOP/s", "matmul_gflops_1thread", "{:.0f}"),
-    ("target met", "latency_target_met", "{}"),
-    ("cache B/item", "item_cache_bytes_per_item", "{:,}"),
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
+    ("model", lambda r: r["model"]),
+    ("cache", lambda r: r["cache_dtype"]),
+    ("N", lambda r: f"{r['candidates']:,}"),
+    ("threads", lambda r: str(r["threads"])),
+    ("full", lambda r: _ms(r["p50_ms_full"])),
+    ("eager", lambda r: _ms(r["p50_ms_eager"])),
+    ("torch", lambda r: _ms(r["p50_ms_torch"])),
+    ("onnx", lambda r: _ms(r["p50_ms_onnx"])),
+    ("native", lambda r: _ms(r["p50_ms_native"])),
+    ("best standard", lambda r: f"{_ms(r['best_standard_ms'])} ({r['best_standard']})"),
+    ("native speedup", lambda r: "-" if r["native_speedup"] is None else f"{r['native_speedup']:.1f}x"),
+    ("scorer", lambda r: _ms(r["p50_ms_scorer"])),
+    ("cache B/item", lambda r: f"{r['item_cache_bytes_per_item']:,}"),
+    ("FLOPs/cand", lambda r: f"{r['flops_per_candidate']:,.0f}"),
 )
 
 
 def table_rows(records: list[dict]) -> list[list[str]]:
-    return [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in records]
+    """The records as table cells, one row each, in :data:`COLUMNS` order."""
+    return [[cell(r) for _, cell in COLUMNS] for r in records]
 
 
 def markdown(records: list[dict]) -> str:
-    """The records as a Markdown table, with the machine and the targets' definition."""
-    machine = records[0]["machine"] if records else {}
+    """The records as a Markdown table, with the machine and what each column measures."""
+    m = records[0]["machine"] if records else {}
     head = [c[0] for c in COLUMNS]
+    requests = sorted({r["requests"] for r in records})
     lines = [
         "# prerank serving benchmark",
         "",
-        f"Machine: {machine.get('cpu')} ({machine.get('cpu_count')} logical CPUs), torch {machine.get('torch')}, "
-        f"single-thread fp32 matmul {machine.get('matmul_gflops_1thread')} GFLOP/s at the start of this run "
-        "(each record's bound uses the rate measured around its own timing, its GFLOP/s column), "
-        f"native kernels {machine.get('native_kernels')}.",
+        f"Machine: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs), torch {m.get('torch')}, onnxruntime "
+        f"{m.get('onnxruntime')}, native kernels {m.get('native')}. {', '.join(map(str, requests))} timed requests "
+        "per cell.",
         "",
-        "cached = the scorer's bound request: encode_user + score_cached (item-cache gather + score, or a fused "
-        "native kernel), or one native call for the whole request (IntTower, RankTower) or the user side (FIT); "
-        "scorer = cached + validation from Python lists; "
-        "full = model(batch) of N rows. Latencies are per request (one user, N candidates); CPU ms is the "
-        "process CPU time of a request (less disturbed by other load than wall time). "
-        f"Target: p50 cached <= max({TARGET_FACTOR:g} x FLOP bound, {TARGET_FLOOR_MS} ms).",
+        "p50 wall ms per request (one user, N candidates; p99 in bench.json). full = model(batch) of N rows in "
+        "PyTorch eager; eager / torch / onnx / native = the served request (user graph, item-cache gather, score "
+        "graph) on PyTorch eager, the torch.export programs, onnxruntime, or the C kernels (IntTower and RankTower "
+        "only; - where a model has none); best standard = the fastest of eager, torch and onnx; native speedup = "
+        f"best standard / native; scorer = Scorer.score from Python lists on the {DEFAULT_RUNTIME} runtime "
+        "(validation included). Every runtime's logits equal eager's within "
+        f"rtol {RTOL:g} / atol {ATOL:g}, checked on one request of each cell.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -37,16 +37,25 @@ def export_cmd(
     cache_dtype: str = typer.Option(
         "float32", "--cache-dtype", help="Item-cache storage: float32, or bfloat16 (half the bytes, rounded states)."
     ),
+    formats: str = typer.Option(
+        "torch,onnx", "--formats", help="Graph formats to write: torch (torch.export .pt2), onnx, or both."
+    ),
 ) -> None:
-    """Export a checkpoint and its item cache as a serving artifact."""
+    """Export a checkpoint as a serving artifact: user tower, item tower and scorer as torch.export and ONNX graphs,
+    the item cache written by the exported item tower, and the weights; every file hashed in manifest.json."""
     from prerank.serve.export import CACHE_DTYPES, export
+    from prerank.serve.graphs import FORMATS
 
     if cache_dtype not in CACHE_DTYPES:
         raise typer.BadParameter(f"--cache-dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
-    manifest = export(checkpoint, data, out, chunk_rows=chunk_rows, cache_dtype=cache_dtype)
+    chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    if not chosen or any(f not in FORMATS for f in chosen):
+        raise typer.BadParameter(f"--formats must list some of {list(FORMATS)}, got {formats!r}")
+    with console.status("exporting the graphs and writing the item cache"):
+        manifest = export(checkpoint, data, out, chunk_rows=chunk_rows, cache_dtype=cache_dtype, formats=chosen)
     console.print(
-        f"exported {manifest['model_name']} with {manifest['num_items']:,} cached items to {out} "
-        f"(weights sha256 {manifest['weights_sha256'][:12]}...)",
+        f"exported {manifest['model_name']} ({', '.join(sorted(manifest['graphs']))}) with "
+        f"{manifest['num_items']:,} cached items to {out} (weights sha256 {manifest['weights_sha256'][:12]}...)",
         highlight=False,
     )
 
@@ -59,7 +68,13 @@ def serve_cmd(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port to listen on."),
     max_candidates: int = typer.Option(DEFAULT_MAX_CANDIDATES, "--max-candidates", min=1, help="413 above this."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="413 for larger request bodies."),
-    threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads of the runtime."),
+    runtime: str = typer.Option(
+        "onnx",
+        "--runtime",
+        help="What runs the graphs: onnx (onnxruntime), torch (torch.export programs), eager (the PyTorch model), "
+        "native (the optional C backend of IntTower and RankTower; eager for other models).",
+    ),
     unknown_items: str = typer.Option("fail", "--unknown-items", help="'fail' (422) or 'skip' unknown item ids."),
     log_level: str = typer.Option(
         "info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."
@@ -75,6 +90,7 @@ def serve_cmd(
         raise typer.BadParameter("--unknown-items must be 'fail' or 'skip'")
     scorer = Scorer.load(
         artifact,
+        runtime=runtime,
         threads=threads,
         unknown_items=unknown_items,  # type: ignore[arg-type]
         max_candidates=max_candidates,
@@ -92,33 +108,42 @@ def bench_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset directory: schema, catalogue and rows for requests."),
     artifact: str = typer.Option("", "--artifact", help="Comma list of artifact directories."),
     model: str = typer.Option("", "--model", help="Comma list of registry names (untrained, random init)."),
-    candidates: str = typer.Option("100,1000,5000", "--candidates", help="Comma list of candidates per request."),
-    threads: str = typer.Option("1,2", "--threads", help="Comma list of torch thread counts."),
-    requests: int = typer.Option(200, "--requests", min=1, help="Timed requests per setting."),
-    warmup: int = typer.Option(20, "--warmup", min=0, help="Untimed requests before timing."),
+    candidates: str = typer.Option("100,1000,10000", "--candidates", help="Comma list of candidates per request."),
+    threads: str = typer.Option(
+        "1,2", "--threads", help="Comma list of thread counts (torch, onnxruntime and native threads)."
+    ),
+    requests: int = typer.Option(200, "--requests", min=1, help="Timed requests per setting and path."),
+    warmup: int = typer.Option(20, "--warmup", min=0, help="Untimed requests per path before timing."),
     out: Path | None = typer.Option(None, "--out", help="Write bench.json and bench.md here."),
-    profile: bool = typer.Option(False, "--profile", help="Profile `score` of models that miss the latency target."),
     cache_dtype: str = typer.Option(
         "float32", "--cache-dtype", help="Comma list of item-cache storage dtypes for --model: float32, bfloat16."
     ),
 ) -> None:
-    """Latency per request with the item cache vs the full forward, FLOPs per candidate and the FLOP bound."""
+    """Latency per request, side by side: the full forward, and the cached request on PyTorch eager, the
+    torch.export graphs, onnxruntime and the C kernels; plus the scorer with validation. Models given by --model
+    are exported (random init) to a temporary directory first."""
+    import tempfile
+
     from prerank.bench.efficiency import (
         COLUMNS,
         BenchConfig,
-        profile_score,
+        machine_info,
         run_bench,
         table_rows,
         target_from_artifact,
         target_from_model,
         write_report,
     )
+    from prerank.models.registry import MODELS
     from prerank.serve.export import CACHE_DTYPES
 
     artifacts = [a.strip() for a in artifact.split(",") if a.strip()]
     models = [m.strip() for m in model.split(",") if m.strip()]
     if not artifacts and not models:
         raise typer.BadParameter("give --artifact and/or --model")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise typer.BadParameter(f"unknown model {unknown[0]!r} in --model; registered: {', '.join(MODELS)}")
     dtypes = [d.strip() for d in cache_dtype.split(",") if d.strip()]
     if not dtypes or any(d not in CACHE_DTYPES for d in dtypes):
         raise typer.BadParameter(f"--cache-dtype must list some of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
@@ -128,23 +153,18 @@ def bench_cmd(
         requests=requests,
         warmup=warmup,
     )
-    targets = [target_from_artifact(a, data) for a in artifacts]
-    targets += [target_from_model(m, data, cache_dtype=d) for m in models for d in dtypes]
-    records = run_bench(targets, data, config)
-    machine = records[0]["machine"]
-    gflops, kernels = machine["matmul_gflops_1thread"], machine["native_kernels"]
-    table = Table(title=f"prerank bench ({gflops} GFLOP/s 1-thread matmul at the start, native kernels {kernels})")
-    for head, _, _ in COLUMNS:
-        table.add_column(head, justify="right")
+    with tempfile.TemporaryDirectory(prefix="prerank-bench-") as workdir:
+        with console.status("exporting the models to bench"):
+            targets = [target_from_artifact(a, data, workdir) for a in artifacts]
+            targets += [target_from_model(m, data, workdir, cache_dtype=d) for m in models for d in dtypes]
+        records = run_bench(targets, data, config, progress=True)
+    machine = records[0]["machine"] if records else machine_info()
+    table = Table(title=f"prerank bench: p50 ms per request on {machine['cpu']} (native kernels {machine['native']})")
+    for head, _ in COLUMNS:
+        table.add_column(head, justify="left" if head in ("model", "cache") else "right")
     for row in table_rows(records):
         table.add_row(*row)
     wide.print(table)
     if out is not None:
         write_report(records, out)
         console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", highlight=False)
-    if profile:
-        n = max(config.candidates)
-        for target in targets:
-            mine = [r for r in records if (r["model"], r["cache_dtype"]) == (target.name, target.cache.cache_dtype)]
-            if any(r["candidates"] == n and not r["latency_target_met"] for r in mine):
-                wide.print(profile_score(target, data, n), highlight=False)

@@ -34,9 +34,6 @@ class DINAttention(nn.Module):
         super().__init__()
         self.unit = MLP(4 * dim, hidden, out_dim=1, activation=nn.Sigmoid)
         self.normalize = normalize
-        # the (id, storage, version) of the query, first-layer weight and bias, those tensors (held so that
-        # their ids stay unique) and the folded layer they give (see shared_queries)
-        self._folded: tuple[tuple[tuple[int, int, int], ...], tuple[Tensor, ...], Tensor, Tensor] | None = None
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor | None = None) -> Tensor:
         single = query.dim() == 2
@@ -66,29 +63,16 @@ class DINAttention(nn.Module):
         bias = torch.addmm(first.bias, query, (w_q + w_d).T)  # [M, H]
         return weight.flatten(1), bias.flatten()
 
-    def _folded_layer(self, first: nn.Linear, query: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`fold_queries`, kept while no gradient is recorded and neither the query nor the layer changes."""
-        if torch.is_grad_enabled():
-            return self.fold_queries(query)
-        tensors = (query, first.weight, first.bias)
-        key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
-        cached = self._folded
-        if cached is None or cached[0] != key:
-            cached = self._folded = (key, tensors, *self.fold_queries(query))
-        return cached[2], cached[3]
-
     def shared_queries(self, query: Tensor, keys: Tensor, mask: Tensor | None = None) -> Tensor:
         """:meth:`forward` with the same queries ``[M, D]`` for every row: keys ``[B, L, D]`` -> ``[B, M, D]``.
 
         For a fixed query the first layer is an affine map of the key (:meth:`fold_queries`), so the first
         layer for every (key, query) pair is one ``[B*L, D] x [D, M*H]`` product, without building the
-        ``[B, M, L, 4D]`` input. While no gradient is recorded (serving), the folded map is computed once
-        and reused until the query or the first layer's parameters are replaced or changed in place
-        (tracked by autograd's version counter: writes through ``.data`` are not seen).
+        ``[B, M, L, 4D]`` input.
         """
         b, n, d = keys.shape
-        first, *rest = self.unit
-        weight, bias = self._folded_layer(first, query)
+        _, *rest = self.unit
+        weight, bias = self.fold_queries(query)
         h = torch.addmm(bias, keys.reshape(b * n, d), weight).view(b, n, query.shape[0], -1)  # [B, L, M, H]
         for layer in rest:
             h = layer(h)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
-from prerank.kernels import fields as fk
 from prerank.schema import FeatureSpec, Schema
 
 
@@ -50,20 +49,16 @@ class EmbeddingTables(nn.Module):
         for lin in self.dense.values():
             nn.init.normal_(lin.weight, std=init_std)
             nn.init.zeros_(lin.bias)
-        # per feature, its spec and the module it reads, in one dict: a request looks up every feature of a
-        # tower, and at one row Schema.__getitem__ (a linear search) and the ModuleDict lookups add up
+        # per feature, its spec and the module it reads
         self.lookups: dict[str, tuple[FeatureSpec, nn.Module]] = {
             name: (schema[name], self.dense[name] if name in self.dense else self.tables[schema[name].table])
             for name in wanted
         }
-        self._kinds: dict[tuple[str, ...], tuple[int, ...]] = {}  # per field list, its fields.c kinds
 
     def field(self, batch: Batch, name: str) -> Tensor:
         """One feature as ``[B, D]``; sequences are pooled by their schema ``pooling`` (mean if none).
 
-        A dense value ``x`` maps to ``b + x w`` (its ``nn.Linear(1, D)``) as one fused multiply-add.
-        The modules' weights are used directly rather than through their ``forward`` (the same function)
-        to spare one module call per feature.
+        A dense value ``x`` maps to ``b + x w`` (its ``nn.Linear(1, D)``).
         """
         f, module = self.lookups[name]
         x = batch.features[name]
@@ -79,32 +74,8 @@ class EmbeddingTables(nn.Module):
         return total / mask.sum(-2).clamp_min(1.0)
 
     def fields(self, batch: Batch, names: Sequence[str]) -> Tensor:
-        """Several features stacked as fields ``[B, F, D]``.
-
-        One row without autograd (a served request's user) takes one native call where it can
-        (:class:`prerank.kernels.fields.FieldsPlan`): a small tower otherwise spends most of its time in the
-        fixed cost of several PyTorch calls per field.
-        """
-        if not torch.is_grad_enabled():
-            out = self._one_row(batch, names)
-            if out is not None:
-                return out
+        """Several features stacked as fields ``[B, F, D]``."""
         return torch.stack([self.field(batch, n) for n in names], dim=-2)
-
-    def _one_row(self, batch: Batch, names: Sequence[str]) -> Tensor | None:
-        """:meth:`fields` of a batch of one row by the native kernel, or None where it does not apply. The plan is
-        built on every call, so it follows replaced tables."""
-        plan = self.fields_plan(names, keep=False)
-        return plan.run(batch) if plan is not None else None
-
-    def fields_plan(self, names: Sequence[str], *, keep: bool = True) -> fk.FieldsPlan | None:
-        """The fields ``names`` bound to their current tables for the native kernel
-        (:class:`prerank.kernels.fields.FieldsPlan`, ``keep`` as there), or None where one is not float32."""
-        names = tuple(names)
-        kinds = self._kinds.get(names)
-        if kinds is None:
-            kinds = self._kinds[names] = tuple(_native_kind(self.lookups[n][0]) for n in names)
-        return fk.FieldsPlan.build(names, kinds, [self.lookups[n][1] for n in names], self.dim, keep=keep)
 
     def sequence(self, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
         """An unpooled sequence: embeddings ``[B, L, D]`` and its validity mask ``[B, L]``."""
@@ -114,12 +85,3 @@ class EmbeddingTables(nn.Module):
     def lookup(self, table: str, ids: Tensor) -> Tensor:
         """Raw lookup in a named table (``ids`` of any shape -> ``[..., D]``)."""
         return self.tables[table](ids)
-
-
-def _native_kind(f: FeatureSpec) -> int:
-    """The kind of ``fields.c`` that computes :meth:`EmbeddingTables.field` of ``f``."""
-    if f.kind == "dense":
-        return fk.DENSE
-    if f.kind == "categorical":
-        return fk.CATEGORICAL
-    return fk.SEQUENCE_SUM if f.pooling == "sum" else fk.SEQUENCE_MEAN

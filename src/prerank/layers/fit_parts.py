@@ -13,9 +13,7 @@ only ``forward`` runs per candidate:
 ``forward(user [N, *U], item [N, *V]) -> logits [N]``.
 
 ``forward(user [M, *U], item [N, *V], index [N])`` scores candidate n against ``user[index[n]]`` (FIT's
-user part per meta vector, picked by the item's meta index): the scorer gathers the rows itself, so
-that the per-candidate ops can update that fresh copy in place instead of allocating more ``[N, *U]``
-buffers (a request's memory traffic, which also evicts the user tower's weights from the CPU cache).
+user part per meta vector, picked by the item's meta index).
 """
 
 from __future__ import annotations
@@ -26,28 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prerank.kernels.mlp import NONE, Layer
-from prerank.kernels.scorers import dot_rows, fc_rows, lss_rows, sum_max_rows
-
-
-def linear_layers(linear: nn.Linear) -> list[Layer]:
-    """``linear`` as one affine layer without activation (a missing bias reads as zeros)."""
-    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
-    return [(linear.weight, bias, NONE)]
-
 
 def gather_rows(user: Tensor, index: Tensor | None) -> Tensor:
-    """``user[index]`` as a new tensor ``[N, *U]`` (a row gather; advanced indexing is several times slower), or
-    ``user`` itself without ``index``."""
+    """``user[index]`` ``[N, *U]``, or ``user`` itself without ``index``."""
     return user if index is None else user.index_select(0, index)
-
-
-def row_product(user: Tensor, item: Tensor, index: Tensor | None) -> Tensor:
-    """``user[index] * item`` ``[N, *U]`` (``user * item`` without ``index``), written over the gathered copy
-    while no gradient is recorded (autograd would need the overwritten factor)."""
-    if index is None or torch.is_grad_enabled():
-        return gather_rows(user, index) * item
-    return gather_rows(user, index).mul_(item)
 
 
 class MetaQuerySelector(nn.Module):
@@ -150,17 +130,10 @@ class LightweightSimilarityScorer(nn.Module):
         self.row_bias = nn.Parameter(torch.zeros(user_heads))
         self.activation = nn.PReLU(user_heads)
         self.column = nn.Linear(user_heads, 1)
-        # 0/1 [H_u, H_u*d]: row i sums the d products of head i (see forward)
-        head_sum = torch.eye(user_heads).repeat_interleave(head_dim, dim=1)
-        self.register_buffer("head_sum", head_sum, persistent=False)
 
     def user_part(self, u: Tensor) -> Tensor:
         """``[..., D']`` -> user heads ``[..., H_u, d]``."""
         return self.user_proj(u).unflatten(-1, (self.user_heads, self.head_dim))
-
-    def user_layers(self) -> list[Layer]:
-        """:meth:`user_part` as affine layers (flattened heads), for the native user side of a served request."""
-        return linear_layers(self.user_proj)
 
     def item_part(self, v: Tensor) -> Tensor:
         """``[N, D']`` -> the item heads mixed for each user head, ``[N, H_u, d]`` (see :meth:`mix`)."""
@@ -170,31 +143,11 @@ class LightweightSimilarityScorer(nn.Module):
         """Item heads ``V`` ``[N, H_v, d]`` -> ``X_i = sum_j W_ij V_j`` ``[N, H_u, d]``."""
         return torch.einsum("ij,njd->nid", self.row_weight, heads)
 
-    def native(self, user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None) -> Tensor | None:
-        """``forward`` of cache ``rows`` read from the item cache (:func:`prerank.kernels.scorers.lss_rows`)."""
-        return lss_rows(
-            user,
-            cache,
-            rows,
-            meta,
-            row_bias=self.row_bias,
-            slope=self.activation.weight,
-            weight=self.column.weight[0],
-            out_bias=float(self.column.bias),
-        )
-
     def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
         """User heads ``U`` ``[N, H_u, d]`` (or ``[M, H_u, d]`` picked by ``index``), mixed item heads ``X``
-        ``[N, H_u, d]`` -> logits ``[N]``.
-
-        Computed head-major (``[H_u, N]``): the sums over ``d`` are one matmul with a 0/1 matrix, and
-        the row bias, PReLU slope and column weight of a head then broadcast along the contiguous N
-        axis; on CPU this is about twice as fast as reducing groups of ``d`` and ``[N, H_u]`` rows.
-        """
-        prod = row_product(user, item, index).flatten(1)  # [N, H_u*d]
-        pre = torch.addmm(self.row_bias.unsqueeze(1), self.head_sum, prod.T)  # [H_u, N]: <U_i, X_i> + b_i
-        rows = self.activation(pre.unsqueeze(0)).squeeze(0)  # PReLU's channel dim is dim 1
-        return torch.addmm(self.column.bias, self.column.weight, rows).squeeze(0)
+        ``[N, H_u, d]`` -> logits ``[N]``: ``r_i = PReLU(<U_i, X_i> + b_i)``, ``logit = sum_i c_i r_i + c_0``."""
+        pre = (gather_rows(user, index) * item).sum(-1) + self.row_bias  # [N, H_u]
+        return self.column(self.activation(pre)).squeeze(-1)
 
 
 class SumMaxScorer(nn.Module):
@@ -215,15 +168,8 @@ class SumMaxScorer(nn.Module):
     def user_part(self, u: Tensor) -> Tensor:
         return self.user_proj(u).unflatten(-1, (self.user_heads, self.head_dim))
 
-    def user_layers(self) -> list[Layer]:
-        return linear_layers(self.user_proj)
-
     def item_part(self, v: Tensor) -> Tensor:
         return self.item_proj(v).unflatten(-1, (self.item_heads, self.head_dim))
-
-    def native(self, user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None) -> Tensor | None:
-        """``forward`` of cache ``rows`` read from the item cache (:func:`prerank.kernels.scorers.sum_max_rows`)."""
-        return sum_max_rows(user, cache, rows, meta, bias=float(self.bias))
 
     def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
         sim = torch.einsum("nid,njd->nij", gather_rows(user, index), item)
@@ -240,18 +186,11 @@ class DotScorer(nn.Module):
     def user_part(self, u: Tensor) -> Tensor:
         return u
 
-    def user_layers(self) -> list[Layer]:
-        return []
-
     def item_part(self, v: Tensor) -> Tensor:
         return v
 
-    def native(self, user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None) -> Tensor | None:
-        """``forward`` of cache ``rows`` read from the item cache (:func:`prerank.kernels.scorers.dot_rows`)."""
-        return dot_rows(user, cache, rows, meta, bias=float(self.bias))
-
     def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
-        return row_product(user, item, index).sum(-1) + self.bias
+        return (gather_rows(user, index) * item).sum(-1) + self.bias
 
 
 class FCScorer(nn.Module):
@@ -273,20 +212,11 @@ class FCScorer(nn.Module):
     def user_part(self, u: Tensor) -> Tensor:
         return self.user_proj(u)
 
-    def user_layers(self) -> list[Layer]:
-        return linear_layers(self.user_proj)
-
     def item_part(self, v: Tensor) -> Tensor:
         return self.item_proj(v)
 
-    def native(self, user: Tensor, cache: Tensor, rows: Tensor, meta: Tensor | None) -> Tensor | None:
-        """``forward`` of cache ``rows`` read from the item cache (:func:`prerank.kernels.scorers.fc_rows`)."""
-        return fc_rows(user, cache, rows, meta, weight=self.out.weight[0], out_bias=float(self.out.bias))
-
     def forward(self, user: Tensor, item: Tensor, index: Tensor | None = None) -> Tensor:
-        # the sum is a new tensor (a fresh gather, added to in place), so the ReLU can overwrite it
-        hidden = item + user if index is None else gather_rows(user, index).add_(item)
-        return self.out(hidden.relu_()).squeeze(-1)
+        return self.out(torch.relu(gather_rows(user, index) + item)).squeeze(-1)
 
 
 Scorer = LightweightSimilarityScorer | SumMaxScorer | DotScorer | FCScorer

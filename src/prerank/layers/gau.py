@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prerank.kernels.mlp import mlp_row
-from prerank.kernels.scorers import RankTowerKernel, rank_tower_kernel
 from prerank.layers.mlp import MLP
 
 CrossState = dict[str, Tensor]
@@ -48,11 +46,6 @@ class MultiHeadGatedNetwork(nn.Module):
         self.gate = MLP(in_dim, (gate_hidden,), out_dim=heads * head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2 and x.shape[0] == 1 and not torch.is_grad_enabled():  # a served user: one native call
-            mlp, gate = self.mlp.affine_layers(), self.gate.affine_layers()
-            out = mlp_row(x, mlp, gate) if mlp is not None and gate is not None else None
-            if out is not None:
-                return out.view(1, self.heads, self.head_dim)
         gated = self.mlp(x) * torch.sigmoid(self.gate(x.detach()))
         return gated.unflatten(-1, (self.heads, self.head_dim))
 
@@ -86,13 +79,10 @@ class GatedAttentionUnit(nn.Module):
         return self.act(self.w_k(x_kv)), self.act(self.w_v(x_kv))
 
     def gated_values(self, q: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Eq. 6-7 up to ``W_O``: ``U o softmax(Q K^T / sqrt(d_k)) V`` -> ``[B, Hq, d_v]``.
-
-        einsum contracts a side with leading dim 1 against all B rows in one matmul, without the
-        expanded copy a broadcasting ``torch.matmul`` makes.
-        """
-        a = torch.softmax(torch.einsum("bqd,bkd->bqk", q, k) * self.scale, dim=-1)
-        return u * torch.einsum("bqk,bkv->bqv", a, v)
+        """Eq. 6-7 up to ``W_O``: ``U o softmax(Q K^T / sqrt(d_k)) V`` -> ``[B, Hq, d_v]`` (a side with
+        leading dim 1 broadcasts over the B rows)."""
+        a = torch.softmax(torch.matmul(q, k.transpose(1, 2)) * self.scale, dim=-1)
+        return u * torch.matmul(a, v)
 
     def attend(self, q: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Eq. 6-7 from projected inputs: ``(U o softmax(Q K^T / sqrt(d_k)) V) W_O`` -> ``[B, Hq, k]``."""
@@ -134,70 +124,12 @@ class GatedCrossAttentionLayer(nn.Module):
         return self._prepare(e_i, self.item_gau, self.user_gau)
 
     def cross(self, user: CrossState, item: CrossState) -> tuple[Tensor, Tensor]:
-        """The pair-dependent rest of Eq. 3-4: ``(E_u' [B, H_u, k], E_i' [B, H_i, k])``.
-
-        One user against N items without autograd (serving) takes :meth:`_cross_one_user`;
-        anything else (training, B users) runs the equations as written.
-        """
-        if user["r"].shape[0] == 1 and not torch.is_grad_enabled():
-            return self._cross_one_user(user, item)
+        """The pair-dependent rest of Eq. 3-4: ``(E_u' [B, H_u, k], E_i' [B, H_i, k])``; either side may have
+        leading dim 1 (one user against N items)."""
         ug, ig = self.user_gau, self.item_gau
         o_u = F.linear(ug.gated_values(user["q"], user["g"], item["k"], item["v"]), ug.w_o.weight)
         o_i = F.linear(ig.gated_values(item["q"], item["g"], user["k"], user["v"]), ig.w_o.weight)
         return self.user_norm(user["r"] + o_u), self.item_norm(item["r"] + o_i)
-
-    def _cross_one_user(self, user: CrossState, item: CrossState) -> tuple[Tensor, Tensor]:
-        """:meth:`cross` for one user (``[1, H_u, .]``) and N items, as few large ops as possible.
-
-        Profiling showed the time goes to per-op work over tiny axes (softmax over H, LayerNorm over
-        k, N small bmm), not to FLOPs. So: the attention scores are laid out ``[H, ..., N]`` (the
-        softmax reduces over a leading axis), ``Q K^T``, ``A V`` of the item branch and both ``W_O``
-        are single GEMMs against user-side matrices (the user's gate folded into its ``W_O``), the
-        ``W_O`` products come out centred (``W_O`` centred once per call; ``r`` is centred already),
-        and the LayerNorms run in place. Only the user branch's ``A V`` (both factors per candidate)
-        is an H_i-term multiply-add over ``[H_u, N, d_v]``.
-        """
-        ug, ig = self.user_gau, self.item_gau
-        n, h_i, dim = item["r"].shape
-        rows = n * h_i
-        # item branch: each item head attends over the user's heads
-        a_i = _softmax_((user["k"][0] * ig.scale) @ item["q"].reshape(rows, -1).T, dim=0)  # [H_u, N H_i]
-        o_i = (a_i.T @ user["v"][0]).mul_(item["g"].reshape(rows, -1))  # [N H_i, d_v]
-        x_i = torch.addmm(item["r"].reshape(rows, dim), o_i, _centred(ig.w_o.weight.T))
-        e_i = _layer_norm_(x_i, self.item_norm).view(n, h_i, dim)
-        # user branch: each user head attends over the item's heads
-        a_u = _softmax_(torch.matmul(user["q"][0] * ug.scale, item["k"].permute(1, 2, 0)), dim=0)  # [H_i, H_u, N]
-        v = item["v"]
-        o_u = a_u[0, :, :, None] * v[:, 0]  # [H_u, N, d_v]
-        for q in range(1, h_i):
-            o_u.addcmul_(a_u[q, :, :, None], v[:, q])
-        w_o = _centred(ug.w_o.weight.T) * user["g"][0][:, :, None]  # [H_u, d_v, k]: gate U folded into W_O
-        e_u = _layer_norm_(torch.baddbmm(user["r"][0][:, None, :], o_u, w_o), self.user_norm)  # [H_u, N, k]
-        return e_u.transpose(0, 1), e_i
-
-    def native(self, cache: CrossState, inv_tau: float, bias: float, user_heads: int) -> RankTowerKernel | None:
-        """RankTower's serving kernel for this layer over the item ``cache``: it maps one user's ``E_u``
-        ``[H_u, k]`` and cache rows to ``bias + inv_tau * max_similarity(*cross(prepare_user(E_u), cache rows))``
-        (RankTower Eq. 3-8), reading the rows straight from the cache
-        (:class:`prerank.kernels.scorers.RankTowerKernel`); None where the native kernel is unavailable. The kernel
-        prepares the user itself (a few thousand multiply-adds, cheaper than the PyTorch calls that would do it),
-        from the user-independent parameters packed here: both centred ``W_O^T``, the LayerNorms' affine maps and
-        the projections that prepare a user. It holds a copy of them: build it again after they change
-        (:meth:`prerank.models.rank_tower.RankTower.score_cached` does)."""
-        ug, ig = self.user_gau, self.item_gau
-        weights = (
-            self.item_norm.weight,
-            self.item_norm.bias,
-            self.user_norm.weight,
-            self.user_norm.bias,
-            *(p for lin in (ug.w_q, ug.w_u, ig.w_k, ig.w_v) for p in (lin.weight, lin.bias)),
-            ug.w_o.bias,
-        )
-        with torch.no_grad():
-            parts = (_centred(ig.w_o.weight.T), _centred(ug.w_o.weight.T), *weights)
-            fixed = torch.cat([t.reshape(-1).float() for t in parts])
-        scalars = (ig.scale, ug.scale, self.item_norm.eps, self.user_norm.eps, inv_tau, bias)
-        return rank_tower_kernel(fixed, cache, scalars, user_heads)
 
     def forward(self, e_u: Tensor, e_i: Tensor) -> tuple[Tensor, Tensor]:
         return self.cross(self.prepare_user(e_u), self.prepare_item(e_i))
@@ -206,18 +138,6 @@ class GatedCrossAttentionLayer(nn.Module):
 def _centred(x: Tensor) -> Tensor:
     """``x`` minus its mean over the last axis."""
     return x - x.mean(-1, keepdim=True)
-
-
-def _softmax_(s: Tensor, dim: int) -> Tensor:
-    """``torch.softmax`` in place (``s`` is a fresh temporary)."""
-    s = s.sub_(s.amax(dim, keepdim=True)).exp_()
-    return s.div_(s.sum(dim, keepdim=True))
-
-
-def _layer_norm_(c: Tensor, norm: nn.LayerNorm) -> Tensor:
-    """``norm(c)`` in place for rows ``c`` that are already centred (a fresh temporary)."""
-    var = torch.linalg.vector_norm(c, dim=-1, keepdim=True).square_().div_(c.shape[-1])
-    return c.mul_(var.add_(norm.eps).rsqrt_()).mul_(norm.weight).add_(norm.bias)
 
 
 class GatedCrossAttention(nn.Module):

@@ -14,7 +14,6 @@ Models return logits; sigmoid/softmax live in losses and metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,7 +23,6 @@ from prerank.data.batch import Batch
 from prerank.schema import Schema
 
 State = dict[str, Tensor]
-RequestScorer = Callable[[Batch, Tensor, "Batch | None"], Tensor]  # PreRanker.bind: (user, rows, pair) -> logits
 
 
 class ConfigError(ValueError):
@@ -76,48 +74,12 @@ class PreRanker(nn.Module):
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
         raise NotImplementedError
 
-    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
-        """``score`` of the item-cache rows ``rows`` ``[N]`` (``cache``: every state key ``[M + 1, ...]``).
-
-        What the online scorer runs per request. This default gathers the rows and calls :meth:`score`; a
-        model may override it to read the rows straight from the cache (a fused gather) with equal results.
-        """
-        return self.score(user, gather_rows(cache, rows), pair)
-
-    def bind(self, cache: State) -> RequestScorer:
-        """What a server holding the item ``cache`` runs per request: ``(user, rows, pair) -> logits [N]`` for one
-        user's batch of one row, the cache rows ``[N]`` of its candidates and their cross features (or None).
-
-        This default is ``score_cached(encode_user(user), cache, rows, pair)``, which follows every later change of
-        the model. A model may return a faster path with equal results, bound to its parameters and to ``cache`` as
-        they are now (IntTower, RankTower: the whole request in one native call; FIT: its user side); bind again after
-        changing either.
-        The online scorer binds once, as it serves a model and its item cache as they were exported."""
-
-        def run(user: Batch, rows: Tensor, pair: Batch | None = None) -> Tensor:
-            return self.score_cached(self.encode_user(user), cache, rows, pair)
-
-        return run
-
     def forward(self, batch: Batch) -> Tensor:
         return self.score(self.encode_user(batch), self.encode_item(batch), batch)
 
     def auxiliary_loss(self, batch: Batch, user: State, item: State) -> Tensor | None:
         """Extra training loss of the model's paper (None if it has none)."""
         return None
-
-
-def native_first(native: Callable[[Batch, Tensor], Tensor | None] | None, default: RequestScorer) -> RequestScorer:
-    """A request path (:meth:`PreRanker.bind`) that runs ``native(user, rows)`` (a fused native request, or None where
-    there is none) while gradients are off and it returns scores, and ``default`` otherwise."""
-    if native is None:
-        return default
-
-    def run(user: Batch, rows: Tensor, pair: Batch | None = None) -> Tensor:
-        out = None if torch.is_grad_enabled() else native(user, rows)
-        return out if out is not None else default(user, rows, pair)
-
-    return run
 
 
 def gather_rows(cache: State, rows: Tensor) -> State:
@@ -143,7 +105,7 @@ def config_from_dict(cls: type, values: dict) -> object:
 
 def broadcast_rows(a: Tensor, n: int) -> Tensor:
     """Expand a user-side tensor with leading dim 1 to ``n`` rows (no copy)."""
-    return a.expand(n, *a.shape[1:]) if a.shape[0] == 1 and n != 1 else a
+    return a.expand(n, *a.shape[1:]) if a.shape[0] == 1 else a
 
 
 def cross_fields(emb: nn.Module, pair: Batch | None, names: tuple[str, ...], n: int, dim: int) -> Tensor:

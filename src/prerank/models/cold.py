@@ -22,19 +22,6 @@ from prerank.layers.mlp import MLP
 from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State, broadcast_rows, cross_fields
 from prerank.schema import Schema
 
-# candidates scored per block: a block's [rows, H1] activations stay in cache and its buffers are reused
-# block after block, while whole-request buffers of several MB are handed back to the OS by glibc malloc
-# after each request and page-faulted in again by the next (measured at N=5000 on one thread: ~3k page
-# faults per request and ~45% more time)
-_ROW_BLOCK = 1024
-
-
-class _InplaceReLU(nn.ReLU):
-    """ReLU that overwrites its input: the head's ``[N, H]`` activations need no second buffer."""
-
-    def __init__(self) -> None:
-        super().__init__(inplace=True)
-
 
 @dataclass(frozen=True)
 class COLDConfig:
@@ -70,10 +57,8 @@ class COLD(PreRanker):
     not depend on the gates, so they are computed once per request and the user part is one
     ``[N, F_u] x [F_u, H1]`` matmul over all candidates. The item and cross fields are re-weighted per
     candidate and go through their block of ``W_1`` as one ``[N, (F_i + F_c) D] x [(F_i + F_c) D, H1]``
-    matmul. Caching the item fields' projections instead would save that matmul's item share but cost
-    ``F_i x H1`` floats per item (``H1 / D`` times the embeddings): the request then becomes memory-bound
-    on gathering and reading ``N x F_i x H1`` floats, which measured slower on one CPU thread at N=5000
-    than recomputing from ``D``-wide embeddings. The gates are split too: the linear SE is a sum of
+    matmul (the item fields are cached as ``D``-wide embeddings, not as their ``F_i x H1`` projections,
+    which would be ``H1 / D`` times larger). The gates are split too: the linear SE is a sum of
     per-field terms (user part, item part, pair part), the squeeze SE needs only the ``F`` squeezed
     scalars. This is exact: ``score(encode_user, encode_item)`` equals scoring the concatenated
     re-weighted fields with the unsplit first layer.
@@ -107,7 +92,7 @@ class COLD(PreRanker):
         self.first = FieldProjection(n_fields, d, h1)
         self.first_bias = nn.Parameter(torch.zeros(h1))
         self.dropout = nn.Dropout(config.dropout)
-        self.head = MLP(h1, config.hidden[1:], out_dim=1, dropout=config.dropout, activation=_InplaceReLU)
+        self.head = MLP(h1, config.hidden[1:], out_dim=1, dropout=config.dropout, activation=nn.ReLU)
         self._offsets = {"user": 0, "item": len(self.sel.user), "cross": len(self.sel.user) + len(self.sel.item)}
 
     def _gate_part(self, fields: Tensor, side: str) -> Tensor:
@@ -137,30 +122,20 @@ class COLD(PreRanker):
         return self.senet.excite(z)
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
-        n = item["fields"].shape[0]
-        cross = self._cross(pair, n)
-        s = self._weights(user, item, cross)
+        """Logits ``[N]``: ``MLP(relu(b_1 + sum_f s_f W_{1,f} e_f))`` with the user fields' ``W_{1,f} e_f``
+        (``proj`` ``[1 or N, F_u, H1]``) taken from the user state."""
+        fields = item["fields"]
+        cross = self._cross(pair, fields.shape[0])
+        s = self._weights(user, item, cross)  # [N, F]
         proj = user["proj"]
-        blocks = [  # one empty block when n = 0
-            self._block_logits(s[r], item["fields"][r], cross[r], proj if proj.shape[0] == 1 else proj[r])
-            for r in (slice(i, i + _ROW_BLOCK) for i in range(0, max(n, 1), _ROW_BLOCK))
-        ]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-
-    def _block_logits(self, s: Tensor, item: Tensor, cross: Tensor, proj: Tensor) -> Tensor:
-        """Logits ``[N]`` of N rows: gates ``s`` ``[N, F]``, item and cross fields ``[N, F_i or F_c, D]``,
-        user projections ``[1 or N, F_u, H1]``."""
         f_u = proj.shape[1]
-        # b_1 + sum_f s_f W_{1,f} e_f over the item and cross fields: one matmul over all rows
-        v = torch.cat([item, cross], dim=1).mul_(s[:, f_u:, None])
+        # b_1 + sum_f s_f W_{1,f} e_f over the item and cross fields
+        v = torch.cat([fields, cross], dim=1) * s[:, f_u:, None]
         h = self.first.summed(v, f_u, self.first_bias)
-        # + sum_f s_f P_f over the user fields; one user broadcast over N is one [N, F_u] x [F_u, H1]
-        # matmul, accumulated in place (an out-of-place sum would read and write [N, H1] once more)
-        if proj.shape[0] == 1:
-            h.addmm_(s[:, :f_u], proj[0])
-        else:
-            h = h + torch.einsum("nf,nfh->nh", s[:, :f_u], proj)
-        h = self.dropout(h.relu_())
+        # + sum_f s_f P_f over the user fields (one user state broadcasts over the N candidates)
+        s_u = s[:, :f_u]
+        h = h + (s_u @ proj[0] if proj.shape[0] == 1 else torch.einsum("nf,nfh->nh", s_u, proj))
+        h = self.dropout(torch.relu(h))
         return self.head(h).squeeze(-1)
 
     def field_weights(self, batch: Batch) -> Tensor:

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
-from prerank.kernels.scorers import dot_rows
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.mlp import MLP
 from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
@@ -125,16 +124,6 @@ class DAT(PreRanker):
             [self.emb.fields(batch, self.sel.item).flatten(-2), self.aug_item(batch.features[self.config.item_id])], -1
         )
         return {"p": F.normalize(self.item_tower(x), dim=-1)}
-
-    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
-        """Serving one user: the native fused gather + dot kernel (:mod:`prerank.kernels.scorers`) where it is
-        available, else :meth:`score` of the gathered rows."""
-        if user["p"].shape[0] == 1 and not torch.is_grad_enabled():
-            scale = float(self.log_inv_temperature.detach().exp())
-            out = dot_rows(user["p"], cache["p"], rows, scale=scale, bias=float(self.bias.detach()))
-            if out is not None:
-                return out
-        return super().score_cached(user, cache, rows, pair)
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
         return (user["p"] * item["p"]).sum(-1) * self.log_inv_temperature.exp() + self.bias

@@ -9,7 +9,6 @@ No public implementation exists; where the slides are silent the choice is writt
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,8 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
-from prerank.kernels.mlp import SIGMOID
-from prerank.kernels.request import FitUser, fit_user
 from prerank.layers.attention import DINAttention
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.fit_parts import (
@@ -30,15 +27,7 @@ from prerank.layers.fit_parts import (
     SumMaxScorer,
 )
 from prerank.layers.mlp import MLP
-from prerank.models.base import (
-    ConfigError,
-    FeatureSelection,
-    PreRanker,
-    RequestScorer,
-    State,
-    broadcast_rows,
-    native_first,
-)
+from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State, broadcast_rows
 from prerank.schema import Schema
 
 SCORERS: tuple[str, ...] = ("lss", "dot", "summax", "fc")
@@ -267,19 +256,6 @@ class FIT(PreRanker):
         inputs = {k: broadcast_rows(v, n) for k, v in user.items()}
         return self.scorer(self.scorer.user_part(self._interact(inputs, item["query"])), item["item"])
 
-    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
-        """Serving one user: the scorer's native fused gather + score kernel (``native``, see
-        :mod:`prerank.kernels.scorers`; each cache row against its meta vector's user row) where it is
-        available; every other case is :meth:`score` of the gathered rows."""
-        mqm = self.config.use_mqm
-        one_user = "user" in user and user["user"].shape[0] == 1 and (not mqm or "meta_index" in cache)
-        if one_user and "item" in cache and not torch.is_grad_enabled():
-            u, meta = (user["user"][0], cache["meta_index"]) if mqm else (user["user"], None)
-            out = self.scorer.native(u, cache["item"], rows, meta)
-            if out is not None:
-                return out
-        return super().score_cached(user, cache, rows, pair)
-
     def _pick(self, user: Tensor, item: State, n: int) -> tuple[Tensor, Tensor | None]:
         """The user part for each candidate from ``[B_u, M, *U]`` (B_u in {1, N}): ``[N, *U]`` and no index, or,
         for one user, its rows ``[M, *U]`` and the meta index ``[N]`` that the scorer gathers them by."""
@@ -291,42 +267,6 @@ class FIT(PreRanker):
         if user.shape[0] == 1:
             return user[0], index
         return user[torch.arange(n, device=index.device), index], None
-
-    def bind(self, cache: State) -> RequestScorer:
-        """Serving with the MQM, for users without behaviour sequences: the user side (field lookups, DIN of every
-        meta vector, the user tower and the scorer's user part per meta vector) in one native call
-        (:func:`prerank.kernels.request.fit_user`), then the scorer's native kernel over the cache; bound to the
-        parameters and ``cache`` as they are now. Elsewhere, or where a request's user values are not of its form, or
-        gradients are on, :meth:`PreRanker.bind`'s path runs instead."""
-        return native_first(self._request(cache), super().bind(cache))
-
-    def _request(self, cache: State) -> Callable[[Batch, Tensor], Tensor | None] | None:
-        """The fused request over ``cache``, or None where a part has no native form."""
-        user = self._native_user()
-        if user is None or "item" not in cache or "meta_index" not in cache:
-            return None
-        shape = self.scorer.user_part(torch.zeros(1, self.config.rep_dim)).shape[1:]
-        item, meta_index = cache["item"], cache["meta_index"]
-
-        def run(batch: Batch, rows: Tensor) -> Tensor | None:
-            u = user(batch)
-            return None if u is None else self.scorer.native(u.view(-1, *shape), item, rows, meta_index)
-
-        return run
-
-    def _native_user(self) -> FitUser | None:
-        """:func:`prerank.kernels.request.fit_user` of this model, or None (no MQM, user sequences, training mode, or
-        layers without a native form)."""
-        if not self.config.use_mqm or self.user_sequences or self.training:
-            return None
-        fields = self.emb.fields_plan(self.sel.user)
-        unit, tower = self.din.unit.affine_layers(), self.user_tower.affine_layers()
-        if fields is None or unit is None or tower is None or len(unit) < 2 or unit[0][2] != SIGMOID:
-            return None
-        meta = self.selector.meta
-        with torch.no_grad():
-            fold = self.din.fold_queries(meta)
-        return fit_user(fields, fold, meta, unit[1:], self.din.normalize, [*tower, *self.scorer.user_layers()])
 
     def forward(self, batch: Batch) -> Tensor:
         """The training path of Figure 2 (one selected meta query per row, then DIN), in every mode."""

@@ -24,15 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
-from prerank.kernels.mlp import NONE, RELU
-from prerank.kernels.request import NativeRequest, int_tower_request
-from prerank.kernels.scorers import sum_max_rows
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.field import LightSE
-from prerank.models.base import ConfigError, FeatureSelection, PreRanker, RequestScorer, State, native_first
+from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
 from prerank.schema import Schema
-
-_BLOCK_BYTES = 512 * 1024  # item heads scored per block in IntTower's serving path (cache-sized)
 
 
 @dataclass(frozen=True)
@@ -73,8 +68,7 @@ class IntTower(PreRanker):
 
     Cached per user: ``heads`` ``[L, H_u, d]``; per item: ``heads`` ``[H_i, d]`` (the last-layer
     ``rep`` ``[hidden[-1]]`` is added to the states in training mode only, for CIR); per candidate:
-    ``L x H_u x H_i`` dot products of width ``d``, a max over item heads and a sum (for one user,
-    one ``[N, d] x [d, L*H_u]`` matmul per item head, see :func:`_sum_max_one_user`).
+    ``L x H_u x H_i`` dot products of width ``d``, a max over item heads and a sum.
     Cross features are not used (no tower can see them).
     """
 
@@ -122,40 +116,8 @@ class IntTower(PreRanker):
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
         u, v = user["heads"].flatten(1, 2), item["heads"]  # [B_u, L*H_u, d], [N, H_i, d]
-        if u.shape[0] == 1 and not torch.is_grad_enabled():  # serving: in-place ops need no autograd
-            return _sum_max_one_user(u[0], v) + self.bias
-        sim = torch.einsum("nhd,nkd->nhk", u, v)  # [N, L*H_u, H_i]; B_u = 1 broadcasts
+        sim = torch.matmul(u, v.transpose(1, 2))  # [N, L*H_u, H_i]; B_u = 1 broadcasts (matmul, portable to ONNX)
         return sim.amax(-1).sum(-1) + self.bias
-
-    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
-        """Serving one user: the native fused gather + sum-max kernel (:mod:`prerank.kernels.scorers`) where it
-        is available, else :meth:`score` of the gathered rows."""
-        u = user["heads"]
-        if u.shape[0] == 1 and not torch.is_grad_enabled():
-            out = sum_max_rows(u[0].flatten(0, 1)[None], cache["heads"], rows, bias=float(self.bias.detach()))
-            if out is not None:
-                return out
-        return super().score_cached(user, cache, rows, pair)
-
-    def bind(self, cache: State) -> RequestScorer:
-        """Serving: the whole request (field lookups, Light-SE, the user tower and its head projections, sum-max over
-        the cached item heads) in one native call (:func:`prerank.kernels.request.int_tower_request`), bound to the
-        parameters and ``cache`` as they are now. Where it is unavailable (training mode, a part without a native
-        form), or a request's user values are not of its form, or gradients are on, :meth:`PreRanker.bind`'s path runs
-        instead."""
-        return native_first(self._request(cache), super().bind(cache))
-
-    def _request(self, cache: State) -> NativeRequest | None:
-        """The fused request over ``cache``, or None where a part has no native form."""
-        fields = self.emb.fields_plan(self.sel.user)
-        if self.training or fields is None:
-            return None
-        se = self.user_se.linear
-        layers = [(m.weight, m.bias, RELU) for m in self.user_layers]
-        projections = [(m.weight, m.bias, NONE) for m in self.user_proj]
-        return int_tower_request(
-            fields, (se.weight, se.bias), layers, projections, cache["heads"], float(self.bias.detach())
-        )
 
     def cir_loss(self, batch: Batch, user: State, item: State) -> Tensor:
         """In-batch contrastive loss of positive rows (0 with the graph kept when there is none)."""
@@ -174,26 +136,6 @@ class IntTower(PreRanker):
 
     def auxiliary_loss(self, batch: Batch, user: State, item: State) -> Tensor:
         return self.config.cir_weight * self.cir_loss(batch, user, item)
-
-
-def _sum_max_one_user(user: Tensor, item: Tensor) -> Tensor:
-    """``sum_h max_j <U_h, V_j>`` of one user ``[H, d]`` against item heads ``[N, H_i, d]`` -> ``[N]`` (no autograd).
-
-    The serving path of :meth:`IntTower.score`: per block of candidates, one ``[n, d] x [d, H]`` matmul per
-    item head folded into a running maximum in place, then the sum over user heads. Blocks of
-    ``_BLOCK_BYTES`` of item heads stay in cache across the ``H_i`` passes; on CPU this is about twice
-    as fast as building the ``[N, H, H_i]`` similarities and reducing them with ``amax``.
-    """
-    ut = user.T
-    out = item.new_empty(item.shape[0])
-    rows = max(1, _BLOCK_BYTES // (item.shape[1] * item.shape[2] * item.element_size()))
-    for start in range(0, item.shape[0], rows):
-        block = item[start : start + rows]
-        best = block[:, 0] @ ut
-        for j in range(1, block.shape[1]):
-            torch.maximum(best, block[:, j] @ ut, out=best)
-        torch.sum(best, -1, out=out[start : start + rows])
-    return out
 
 
 def _layers(in_dim: int, hidden: tuple[int, ...]) -> nn.ModuleList:

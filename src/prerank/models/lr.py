@@ -45,9 +45,7 @@ class LR(PreRanker):
     def _weight_sum(self, batch: Batch, side: str) -> Tensor:
         """``sum_j w_j(x_j)`` over the features of ``side``, ``[B]``.
 
-        A dense feature's weight ``a_j x_j + c_j`` (its width-1 ``nn.Linear``) is one fused multiply-add
-        on ``[B]`` values; through ``nn.Linear`` it would be a ``[B, 1] x [1, 1]`` matmul costing several
-        times more per candidate.
+        A dense feature's weight is ``a_j x_j + c_j`` (its width-1 ``nn.Linear``).
         """
         ids, dense = self._split[side]
         terms = [self.weights.fields(batch, ids).sum((-2, -1))] if ids else []

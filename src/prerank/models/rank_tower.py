@@ -11,15 +11,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
-from prerank.kernels.mlp import MlpPlan
-from prerank.kernels.request import NativeRequest, rank_tower_request
-from prerank.kernels.scorers import RANK_TOWER_ITEM_KEYS, RankTowerKernel
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.gau import GatedCrossAttention, MultiHeadGatedNetwork
-from prerank.models.base import ConfigError, FeatureSelection, PreRanker, RequestScorer, State, native_first
+from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
 from prerank.schema import Schema
 
 
@@ -53,26 +51,13 @@ class RankTowerConfig:
     features: tuple[str, ...] | None = None
 
 
-def _parameters(module: nn.Module) -> list[Tensor]:
-    """Every parameter of ``module`` and its submodules, read from their parameter dicts (9 us for the cross layer,
-    against 31 us for ``list(module.parameters())``, which a request would pay)."""
-    out = [p for p in module._parameters.values() if p is not None]
-    for child in module._modules.values():
-        if child is not None:
-            out += _parameters(child)
-    return out
-
-
 def max_similarity(e_u: Tensor, e_i: Tensor) -> Tensor:
     """Eq. 8 without the temperature: ``sum_p max_q cos(E_u^p, E_i^q)``.
 
     Shapes: ``e_u`` ``[B, H_u, k]``, ``e_i`` ``[B, H_i, k]`` (either may have leading dim 1) -> ``[B]``.
-    The dot products are divided by the norms afterwards (as ``F.normalize``, norms clamped at 1e-12),
-    which touches ``[B, H_u, H_i]`` instead of rescaling both inputs.
     """
-    dots = torch.matmul(e_u, e_i.transpose(-1, -2))  # [B, H_u, H_i]
-    n_u, n_i = (torch.linalg.vector_norm(e, dim=-1).clamp_min(1e-12) for e in (e_u, e_i))
-    return (dots / (n_u[..., :, None] * n_i[..., None, :])).amax(-1).sum(-1)
+    cos = torch.matmul(F.normalize(e_u, dim=-1), F.normalize(e_i, dim=-1).transpose(-1, -2))  # [B, H_u, H_i]
+    return cos.amax(-1).sum(-1)
 
 
 class RankTower(PreRanker):
@@ -84,9 +69,8 @@ class RankTower(PreRanker):
 
     Per user (``encode_user``, once per request): ``E_u = MHGN_u(X_U)`` (Eq. 1), key ``e`` ``[B, H_u, k]``.
     Its first-layer projections (user-branch query ``Q`` and gate ``U``, Eq. 5, from ``GAU_u``; the keys and
-    values the item branch reads, from ``GAU_i``) are user-only too, but ``score`` computes them, once per call
-    and not per candidate: the native serving kernel computes them itself, in far less time than the PyTorch
-    calls that would otherwise run on every request.
+    values the item branch reads, from ``GAU_i``) are user-only too; ``score`` computes them, once per call
+    and not per candidate.
 
     Cached per item (``encode_item``, offline): the same for ``E_i = MHGN_i(X_I)`` (Eq. 2), each key
     ``[N, H_i, .]``; ``H_i * (k + 2 d_k + 2 d_v)`` floats per item (1280 bytes with the defaults).
@@ -128,7 +112,6 @@ class RankTower(PreRanker):
         # tau = exp(log_temperature) stays positive while learned freely
         self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)))
         self.bias = nn.Parameter(torch.zeros(())) if config.bias else None
-        self._kernel: tuple[tuple[int, ...], tuple[list[Tensor], list[Tensor]], RankTowerKernel | None] | None = None
 
     @property
     def temperature(self) -> Tensor:
@@ -141,63 +124,6 @@ class RankTower(PreRanker):
     def encode_item(self, batch: Batch) -> State:
         e_i = self.item_tower(self.emb.fields(batch, self.sel.item).flatten(-2))
         return self.cross.prepare_item(e_i)
-
-    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
-        """Serving one user with one cross layer: the native fused gather + cross-attention + max-similarity
-        kernel (:meth:`GatedCrossAttentionLayer.native`) where it is available, else :meth:`score` of the
-        gathered rows."""
-        if len(self.cross.layers) == 1 and user["e"].shape[0] == 1 and not torch.is_grad_enabled():
-            kernel = self._native_kernel(cache)
-            if kernel is not None:
-                return kernel(user["e"][0], rows)
-        return super().score_cached(user, cache, rows, pair)
-
-    def bind(self, cache: State) -> RequestScorer:
-        """Serving with one cross layer: the whole request (field lookups, gated network, cross-attention and
-        max-similarity) in one native call (:class:`prerank.kernels.request.NativeRequest`), bound to the
-        parameters and ``cache`` as they are now. Where it is unavailable, or a request's user values are not of its
-        form, or gradients are on, :meth:`PreRanker.bind`'s path runs instead."""
-        return native_first(self._request(cache), super().bind(cache))
-
-    def _request(self, cache: State) -> NativeRequest | None:
-        """The fused request over ``cache``, or None where a part has no native form."""
-        tower = self.user_tower
-        chain, gate = tower.mlp.affine_layers(), tower.gate.affine_layers()
-        if len(self.cross.layers) != 1 or chain is None or gate is None:
-            return None
-        kernel = self._native_kernel(cache)
-        fields = self.emb.fields_plan(self.sel.user)
-        plan = MlpPlan.build(len(self.sel.user) * self.config.embedding_dim, chain, gate)
-        if kernel is None or fields is None or plan is None:
-            return None
-        return rank_tower_request(fields, plan, kernel)
-
-    def _native_kernel(self, cache: State) -> RankTowerKernel | None:
-        """The native kernel over ``cache``, built on its first use and again when the cache or a parameter it
-        copies changes (an optimizer step, ``load_state_dict``, a replaced module).
-
-        The key holds the identity and address of each cache tensor and of each parameter of the cross layer, the
-        temperature and the bias, with the parameters' version counters (which every in-place update advances).
-        The entry holds those tensors, so that no other tensor can take their identity while it lives. Walking the
-        modules' parameter dicts keeps this to about 20 us per request (warm); the weight check through
-        ``nn.Module`` attribute access that it replaces took 29 us, and the whole wrapper about 60 us.
-        """
-        params = [*_parameters(self.cross), *(p for p in self._parameters.values() if p is not None)]
-        items = [cache[k] for k in RANK_TOWER_ITEM_KEYS]
-        key = (
-            *(x for p in params for x in (id(p), p.data_ptr(), p._version)),
-            *(x for t in items for x in (id(t), t.data_ptr())),
-        )
-        if self._kernel is None or self._kernel[0] != key:
-            bias = float(self.bias.detach()) if self.bias is not None else 0.0
-            layer = self.cross.layers[0]
-            kernel = layer.native(cache, float(torch.exp(-self.log_temperature.detach())), bias, self.config.user_heads)
-            self._kernel = (key, (params, items), kernel)
-        return self._kernel[2]
-
-    def __getstate__(self) -> dict[str, object]:
-        """Without the bound native kernel, whose C function cannot be copied or pickled: a copy binds its own."""
-        return {**super().__getstate__(), "_kernel": None}
 
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
         e_u, e_i = self.cross.cross(self.cross.prepare_user(user["e"]), item)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
-from prerank.kernels.scorers import dot_rows
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.mlp import MLP
 from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
@@ -67,19 +66,9 @@ class TwoTower(PreRanker):
     def encode_item(self, batch: Batch) -> State:
         return {"i": self._tower(self.item_tower, batch, self.sel.item)}
 
-    def score_cached(self, user: State, cache: State, rows: Tensor, pair: Batch | None = None) -> Tensor:
-        """Serving one user: the native fused gather + dot kernel (:mod:`prerank.kernels.scorers`) where it is
-        available, else :meth:`score` of the gathered rows."""
-        if user["u"].shape[0] == 1 and not torch.is_grad_enabled():
-            scale = 1.0 if self.log_inv_temperature is None else float(self.log_inv_temperature.detach().exp())
-            out = dot_rows(user["u"], cache["i"], rows, scale=scale, bias=float(self.bias.detach()))
-            if out is not None:
-                return out
-        return super().score_cached(user, cache, rows, pair)
-
     def score(self, user: State, item: State, pair: Batch | None = None) -> Tensor:
-        # a user state [1, D] broadcasts: one [N, D] x [D] matmul instead of an [N, D] product
-        sim = torch.einsum("bd,bd->b", user["u"], item["i"])
+        # a user state [1, D] broadcasts over the N items
+        sim = (user["u"] * item["i"]).sum(-1)
         if self.log_inv_temperature is not None:
             sim = sim * self.log_inv_temperature.exp()
         return sim + self.bias

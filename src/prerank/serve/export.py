@@ -1,27 +1,31 @@
-"""Serving artifacts: a trained model's weights, config and schema plus its item cache, checked on load.
+"""Serving artifacts: a trained model as three exported graphs (user tower, item tower, scorer), the item cache that
+the exported item tower wrote, and the weights for PyTorch eager; every file hashed in the manifest and checked on load.
 
 Layout of an artifact directory::
 
-    ARTIFACT/manifest.json            format, model name, weights sha256, cache size, versions, created,
-                                      and the sha256 of every other file
-    ARTIFACT/model.json               registry name and model config
+    ARTIFACT/manifest.json            format, model name, schema and vocabulary sizes, the sha256 of each graph, of the
+                                      weights and of the cache, versions, and the sha256 of every file
+    ARTIFACT/model.json               registry name and model config (for the eager runtime)
     ARTIFACT/schema.json              the :class:`~prerank.schema.Schema` the model was built on
     ARTIFACT/weights.pt               the state_dict (torch.save, read back with ``weights_only=True``)
-    ARTIFACT/item_cache/cache.json    the stamp (weights sha256 the cache was built with), id feature, state keys,
-                                      and the states stored as bfloat16
+    ARTIFACT/graphs/signature.json    input and output names of every graph (:class:`~prerank.serve.graphs.Signature`)
+    ARTIFACT/graphs/{user,item,score}.pt2   torch.export programs
+    ARTIFACT/graphs/{user,item,score}.onnx  ONNX graphs (onnxruntime)
+    ARTIFACT/item_cache/cache.json    the stamp (weights and item-graph sha256 the cache was built with), id feature,
+                                      state keys, and the states stored as bfloat16
     ARTIFACT/item_cache/row_of_id.npy ``[V]`` int64: cache row of each item id, 0 = not in the catalogue
-    ARTIFACT/item_cache/state-*.npy   one array per ``encode_item`` state key, ``[M + 1, ...]``
+    ARTIFACT/item_cache/state-*.npy   one array per item state key, ``[M + 1, ...]``
 
-Row 0 of every state array is the encoding of the all-padding item (every item feature 0), i.e. what
-the model knows about an unknown item; rows ``1..M`` follow the catalogue (``items.parquet``). Arrays
-are ``.npy`` read with ``allow_pickle=False`` and written through memory maps chunk by chunk, so an
-export holds one chunk of items in memory however large the catalogue is. With ``cache_dtype="bfloat16"`` the
-float32 states are stored rounded to bfloat16 (as their int16 bits, which numpy can hold; ``cache.json`` lists
-them): half the bytes per item, and the models read them back as float32.
+Row 0 of every state array is the encoding of the all-padding item (every item feature 0), i.e. what the model
+knows about an unknown item; rows ``1..M`` follow the catalogue (``items.parquet``). Arrays are ``.npy`` read with
+``allow_pickle=False`` and written through memory maps chunk by chunk, so an export holds one chunk of items in
+memory however large the catalogue is. With ``cache_dtype="bfloat16"`` the float32 states are stored rounded to
+bfloat16 (as their int16 bits, which numpy can hold; ``cache.json`` lists them): half the bytes per item, read back
+as float32 before scoring.
 
-The weights hash is a sha256 over the state_dict's names, dtypes, shapes and bytes (not over the file),
-so it names the weights themselves; the cache carries it as its stamp and loading recomputes it from the
-loaded weights, refusing a cache built for other weights.
+The graphs load without prerank's model classes (:mod:`prerank.serve.runtime`); the eager runtime rebuilds the model
+from ``model.json`` and ``weights.pt``. The weights hash is a sha256 over the state_dict's names, dtypes, shapes and
+bytes (not over the file), so it names the weights themselves.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,11 +52,12 @@ from prerank.data.parquet import BatchStream, ParquetSplit
 from prerank.io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
 from prerank.models.base import PreRanker, State, gather_rows
 from prerank.schema import Schema
-from prerank.serve import pages
+from prerank.serve.graphs import FORMATS, GRAPHS, SUFFIX, Signature, save_graphs, signature
+from prerank.serve.runtime import DEFAULT_RUNTIME, RUNTIMES, EagerRuntime, Runtime, open_runtime
 from prerank.train.checkpoint import load_model, model_from_payload
 
-FORMAT = "prerank-artifact-v1"
-CACHE_FORMAT = "prerank-item-cache-v1"
+FORMAT = "prerank-artifact-v2"
+CACHE_FORMAT = "prerank-item-cache-v2"
 MANIFEST = "manifest.json"
 ID_FEATURE = "item_id"
 
@@ -147,73 +152,80 @@ def unknown_item(schema: Schema) -> Batch:
     return Batch(features=feats)
 
 
-Allocate = Callable[[dict[str | None, pages.Spec]], dict[str | None, np.ndarray]]  # (shape, dtype) -> array per key
-
-
-def _in_memory(specs: dict[str | None, pages.Spec]) -> dict[str | None, np.ndarray]:
-    return dict(zip(specs, pages.zeros_many(list(specs.values())), strict=True))
+def _alloc_in_memory(specs: dict[str | None, tuple[tuple[int, ...], np.dtype]]) -> dict[str | None, np.ndarray]:
+    return {k: np.zeros(shape, dtype=dtype) for k, (shape, dtype) in specs.items()}
 
 
 def build_item_cache(
-    model: PreRanker,
+    encoder: PreRanker | Runtime,
     data_dir: str | Path,
     *,
+    schema: Schema | None = None,
     chunk_rows: int = 8192,
-    allocate: Allocate = _in_memory,
+    allocate: Any = _alloc_in_memory,
     id_feature: str = ID_FEATURE,
     cache_dtype: str = "float32",
 ) -> ItemCache:
-    """Encode every item of ``data_dir/items.parquet`` with ``model.encode_item``, ``chunk_rows`` at a time.
+    """Encode every item of ``data_dir/items.parquet`` with the item tower of ``encoder``, ``chunk_rows`` at a time.
 
-    ``allocate(specs)`` provides the output arrays, given the ``(shape, dtype)`` of each (a state key, or None for
-    the id -> row map): the default keeps them in memory (:func:`prerank.serve.pages.zeros_many`: one block, in huge
-    pages where the OS grants them), :func:`export` passes memory maps on disk. ``cache_dtype`` (a key of
-    :data:`CACHE_DTYPES`) is how float32 states are stored: ``"bfloat16"`` rounds them to nearest even (the
-    allocated arrays then hold int16 bits, the returned cache bfloat16 views). Raises ``ValueError`` for an unknown
-    ``cache_dtype``, a catalogue without ``id_feature``, with id 0 or with an id twice.
+    ``encoder`` is a runtime (:mod:`prerank.serve.runtime`; :func:`export` passes the exported item graph) or a model
+    (run eagerly). ``schema`` defaults to the model's. ``allocate(specs)`` provides the output arrays given the
+    ``(shape, dtype)`` of each (a state key, or None for the id -> row map): in memory by default, memory maps on disk
+    in :func:`export`. ``cache_dtype`` (a key of :data:`CACHE_DTYPES`) is how float32 states are stored:
+    ``"bfloat16"`` rounds them to nearest even (the arrays then hold int16 bits, the returned cache bfloat16 views).
+    Raises ``ValueError`` for an unknown ``cache_dtype``, a catalogue without ``id_feature``, with id 0 or an id twice.
     """
     _check_cache_dtype(cache_dtype)
+    if isinstance(encoder, PreRanker):
+        schema = schema or encoder.schema
+        encoder = EagerRuntime(encoder, signature(encoder))
+    if schema is None:
+        raise ValueError("build_item_cache needs the schema when it encodes with a runtime")
+    sig = encoder.signature
     halve = CACHE_DTYPES[cache_dtype] == torch.bfloat16
-    schema = model.schema
     if id_feature not in schema or schema[id_feature].tower != "item" or schema[id_feature].kind != "categorical":
         raise ValueError(f"the item cache is keyed by {id_feature!r}, which must be a categorical item feature")
+
+    def encode(batch: Batch) -> State:
+        return dict(zip(sig.item_state, encoder.item([batch.features[n] for n in sig.item_features]), strict=True))
+
     split = ParquetSplit(data_dir, "items", schema)
     m = split.num_rows
-    model.eval()
-    with torch.inference_mode():
-        unknown = model.encode_item(unknown_item(schema))
-        rounded = {k for k, t in unknown.items() if halve and t.dtype == torch.float32}
+    unknown = encode(unknown_item(schema))
+    rounded = {k for k, t in unknown.items() if halve and t.dtype == torch.float32}
 
-        def stored(key: str, t: Tensor) -> np.ndarray:
-            return (t.to(torch.bfloat16).view(torch.int16) if key in rounded else t).numpy()
+    def stored(key: str, t: Tensor) -> np.ndarray:
+        return (t.to(torch.bfloat16).view(torch.int16) if key in rounded else t).numpy()
 
-        for key, t in unknown.items():
-            if t.dtype not in _NPY_DTYPES:
-                raise ValueError(f"item state {key!r} has dtype {t.dtype}, which the cache cannot store")
-        first = {key: stored(key, t[0]) for key, t in unknown.items()}
-        specs: dict[str | None, pages.Spec] = {None: ((schema.vocab(id_feature),), np.dtype(np.int64))}
-        specs |= {key: ((m + 1, *row.shape), row.dtype) for key, row in first.items()}
-        arrays = allocate(specs)
-        row_of_id = arrays.pop(None)
-        row_of_id[:] = 0
-        for key, row in first.items():
-            arrays[key][0] = row
-        start = 1
-        for batch in BatchStream(split, chunk_rows, shuffle=False, buffer_rows=chunk_rows):
-            ids = batch.features[id_feature].numpy()
-            if (ids == 0).any():
-                raise ValueError(f"items.parquet has {id_feature} 0, which is reserved for unknown items")
-            rows = np.arange(start, start + len(ids))
-            uniq, counts = np.unique(ids, return_counts=True)
-            dup = np.concatenate([ids[row_of_id[ids] != 0], uniq[counts > 1]])
-            if dup.size:
-                raise ValueError(f"items.parquet lists {id_feature} {int(dup[0])} more than once")
-            row_of_id[ids] = rows
-            for key, t in model.encode_item(batch).items():
-                if key not in arrays or tuple(t.shape[1:]) != arrays[key].shape[1:]:
-                    raise ValueError(f"encode_item state {key!r} changed keys or shape between batches")
-                arrays[key][start : start + len(ids)] = stored(key, t)
-            start += len(ids)
+    for key, t in unknown.items():
+        if t.dtype not in _NPY_DTYPES:
+            raise ValueError(f"item state {key!r} has dtype {t.dtype}, which the cache cannot store")
+    first = {key: stored(key, t[0]) for key, t in unknown.items()}
+    specs: dict[str | None, tuple[tuple[int, ...], np.dtype]] = {
+        None: ((schema.vocab(id_feature),), np.dtype(np.int64))
+    }
+    specs |= {key: ((m + 1, *row.shape), row.dtype) for key, row in first.items()}
+    arrays = allocate(specs)
+    row_of_id = arrays.pop(None)
+    row_of_id[:] = 0
+    for key, row in first.items():
+        arrays[key][0] = row
+    start = 1
+    for batch in BatchStream(split, chunk_rows, shuffle=False, buffer_rows=chunk_rows):
+        ids = batch.features[id_feature].numpy()
+        if (ids == 0).any():
+            raise ValueError(f"items.parquet has {id_feature} 0, which is reserved for unknown items")
+        rows = np.arange(start, start + len(ids))
+        uniq, counts = np.unique(ids, return_counts=True)
+        dup = np.concatenate([ids[row_of_id[ids] != 0], uniq[counts > 1]])
+        if dup.size:
+            raise ValueError(f"items.parquet lists {id_feature} {int(dup[0])} more than once")
+        row_of_id[ids] = rows
+        for key, t in encode(batch).items():
+            if key not in arrays or tuple(t.shape[1:]) != arrays[key].shape[1:]:
+                raise ValueError(f"item state {key!r} changed keys or shape between batches")
+            arrays[key][start : start + len(ids)] = stored(key, t)
+        start += len(ids)
     return ItemCache(
         row_of_id=torch.from_numpy(np.asarray(row_of_id)),
         states={k: _as_state(torch.from_numpy(np.asarray(v)), k in rounded) for k, v in arrays.items()},
@@ -264,36 +276,60 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def export(
-    checkpoint: str | Path,
+def _versions() -> dict[str, str]:
+    out = {"prerank": prerank.__version__, "torch": torch.__version__}
+    for name in ("onnx", "onnxruntime"):
+        with contextlib.suppress(ImportError):
+            out[name] = __import__(name).__version__
+    return out
+
+
+def _cache_sha256(file_hashes: dict[str, str]) -> str:
+    """One sha256 over the cache's files, from each file's name and sha256, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(file_hashes):
+        h.update(f"{name}\0{file_hashes[name]}\0".encode())
+    return h.hexdigest()
+
+
+def export_model(
+    name: str,
+    model: PreRanker,
     data_dir: str | Path,
     out: str | Path,
     *,
     chunk_rows: int = 8192,
     cache_dtype: str = "float32",
+    formats: tuple[str, ...] = FORMATS,
+    source: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Export a checkpoint and the item cache of ``data_dir``'s catalogue to the artifact directory ``out``.
-
-    ``cache_dtype``: how the cache stores float32 states (:func:`build_item_cache`). Refuses data whose features
-    differ from the checkpoint's schema (its ids would mean other things). Returns the manifest.
-    """
-    _check_cache_dtype(cache_dtype)  # before the checkpoint is read
-    name, model, _ = load_model(checkpoint)
+    """Write ``model`` (registered as ``name``) and the item cache of ``data_dir``'s catalogue to the artifact
+    directory ``out`` (replaced atomically): weights, the user/item/score graphs in every format of ``formats``
+    (``"torch"``: torch.export ``.pt2``; ``"onnx"``), and the cache written by the exported item graph. Refuses data
+    whose features differ from the model's schema (its ids would mean other things). Returns the manifest."""
+    _check_cache_dtype(cache_dtype)
     data_schema = Schema.load(data_dir)
     if data_schema.features != model.schema.features:
-        raise ValueError(_schema_diff(model.schema, data_schema, f"checkpoint {checkpoint}", f"data {data_dir}"))
+        raise ValueError(_schema_diff(model.schema, data_schema, f"model {name}", f"data {data_dir}"))
+    model.eval()
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     digest = weights_sha256(state_dict)
     with _atomic_dir(Path(out)) as tmp:
         atomic_torch_save(state_dict, tmp / "weights.pt")
         _write_json(tmp / "model.json", {"model_name": name, "model_config": asdict(model.config)})  # type: ignore[arg-type]
         model.schema.save(tmp / "schema.json")
+        graph_dir = tmp / "graphs"
+        written = save_graphs(model, graph_dir, formats)
+        sig = Signature.from_dict(json.loads((graph_dir / "signature.json").read_text()))
+        graph_hashes = {p.name: file_sha256(p) for p in written.values()}
+        writer = "torch" if "torch" in formats else "onnx"  # the exported item graph that writes the cache
+        item_graph = f"item{SUFFIX[writer]}"
         cache_dir = tmp / "item_cache"
         cache_dir.mkdir()
         state_files: dict[str, str] = {}
         maps: list[np.memmap] = []
 
-        def allocate(specs: dict[str | None, pages.Spec]) -> dict[str | None, np.ndarray]:
+        def allocate(specs: dict[str | None, tuple[tuple[int, ...], np.dtype]]) -> dict[str | None, np.ndarray]:
             arrays = {}
             for key, (shape, dtype) in specs.items():
                 fname = "row_of_id.npy"
@@ -303,18 +339,25 @@ def export(
                 arrays[key] = maps[-1]
             return arrays
 
-        cache = build_item_cache(model, data_dir, chunk_rows=chunk_rows, allocate=allocate, cache_dtype=cache_dtype)
+        runtime = open_runtime(writer, graph_dir, sig)
+        cache = build_item_cache(
+            runtime, data_dir, schema=model.schema, chunk_rows=chunk_rows, allocate=allocate, cache_dtype=cache_dtype
+        )
         num_items = cache.num_items
         bfloat16_states = sorted(k for k, t in cache.states.items() if t.dtype == torch.bfloat16)
         del cache
         for mm in maps:
             mm.flush()
         maps.clear()
+        cache_sha = _cache_sha256({p.name: file_sha256(p) for p in cache_dir.glob("*.npy")})
         _write_json(
             cache_dir / "cache.json",
             {
                 "format": CACHE_FORMAT,
                 "weights_sha256": digest,
+                "written_by": item_graph,
+                "item_graph_sha256": graph_hashes[item_graph],
+                "cache_sha256": cache_sha,
                 "id_feature": ID_FEATURE,
                 "row_of_id": "row_of_id.npy",
                 "states": state_files,
@@ -325,16 +368,46 @@ def export(
             "format": FORMAT,
             "model_name": name,
             "weights_sha256": digest,
+            "graphs": graph_hashes,
+            "graph_formats": list(formats),
+            "signature": sig.to_dict(),
+            "cache_sha256": cache_sha,
+            "schema_sha256": file_sha256(tmp / "schema.json"),
+            "vocabularies": {f.name: model.schema.vocab(f.name) for f in model.schema.features if f.kind != "dense"},
             "num_items": num_items,
             "cache_dtype": cache_dtype,
             "prerank_version": prerank.__version__,
-            "torch_version": torch.__version__,
+            "versions": _versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {"checkpoint": str(checkpoint), "data": str(data_dir)},
+            "source": source or {},
             "files": {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         _write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def export(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    chunk_rows: int = 8192,
+    cache_dtype: str = "float32",
+    formats: tuple[str, ...] = FORMATS,
+) -> dict[str, Any]:
+    """Export a checkpoint (:func:`export_model` of the model it holds). Returns the manifest."""
+    _check_cache_dtype(cache_dtype)  # before the checkpoint is read
+    name, model, _ = load_model(checkpoint)
+    return export_model(
+        name,
+        model,
+        data_dir,
+        out,
+        chunk_rows=chunk_rows,
+        cache_dtype=cache_dtype,
+        formats=formats,
+        source={"checkpoint": str(checkpoint), "data": str(data_dir)},
+    )
 
 
 def _schema_diff(a: Schema, b: Schema, a_name: str, b_name: str) -> str:
@@ -355,12 +428,15 @@ def _schema_diff(a: Schema, b: Schema, a_name: str, b_name: str) -> str:
 
 @dataclass(frozen=True)
 class Artifact:
-    """A loaded, verified artifact: the model in eval mode, its item cache and its manifest."""
+    """A loaded, verified artifact: the runtime that runs its graphs, its item cache, schema and manifest; ``model``
+    is the rebuilt prerank model for the eager (and native) runtime, else None."""
 
     name: str
-    model: PreRanker
+    runtime: Runtime
     cache: ItemCache
+    schema: Schema
     manifest: dict[str, Any]
+    model: PreRanker | None = None
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -375,77 +451,131 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return obj
 
 
-def load_artifact(path: str | Path, *, expected_schema: Schema | None = None) -> Artifact:
-    """Load and verify an artifact (see the module docstring).
+def load_artifact(
+    path: str | Path,
+    *,
+    runtime: str = DEFAULT_RUNTIME,
+    threads: int = 1,
+    expected_schema: Schema | None = None,
+    with_model: bool = False,
+) -> Artifact:
+    """Load and verify an artifact (see the module docstring) and open its graphs on ``runtime`` (one of
+    :data:`~prerank.serve.runtime.RUNTIMES`, or ``"native"``: the optional C backend where the model has one, else
+    eager). ``with_model`` also rebuilds the prerank model (always done for ``eager`` and ``native``).
 
-    Raises :class:`~prerank.io.CheckpointError` naming the problem: a missing file, a file whose sha256
-    differs from the manifest (corrupt or truncated), an item cache whose stamp is not the hash of the
-    loaded weights, weights that do not fit the schema, a cache whose shape does not fit the schema or
-    model, or (with ``expected_schema``) an artifact whose features differ from it.
+    Raises :class:`~prerank.io.CheckpointError` naming the problem: a missing file, a file whose sha256 differs from
+    the manifest (corrupt or truncated), a graph or cache whose hash is not the one the manifest names, a cache built
+    by another item graph or other weights, a graph format the artifact lacks, weights that do not fit the schema, a
+    cache whose shape does not fit the schema or graphs, or (with ``expected_schema``) other features than expected.
     """
+    if runtime not in (*RUNTIMES, "native"):
+        raise ValueError(f"runtime must be one of {[*RUNTIMES, 'native']}, got {runtime!r}")
     root = Path(path)
     what = f"artifact {root}"
     if not root.is_dir():
         raise CheckpointError(f"{what} does not exist or is not a directory")
     manifest = _read_json(root / MANIFEST, what)
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{what}: manifest format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(
+            f"{what}: manifest format is {manifest.get('format')!r}, expected {FORMAT!r}; re-export it with this "
+            "version of prerank (`prerank export`)"
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{what}: manifest lists no files")
     missing = sorted(f for f in files if not (root / f).is_file())
     if missing:
         raise CheckpointError(f"{what}: missing files {missing}")
+    for rel, expected in files.items():
+        if file_sha256(root / rel) != expected:
+            raise CheckpointError(f"{what}: {rel} is corrupt or truncated (sha256 differs from the manifest)")
+    graphs = manifest.get("graphs", {})
+    for fname, expected in graphs.items():
+        if files.get(f"graphs/{fname}") != expected:
+            raise CheckpointError(f"{what}: graph {fname} does not have the content hash the manifest names")
     cache_info = _read_json(root / "item_cache" / "cache.json", what)
+    if cache_info.get("format") != CACHE_FORMAT:
+        raise CheckpointError(f"{what}: item cache format is {cache_info.get('format')!r}, expected {CACHE_FORMAT!r}")
+    if cache_info.get("item_graph_sha256") != graphs.get(str(cache_info.get("written_by"))):
+        raise CheckpointError(f"{what}: the item cache was not written by this artifact's item graph; re-export it")
+    if cache_info.get("weights_sha256") != manifest.get("weights_sha256"):
+        raise CheckpointError(f"{what}: the item cache was built for other weights than the manifest names")
+    cache_names = [str(cache_info.get("row_of_id")), *map(str, dict(cache_info.get("states", {})).values())]
+    if _cache_sha256({n: str(files.get(f"item_cache/{n}")) for n in cache_names}) != manifest.get("cache_sha256"):
+        raise CheckpointError(f"{what}: the item cache's content hash differs from the manifest's")
+    try:
+        schema = Schema.from_dict(_read_json(root / "schema.json", what))
+        sig = Signature.from_dict(_read_json(root / "graphs" / "signature.json", what))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{what}: schema.json or graphs/signature.json is not valid: {e}") from e
+    if expected_schema is not None and schema.features != expected_schema.features:
+        raise CheckpointError(_schema_diff(schema, expected_schema, what, "the expected schema"))
+    unknown = [n for n in (*sig.user_features, *sig.item_features, *sig.cross_features) if n not in schema]
+    if unknown:
+        raise CheckpointError(f"{what}: the graphs read features {unknown} that its schema lacks")
+
+    model = None
+    if with_model or runtime in ("eager", "native"):
+        model = _load_model(root, schema, manifest, what)
+    fmt = {"torch": "torch", "onnx": "onnx"}.get(runtime)
+    if fmt is not None:
+        lacking = [g for g in GRAPHS if f"{g}{SUFFIX[fmt]}" not in graphs]
+        if lacking:
+            raise CheckpointError(f"{what} has no {fmt} graphs (it was exported with {manifest.get('graph_formats')})")
+    run = _open(runtime, root / "graphs", sig, model, threads, what)
+    cache = _load_cache(root, cache_info, schema, run, what)
+    return Artifact(
+        name=str(manifest.get("model_name")), runtime=run, cache=cache, schema=schema, manifest=manifest, model=model
+    )
+
+
+def _load_model(root: Path, schema: Schema, manifest: dict[str, Any], what: str) -> PreRanker:
     state_dict = safe_torch_load(root / "weights.pt")
     if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{what}: weights.pt is not a state_dict")
     digest = weights_sha256(state_dict)
-    if cache_info.get("weights_sha256") != digest:
-        raise CheckpointError(
-            f"{what}: item cache stamp {cache_info.get('weights_sha256')!r} does not match the model's weights "
-            f"(sha256 {digest}); the cache was built for other weights, re-export the artifact"
-        )
     if manifest.get("weights_sha256") != digest:
         raise CheckpointError(f"{what}: weights.pt (sha256 {digest}) is not the weights the manifest names")
-    for rel, expected in files.items():
-        if file_sha256(root / rel) != expected:
-            raise CheckpointError(f"{what}: {rel} is corrupt or truncated (sha256 differs from the manifest)")
-
     model_info = _read_json(root / "model.json", what)
-    try:
-        schema = Schema.from_dict(_read_json(root / "schema.json", what))
-    except ValueError as e:
-        raise CheckpointError(f"{what}: schema.json is not a valid schema: {e}") from e
-    if expected_schema is not None and schema.features != expected_schema.features:
-        raise CheckpointError(_schema_diff(schema, expected_schema, what, "the expected schema"))
     payload = {**model_info, "schema": schema.to_dict(), "state_dict": state_dict}
     try:
-        name, model = model_from_payload(payload, what)
+        _, model = model_from_payload(payload, what)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{what}: model.json does not describe a buildable model: {e}") from e
-    cache = _load_cache(root, cache_info, model, what)
-    return Artifact(name=name, model=model, cache=cache, manifest=manifest)
+    return model.eval()
 
 
-def _load_cache(root: Path, info: dict[str, Any], model: PreRanker, what: str) -> ItemCache:
+def _open(kind: str, graph_dir: Path, sig: Signature, model: PreRanker | None, threads: int, what: str) -> Runtime:
+    if kind == "native":
+        from prerank.serve.native import open_native
+
+        assert model is not None
+        return open_native(model, sig, threads=threads) or EagerRuntime(model, sig)
+    try:
+        return open_runtime(kind, graph_dir, sig, model=model, threads=threads)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{what}: its {kind} graphs cannot be loaded: {e}") from e
+
+
+def _load_cache(root: Path, info: dict[str, Any], schema: Schema, runtime: Runtime, what: str) -> ItemCache:
     cache_dir = root / "item_cache"
     id_feature = info.get("id_feature", ID_FEATURE)
-    if id_feature not in model.schema:
+    if id_feature not in schema:
         raise CheckpointError(f"{what}: the cache's id feature {id_feature!r} is not in the schema")
-
     files = {k: cache_dir / str(f) for k, f in dict(info.get("states", {})).items()}
-    try:  # one block for the whole cache, in huge pages where the OS grants them
-        row_of_id, *arrays = pages.load_npys([cache_dir / str(info.get("row_of_id")), *files.values()])
-    except pages.NpyError as e:
-        raise CheckpointError(f"{what}: item_cache/{e.path.name} is corrupt: {e.reason}") from e
-    row_of_id = torch.from_numpy(row_of_id)
-    vocab = model.schema.vocab(id_feature)
-    if row_of_id.shape != (vocab,):
+    arrays = {}
+    for key, p in {None: cache_dir / str(info.get("row_of_id")), **files}.items():
+        try:
+            arrays[key] = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{what}: item_cache/{p.name} is corrupt: {e}") from e
+    row_of_id = torch.from_numpy(arrays.pop(None))
+    vocab = schema.vocab(id_feature)
+    if row_of_id.shape != (vocab,) or row_of_id.dtype != torch.int64:
         raise CheckpointError(
             f"{what}: item cache has {row_of_id.shape[0]} ids but the schema's {id_feature} vocabulary is {vocab}"
         )
-    states = {k: torch.from_numpy(a) for k, a in zip(files, arrays, strict=True)}
+    states = {k: torch.from_numpy(a) for k, a in arrays.items()}
     rounded = info.get("bfloat16_states", [])
     if not isinstance(rounded, list) or not set(rounded) <= set(states):
         raise CheckpointError(f"{what}: cache.json's bfloat16_states {rounded!r} are not among its states")
@@ -453,17 +583,18 @@ def _load_cache(root: Path, info: dict[str, Any], model: PreRanker, what: str) -
         if states[k].dtype != torch.int16:
             raise CheckpointError(f"{what}: item cache state {k!r} holds {states[k].dtype}, not bfloat16 bits (int16)")
         states[k] = states[k].view(torch.bfloat16)
-    with torch.inference_mode():
-        expected = model.encode_item(unknown_item(model.schema))
-    if set(states) != set(expected):
-        raise CheckpointError(f"{what}: item cache keys {sorted(states)} differ from the model's {sorted(expected)}")
+    sig = runtime.signature
+    if set(states) != set(sig.item_state):
+        raise CheckpointError(
+            f"{what}: item cache keys {sorted(states)} differ from the graphs' {list(sig.item_state)}"
+        )
     rows = {int(v.shape[0]) for v in states.values()}
-    if len(rows) != 1 or int(row_of_id.max()) >= rows.pop():
+    if len(rows) != 1 or int(row_of_id.max()) >= rows.pop() or int(row_of_id.min()) < 0:
         raise CheckpointError(f"{what}: item cache arrays disagree on the number of items")
-    for k, t in expected.items():
+    unknown = unknown_item(schema)
+    expected = runtime.item([unknown.features[n] for n in sig.item_features])
+    for k, t in zip(sig.item_state, expected, strict=True):
         row = t[0].to(states[k].dtype).to(t.dtype)  # as stored: rounded to bfloat16 in a bfloat16 cache
-        if k in rounded and t.dtype != torch.float32:
-            raise CheckpointError(f"{what}: item cache state {k!r} is bfloat16 but the model encodes it as {t.dtype}")
         if states[k].shape[1:] != t.shape[1:] or not torch.allclose(states[k][0].to(t.dtype), row, atol=1e-5):
-            raise CheckpointError(f"{what}: item cache state {k!r} was not built by this model (row 0 differs)")
+            raise CheckpointError(f"{what}: item cache state {k!r} was not built by these graphs (row 0 differs)")
     return ItemCache(row_of_id=row_of_id, states=states, id_feature=id_feature)

@@ -1,9 +1,9 @@
 """Online scoring of one request: one user against N candidate items, with the item cache.
 
 Plain Python and torch, no web framework (:mod:`prerank.serve.app` wraps it in HTTP). Per request the
-scorer validates the input, runs ``encode_user`` once on a batch of one row, gathers the candidates'
-cached ``encode_item`` states by item id and runs only ``score`` (DESIGN.md "The one contract"), all
-under :func:`torch.inference_mode`.
+scorer validates the input, runs the user graph once on one row, gathers the candidates' cached item
+states by item id and runs only the score graph (DESIGN.md "The one contract"), on the runtime it was
+opened with (:mod:`prerank.serve.runtime`: onnxruntime, torch.export programs or PyTorch eager).
 
 Request values are already encoded as the schema's ids (the dataset's encoding): a categorical feature
 is an int id in ``[0, vocab)`` (0 = unknown), a sequence a list of such ids (most recent last; longer
@@ -24,9 +24,11 @@ import torch
 from torch import Tensor
 
 from prerank.data.batch import Batch
-from prerank.models.base import FeatureSelection, PreRanker
+from prerank.models.base import PreRanker
 from prerank.schema import FeatureSpec, Schema
 from prerank.serve.export import ItemCache, load_artifact
+from prerank.serve.graphs import signature, unknown_rows
+from prerank.serve.runtime import DEFAULT_RUNTIME, EagerRuntime, Runtime
 
 UnknownItems = Literal["fail", "skip"]
 DEFAULT_MAX_CANDIDATES = 10_000
@@ -66,15 +68,6 @@ def _is_number(v: object) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-def _required_features(model: PreRanker) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """User-side and cross features the model reads: its ``sel`` if it keeps one, else all of the schema's."""
-    sel = getattr(model, "sel", None)
-    if isinstance(sel, FeatureSelection):
-        return sel.user, sel.cross
-    schema = model.schema
-    return tuple(f.name for f in schema.tower("user", "context")), tuple(f.name for f in schema.tower("cross"))
-
-
 def _int_array(name: str, values: object, what: str) -> np.ndarray:
     """``values`` as a 1-d int64 array, or a :class:`ScoringError` naming ``name``."""
     try:
@@ -94,13 +87,6 @@ def _check_ids(name: str, ids: np.ndarray, vocab: int) -> None:
         raise ScoringError(name, f"ids {bad[:5].tolist()} lie outside the vocabulary [0, {vocab})")
 
 
-def _unknown(f: FeatureSpec, n: int) -> Tensor:
-    """``n`` rows of a feature left out of a request: unknown (id 0, empty sequence, 0.0)."""
-    if f.kind == "dense":
-        return torch.zeros(n, dtype=torch.float32)
-    return torch.zeros((n, f.max_len) if f.kind == "sequence" else (n,), dtype=torch.int64)
-
-
 def _padded(ids: np.ndarray, max_len: int) -> np.ndarray:
     """Keep the last ``max_len`` ids, left-aligned and 0-padded (as the Parquet reader does)."""
     out = np.zeros(max_len, dtype=np.int64)
@@ -113,23 +99,22 @@ class Scorer:
     """Scores one user against N cached candidate items.
 
     Args:
-        model: the model, in eval mode.
-        cache: its item cache (:class:`~prerank.serve.export.ItemCache`).
-        threads: torch intra-op threads (``torch.set_num_threads``, process-wide).
+        runtime: runs the model's graphs (:mod:`prerank.serve.runtime`); its signature names the features it reads.
+        cache: the item cache (:class:`~prerank.serve.export.ItemCache`) of the same model.
+        schema: the schema the model was built on (feature kinds and vocabularies, to check requests).
+        threads: intra-op threads (``torch.set_num_threads``, process-wide; onnxruntime's are set when its
+            sessions are opened, see :meth:`load`).
         unknown_items: ``"fail"`` rejects a request naming an item id not in the cache;
             ``"skip"`` scores the others and lists the unknown ones in the result.
         max_candidates: requests with more candidates raise :class:`RequestTooLarge`.
         manifest: the artifact's manifest, for metadata.
-
-    The scorer serves the model and its item cache as they are when it is built: it binds the model's per-request
-    path to the cache once (:meth:`~prerank.models.base.PreRanker.bind`). After changing the model (whose item cache
-    is then stale too), build a new scorer.
     """
 
     def __init__(
         self,
-        model: PreRanker,
+        runtime: Runtime,
         cache: ItemCache,
+        schema: Schema,
         *,
         threads: int = 1,
         unknown_items: UnknownItems = "fail",
@@ -142,25 +127,29 @@ class Scorer:
             raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
         if not isinstance(max_candidates, int) or max_candidates < 1:
             raise ValueError(f"max_candidates must be an integer >= 1, got {max_candidates!r}")
-        self.model = model.eval()
-        self.schema: Schema = model.schema
+        self.runtime = runtime
+        self.schema = schema
         self.cache = cache
         self.threads = threads
         self.unknown_items = unknown_items
         self.max_candidates = max_candidates
         self.manifest = manifest or {}
-        self.required_user, self.required_cross = _required_features(model)
-        with torch.inference_mode():
-            self._request = self.model.bind(cache.states)
+        sig = runtime.signature
+        self.required_user, self.required_cross = sig.user_features, sig.cross_features
         torch.set_num_threads(threads)
         self.warm_up()
 
+    @classmethod
+    def from_model(cls, model: PreRanker, cache: ItemCache, **options: Any) -> Scorer:
+        """A scorer of an in-memory model run eagerly (no export), e.g. a freshly trained one."""
+        return cls(EagerRuntime(model.eval(), signature(model)), cache, model.schema, **options)
+
     def warm_up(self) -> None:
         """Score the unknown item (cache row 0) for an all-unknown user once, so that the first real request
-        does not pay for building native kernels (:mod:`prerank.kernels`) or first-use allocations."""
-        user = Batch(features={f.name: _unknown(f, 1) for f in self.schema.tower("user", "context")})
+        does not pay for first-use allocations."""
+        user = Batch(features={f.name: unknown_rows(f, 1) for f in self.schema.tower("user", "context")})
         cross = self.schema.tower("cross")
-        pair = Batch(features={f.name: _unknown(f, 1) for f in cross}) if cross else None
+        pair = Batch(features={f.name: unknown_rows(f, 1) for f in cross}) if cross else None
         self.logits(user, torch.zeros(1, dtype=torch.int64), pair)
 
     @classmethod
@@ -168,15 +157,17 @@ class Scorer:
         cls,
         artifact: str | Path,
         *,
+        runtime: str = DEFAULT_RUNTIME,
         threads: int = 1,
         unknown_items: UnknownItems = "fail",
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
     ) -> Scorer:
-        """Load a verified artifact (:func:`~prerank.serve.export.load_artifact`) and wrap it."""
-        art = load_artifact(artifact)
+        """Load a verified artifact (:func:`~prerank.serve.export.load_artifact`) on ``runtime`` and wrap it."""
+        art = load_artifact(artifact, runtime=runtime, threads=threads)
         return cls(
-            art.model,
+            art.runtime,
             art.cache,
+            art.schema,
             threads=threads,
             unknown_items=unknown_items,
             max_candidates=max_candidates,
@@ -199,7 +190,9 @@ class Scorer:
         missing = [n for n in self.required_user if n not in user]
         if missing:
             raise ScoringError("user", f"missing features {missing} that the model reads")
-        feats = {name: self._user_value(f, user[name]) if name in user else _unknown(f, 1) for name, f in side.items()}
+        feats = {
+            name: self._user_value(f, user[name]) if name in user else unknown_rows(f, 1) for name, f in side.items()
+        }
         return Batch(features=feats)
 
     def _user_value(self, f: FeatureSpec, value: object) -> Tensor:
@@ -263,7 +256,7 @@ class Scorer:
             # a cross feature the model does not read: check its length, skip converting N values for nothing
             if given is not None and (not isinstance(given, (list, tuple, np.ndarray)) or len(given) != n):
                 raise ScoringError(f"cross.{name}", f"must be a list with one value per candidate ({n})")
-            feats[name] = _unknown(f, n)
+            feats[name] = unknown_rows(f, n)
         return Batch(features=feats)
 
     def _cross_column(self, f: FeatureSpec, values: object, n: int) -> Tensor:
@@ -293,12 +286,13 @@ class Scorer:
     # ------------------------------------------------------------------------------- scoring
 
     def logits(self, user: Batch, rows: Tensor, pair: Batch | None) -> Tensor:
-        """Logits ``[N]`` of cache ``rows`` ``[N]``: ``model.score_cached(encode_user(user), cache, rows, pair)``, by
-        the path the model bound to the cache when the scorer was built (:meth:`PreRanker.bind`)."""
+        """Logits ``[N]`` of cache ``rows`` ``[N]`` for a validated user batch of one row and cross features."""
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
+        sig = self.runtime.signature
+        cross = [pair.features[n] for n in sig.cross_features] if pair is not None else []
         with torch.inference_mode():
-            return self._request(user, rows, pair)
+            return self.runtime.request([user.features[n] for n in sig.user_features], self.cache.states, rows, cross)
 
     def score(
         self,
@@ -343,6 +337,7 @@ class Scorer:
         m = self.manifest
         return {
             "model": m.get("model_name"),
+            "runtime": self.runtime.name,
             "weights_sha256": m.get("weights_sha256"),
             "num_items": self.cache.num_items,
             "cache_dtype": self.cache.cache_dtype,

@@ -1,8 +1,7 @@
-/* Vectors of W floats, for every kernel with vectors (rank_tower and sum_max_block put one candidate in
- * each lane; sum_max, dot and fc vectorise within a row); prerank.kernels.native prepends it to their
- * source. transpose() gathers a block of W cache rows and transposes it, so that vector f holds feature f
- * of every candidate in the block. The cache rows are floats, or bfloat16 (elem_t) where BF16 is defined
- * nonzero: the vectors are floats either way. */
+/* Vectors of W floats, for the kernels that put one candidate in each vector lane (rank_tower, sum_max_block) and
+ * for mlp.c; prerank.serve.native.build prepends it to their source. transpose() gathers a block of W cache rows and
+ * transposes it, so that vector f holds feature f of every candidate in the block. The cache rows are floats, or
+ * bfloat16 (elem_t) where BF16 is defined nonzero: the vectors are floats either way. */
 #include <stdint.h>
 #include <string.h>
 

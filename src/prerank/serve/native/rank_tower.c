@@ -16,7 +16,8 @@
  * after head. The 1/sqrt(d_k) scales go into the exponent of the softmax, and the cosine multiplies by
  * reciprocal norms. Norms are clamped at 1e-12 as in F.normalize (the squared norm at 1e-24).
  * r are residuals with the W_O bias, already centred, and Wc the column-centred W_O^T, so x is centred
- * and LN needs only the variance (as the PyTorch serving path, prerank.layers.gau). exp is a degree-6
+ * and LN needs only the variance (prerank.layers.gau's prepared states). A bfloat16 cache's r is centred only up
+ * to its rounding, which LayerNorm's own mean would remove: each item row of r is centred again after the gather. exp is a degree-6
  * polynomial after range reduction (relative error about 1e-7; its argument is <= 0 here).
  *
  * The user's states are computed here from E_u ([HU][K]), once per call, as
@@ -158,6 +159,14 @@ int64_t rank_tower(const float *eu, const float *fixed, const elem_t *ri, const 
         transpose(g_t, gi, HI * DV, block);
         transpose(k_t, ki, HI * DK, block);
         transpose(v_t, vi_, HI * DV, block);
+#if defined(BF16) && BF16
+        for (int q = 0; q < HI; q++) {
+            vf mean = splat(0.0f);
+            for (int k = 0; k < K; k++) mean += r_t[q * K + k];
+            mean *= 1.0f / K;
+            for (int k = 0; k < K; k++) r_t[q * K + k] -= mean;
+        }
+#endif
 
         /* attention scores, one branch after the other: 16 accumulators each fit the registers, where both branches
          * at once spilled (4% faster per call) */

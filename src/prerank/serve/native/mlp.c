@@ -2,7 +2,7 @@
  * PyTorch spends most of the time in the fixed cost of its operator calls rather than in arithmetic.
  *
  * Layer l: out = W_l in + b_l (torch's Linear layout, W_l [out][in]), then its activation: 0 none, 1 ReLU, 2 sigmoid
- * (prerank.kernels.mlp's NONE, RELU, SIGMOID). Chain a is
+ * (prerank.serve.native.mlp's NONE, RELU, SIGMOID). Chain a is
  * layers [0, n_a), chain b the n_b layers after them, and each chain's first layer reads x. With n_b = 0,
  * y = chain_a(x); else y = chain_a(x) o sigmoid(chain_b(x)) (RankTower's multi-head gated network, Eq. 1-2).
  * ints[3l .. 3l + 2]: layer l's in and out widths and activation; ptrs[2l], ptrs[2l + 1]: its weight and bias.

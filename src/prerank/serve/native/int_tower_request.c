@@ -1,8 +1,8 @@
 /* One served IntTower request in one call: the user's field lookups (fields.c), Light-SE, the tower's layers and each
  * layer's head projection (mlp.c's affine) and the sum-max kernel over the cached item heads (sum_max_block.c), which
- * prerank.kernels.native prepends to this file. In PyTorch the user's side is about 50 small operator calls.
+ * prerank.serve.native.build prepends to this file. In PyTorch the user's side is about 50 small operator calls.
  *
- * struct plan: what prerank.kernels.request.int_tower_request binds once. Light-SE (se_w [F][F], se_b [F]):
+ * struct plan: what prerank.serve.native.request.int_tower_plan binds once. Light-SE (se_w [F][F], se_b [F]):
  * x[f] *= 1 + softmax_f(se_w z + se_b)[f], z[f] the mean of field f's EMB values (prerank.layers.field.LightSE, whose
  * E + E o A this is). ints/ptrs describe 2L affine layers as mlp.c: the tower's L layers (each with a ReLU), then
  * one projection per layer to H / L heads of D; the user's H heads are the projections of layers 1..L in order (the

@@ -1,16 +1,16 @@
-/* sum_max.c's score for one user, with the candidates in vector lanes (W per block):
+/* IntTower's FE-Block score for one user against cached item heads, with the candidates in vector lanes (W per
+ * block):
  *
  *   out[i] = bias + sum_h max_j < U[h], V[rows[i], j] >
  *
  * Each block's item rows are gathered and transposed (vec.h), so the H x HV dot products are lane-wise
- * multiply-adds with one user scalar broadcast each, no user head lane is padding (sum_max.c pads H to
- * whole vectors) and the max and sum need no horizontal step. HB user heads are scored per pass over
- * the block's item heads (HB x HV accumulators in registers). Measured about 20% faster than sum_max.c
- * for IntTower's default shape (24 user heads, 8 item heads of width 16); sum_max.c stays for per-row
- * user rows (meta) and for wide item rows, whose transposed block would not fit in L1.
+ * multiply-adds with one user scalar broadcast each, and the max and sum need no horizontal step. HB user heads
+ * are scored per pass over the block's item heads (HB x HV accumulators in registers). Item rows of more than 512
+ * floats or 16 heads are not taken (prerank.serve.native.request: their transposed block would not fit in L1).
  *
- * Compile-time shape: H, HV, D as sum_max.c, W (8 or 16), HB dividing H. u is [H][D]. Returns 0, or -1-i for
- * the first candidate i of a block whose row is out of range (nothing of that block is written).
+ * Compile-time shape: H user heads, HV item heads, D values per head, W (8 or 16), HB dividing H. u is [H][D].
+ * Returns 0, or -1-i for the first candidate i of a block whose row is out of range (nothing of that block is
+ * written).
  */
 
 int64_t sum_max_block(const float *u, const elem_t *cache, int64_t num_rows, const int64_t *rows, int64_t n,

@@ -1,9 +1,9 @@
 /* One served RankTower request in one call: the user's field lookups (fields.c), its multi-head gated network
  * (mlp.c, Eq. 1) and the cross-attention + maximum-similarity kernel over the cached items (rank_tower.c, Eq. 3-8),
- * which prerank.kernels.native prepends to this file. Between them a request otherwise paid for three Python calls,
+ * which prerank.serve.native.build prepends to this file. Between them a request otherwise paid for three Python calls,
  * whose code and data come back from L3 after the kernel has streamed the item cache through L2.
  *
- * struct plan: what prerank.kernels.request.rank_tower_request binds once (the arguments of fields, mlp and rank_tower
+ * struct plan: what prerank.serve.native.request.rank_tower_plan binds once (the arguments of fields, mlp and rank_tower
  * that do not change between requests); inputs, len: each user field's values and length (fields.c); rows, n, out:
  * the candidates' cache rows and their scores (rank_tower.c). The gated network maps the F * D field embeddings to
  * HU * K values (checked when the plan is bound). Scratch lives on the stack, so calls may run concurrently.
