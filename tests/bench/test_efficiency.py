@@ -1,4 +1,4 @@
-"""The serving benchmark on a tiny model: records, FLOP bound arithmetic, reports and the CLI."""
+"""The serving benchmark on tiny models: every path's columns, runtimes that agree, reports and the CLI."""
 
 from __future__ import annotations
 
@@ -14,86 +14,140 @@ from typer.testing import CliRunner
 import prerank.cli.serve  # noqa: F401  (registers the commands)
 from conftest import tiny_schema, tiny_table
 from prerank.bench.efficiency import (
+    PATHS,
     BenchConfig,
-    matmul_gflops,
-    profile_score,
+    BenchTarget,
+    RuntimeMismatch,
     request_rows,
     run_bench,
     sample_requests,
     target_from_artifact,
     target_from_model,
-    time_calls,
+    time_paths,
     write_report,
 )
 from prerank.cli import app
 from prerank.data.parquet import write_dataset
 from prerank.models.registry import build_model
 from prerank.schema import Schema
-from prerank.serve.export import export
-from prerank.train.checkpoint import save_checkpoint
+from prerank.serve import native
+from prerank.serve.export import export_model
+from prerank.serve.runtime import OnnxRuntime
 
-NUM_ITEMS = 30
-
+NUM_ITEMS = 39
+TINY = BenchConfig(candidates=(10, 50), threads=(1, 2), requests=4, warmup=1, distinct=2)
+HAS_NATIVE = native.status().startswith("on")
 FIELDS = (
     "model",
+    "source",
+    "cache_dtype",
     "candidates",
     "threads",
-    "p50_ms_cached",
-    "p99_ms_cached",
-    "p50_ms_full",
-    "p99_ms_full",
-    "p50_cpu_ms_cached",
-    "p50_cpu_ms_full",
+    "requests",
+    *(f"p{q}_ms_{p}" for p in PATHS for q in (50, 99)),
+    "scorer_runtime",
+    "best_standard",
+    "best_standard_ms",
+    "native_speedup",
+    "native_note",
+    "max_abs_diff_torch",
+    "max_abs_diff_onnx",
+    "max_abs_diff_native",
+    "max_abs_diff_full",
     "flops_per_candidate",
-    "flop_bound_ms",
     "item_cache_bytes_per_item",
-    "candidates_per_s",
-    "speedup_cached_vs_full",
     "machine",
 )
-TINY = BenchConfig(candidates=(10, 50), threads=(1,), requests=5, warmup=1, distinct=2)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny dataset whose catalogue lists item ids 1..NUM_ITEMS once each."""
-    root = tmp_path_factory.mktemp("bench") / "data"
+    """conftest's ``tiny_dataset``, once per module: a catalogue of item ids 1..NUM_ITEMS, train/valid/test rows."""
+    root = tmp_path_factory.mktemp("bench") / "tiny"
     schema = tiny_schema()
     items = tiny_table(NUM_ITEMS, 9, schema).select([f.name for f in schema.tower("item")])
-    items = items.set_column(
-        items.schema.get_field_index("item_id"), "item_id", pa.array(np.arange(1, NUM_ITEMS + 1), pa.int64())
-    )
-    write_dataset(root, schema, {"train": tiny_table(64, 1, schema)}, items=items, row_group_size=16)
+    ids = pa.array(np.arange(1, NUM_ITEMS + 1), pa.int64())
+    items = items.set_column(items.column_names.index("item_id"), "item_id", ids)
+    splits = {"train": tiny_table(512, 1, schema), "valid": tiny_table(128, 2, schema), "test": tiny_table(128, 3)}
+    write_dataset(root, schema, splits, items=items, row_group_size=100)
     return root
 
 
-def test_bench_records_and_report(data_dir: Path, tmp_path: Path) -> None:
-    records = run_bench([target_from_model("two_tower", data_dir)], data_dir, TINY)
-    assert [(r["candidates"], r["threads"]) for r in records] == [(10, 1), (50, 1)]
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-work")
+
+
+@pytest.fixture(scope="module")
+def targets(data_dir: Path, workdir: Path) -> list[BenchTarget]:
+    """IntTower (which has a native kernel) and TwoTower (which has none), exported at random init."""
+    return [target_from_model(m, data_dir, workdir) for m in ("int_tower", "two_tower")]
+
+
+@pytest.fixture(scope="module")
+def records(targets: list[BenchTarget], data_dir: Path) -> list[dict]:
+    return run_bench(targets, data_dir, TINY)
+
+
+def test_records_have_every_column(records: list[dict]) -> None:
+    settings = [(n, t) for n in TINY.candidates for t in TINY.threads]
+    assert [(r["model"], r["candidates"], r["threads"]) for r in records] == [
+        (m, n, t) for m in ("int_tower", "two_tower") for n, t in settings
+    ]
     for r in records:
-        assert all(k in r for k in FIELDS)
-        assert 0 < r["p50_ms_cached"] <= r["p99_ms_cached"] and 0 < r["p50_ms_full"] <= r["p99_ms_full"]
-        # two_tower scores with one D-dim dot product per candidate (+ bias): at least 2 D FLOPs
-        assert r["flops_per_candidate"] >= 2 * 64
-        gflops = r["matmul_gflops_1thread"]
-        assert gflops > 0 and r["machine"]["matmul_gflops_1thread"] > 0
-        expected_bound = r["flops_per_candidate"] * r["candidates"] / (gflops * 1e9) * 1e3
-        assert r["flop_bound_ms"] == pytest.approx(expected_bound, rel=1e-2)
-        assert r["item_cache_bytes_per_item"] == 64 * 4
-        assert r["speedup_cached_vs_full"] == pytest.approx(r["p50_ms_full"] / r["p50_ms_cached"])
+        assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
+        for path in ("full", "eager", "torch", "onnx", "scorer"):
+            assert 0 < r[f"p50_ms_{path}"] <= r[f"p99_ms_{path}"]
+        standard = {k: r[f"p50_ms_{k}"] for k in ("eager", "torch", "onnx")}
+        assert r["best_standard"] == min(standard, key=standard.__getitem__)
+        assert r["best_standard_ms"] == min(standard.values())
+        assert r["source"] == "random init" and r["cache_dtype"] == "float32" and r["scorer_runtime"] == "onnx"
+        assert r["flops_per_candidate"] > 0
+        assert r["machine"]["torch"] == torch.__version__ and "native" in r["machine"]
+    two = [r for r in records if r["model"] == "two_tower"]
+    assert all(r["p50_ms_native"] is None and r["native_speedup"] is None for r in two)
+    assert all("TwoTower" in r["native_note"] for r in two)
+    assert all(r["item_cache_bytes_per_item"] == 64 * 4 for r in two)
+    if HAS_NATIVE:
+        for r in (r for r in records if r["model"] == "int_tower"):
+            assert r["p50_ms_native"] > 0 and r["native_note"] == ""
+            assert r["native_speedup"] == pytest.approx(r["best_standard_ms"] / r["p50_ms_native"])
+
+
+def test_runtimes_agree_with_eager(records: list[dict]) -> None:
+    for r in records:
+        for k in ("torch", "onnx"):
+            assert r[f"max_abs_diff_{k}"] < 1e-4
+        if r["p50_ms_native"] is not None:
+            assert r["max_abs_diff_native"] < 1e-4
+        assert r["max_abs_diff_full"] < 1e-4  # a float32 cache: the full forward gives the same logits
+
+
+def test_a_runtime_that_disagrees_is_refused(
+    targets: list[BenchTarget], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = OnnxRuntime.score
+    monkeypatch.setattr(OnnxRuntime, "score", lambda self, *a: real(self, *a) + 1e-3)
+    config = BenchConfig(candidates=(5,), threads=(1,), requests=1, warmup=0, distinct=1)
+    with pytest.raises(RuntimeMismatch, match="two_tower at N=5 on 1 thread: the onnx runtime's logits differ"):
+        run_bench(targets[1:], data_dir, config)
+
+
+def test_report_files(records: list[dict], tmp_path: Path) -> None:
     write_report(records, tmp_path / "out")
-    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert saved == json.loads(json.dumps(records))
+    assert json.loads((tmp_path / "out" / "bench.json").read_text()) == json.loads(json.dumps(records))
     md = (tmp_path / "out" / "bench.md").read_text()
-    assert md.count("| two_tower |") == 2 and "GFLOP/s" in md
+    assert md.count("| two_tower |") == md.count("| int_tower |") == 4
+    assert "| model | cache | N | threads | full | eager | torch | onnx | native | best standard |" in md
 
 
-def test_bench_an_artifact(data_dir: Path, tmp_path: Path) -> None:
-    save_checkpoint(tmp_path / "lr.pt", "lr", build_model("lr", tiny_schema()))
-    export(tmp_path / "lr.pt", data_dir, tmp_path / "art")
-    target = target_from_artifact(tmp_path / "art", data_dir)
-    records = run_bench([target], data_dir, BenchConfig(candidates=(5,), threads=(1,), requests=3, warmup=0))
-    assert records[0]["model"] == "lr" and records[0]["source"] == str(tmp_path / "art")
+def test_an_artifact_without_onnx_is_exported_again(data_dir: Path, tmp_path: Path) -> None:
+    model = build_model("lr", tiny_schema())
+    export_model("lr", model, data_dir, tmp_path / "art", formats=("torch",))
+    target = target_from_artifact(tmp_path / "art", data_dir, tmp_path / "work")
+    assert target.name == "lr" and target.artifact.parent == tmp_path / "work" and "re-exported" in target.source
+    full = target_from_artifact(target.artifact, data_dir, tmp_path / "work2")
+    assert full.artifact == target.artifact and full.source == str(target.artifact)
 
 
 def test_requests_come_from_the_data(data_dir: Path) -> None:
@@ -108,15 +162,12 @@ def test_requests_come_from_the_data(data_dir: Path) -> None:
     assert all(s.user["user_id"] in users for s in samples)
 
 
-def test_matmul_rate_and_timer() -> None:
-    assert matmul_gflops(size=64, repeats=3) > 0.01
-    wall, cpu = time_calls(lambda x: torch.ones(x).sum(), [10, 20], requests=4, warmup=1)
-    assert wall.shape == cpu.shape == (4,) and (wall > 0).all() and (cpu >= 0).all()
-
-
-def test_profile_score_names_the_operators(data_dir: Path) -> None:
-    text = profile_score(target_from_model("two_tower", data_dir), data_dir, 20, repeats=2)
-    assert text.startswith("two_tower, one request of N=20 on 1 thread: encode_user") and "aten::" in text
+def test_time_paths_times_every_path_in_turns() -> None:
+    order: list[str] = []
+    calls = {k: (lambda x, k=k: order.append(k), [0]) for k in ("a", "b")}
+    times = time_paths(calls, requests=4, warmup=1, blocks=2)
+    assert set(times) == {"a", "b"} and all(t.shape == (4,) and (t >= 0).all() for t in times.values())
+    assert order == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]  # warm-up, then blocks in rotating order
 
 
 def test_bench_config_is_validated() -> None:
@@ -124,18 +175,30 @@ def test_bench_config_is_validated() -> None:
         BenchConfig(candidates=(0,))
     with pytest.raises(ValueError, match="threads"):
         BenchConfig(threads=())
+    assert BenchConfig().candidates == (100, 1000, 10_000) and BenchConfig().threads == (1, 2)
 
 
-def test_cli_bench_writes_json(data_dir: Path, tmp_path: Path) -> None:
-    args = ["bench", "--data", str(data_dir), "--model", "two_tower", "--candidates", "8", "--threads", "1"]
-    r = CliRunner().invoke(
-        app, [*args, "--requests", "3", "--warmup", "0", "--out", str(tmp_path), "--cache-dtype", "float32,bfloat16"]
-    )
+def test_cli_bench_writes_the_report(targets: list[BenchTarget], data_dir: Path, tmp_path: Path) -> None:
+    args = ["bench", "--data", str(data_dir), "--artifact", str(targets[1].artifact), "--candidates", "8"]
+    r = CliRunner().invoke(app, [*args, "--threads", "1", "--requests", "2", "--warmup", "0", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    records = json.loads((tmp_path / "bench.json").read_text())
-    got = [(x["model"], x["cache_dtype"], x["item_cache_bytes_per_item"]) for x in records]
-    assert got == [("two_tower", "float32", 256), ("two_tower", "bfloat16", 128)]
-    wrong = CliRunner().invoke(app, [*args, "--cache-dtype", "fp8"])
-    assert wrong.exit_code != 0 and "--cache-dtype must list some of" in " ".join(wrong.output.split())
-    bad = CliRunner().invoke(app, ["bench", "--data", str(data_dir), "--model", "nope"])
-    assert bad.exit_code != 0 and "unknown model" in " ".join(bad.output.split())
+    assert "two_tower" in r.output and "best standard" in r.output
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert [(x["model"], x["candidates"], x["threads"]) for x in saved] == [("two_tower", 8, 1)]
+    assert "| two_tower |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "give --artifact and/or --model"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--model", "lr", "--cache-dtype", "fp8"], "--cache-dtype must list some of"),
+        (["--model", "lr", "--candidates", "0"], "--candidates must list integers >= 1"),
+        (["--model", "lr", "--threads", "one"], "--threads must be a comma list of integers"),
+        (["--artifact", "/nonexistent/art"], "does not exist"),
+    ],
+)
+def test_cli_bench_rejects_bad_options(data_dir: Path, extra: list[str], message: str) -> None:
+    r = CliRunner().invoke(app, ["bench", "--data", str(data_dir), *extra])
+    assert r.exit_code != 0 and message in " ".join(r.output.split()), r.output

@@ -289,6 +289,13 @@ def test_graph_formats_and_runtimes(tmp_path: Path, shared: Path) -> None:
     assert load_artifact(tmp_path / "onnx-only", runtime="onnx").runtime.name == "onnx"
     with pytest.raises(CheckpointError, match="has no torch graphs"):
         load_artifact(tmp_path / "onnx-only", runtime="torch")
+    with pytest.raises(CheckpointError, match="has no onnx-int8 graphs"):
+        load_artifact(tmp_path / "onnx-only", runtime="onnx-int8")
+    manifest = export(shared / "lr.pt", shared / "data", tmp_path / "int8", formats=("onnx",), int8=True)
+    assert {"user.int8.onnx", "score.int8.onnx"} <= set(manifest["graphs"])
+    assert load_artifact(tmp_path / "int8", runtime="onnx-int8").runtime.name == "onnx-int8"
+    with pytest.raises(ValueError, match="int8 graphs are quantized ONNX graphs"):
+        export(shared / "lr.pt", shared / "data", tmp_path / "y", formats=("torch",), int8=True)
     with pytest.raises(ValueError, match="runtime must be one of"):
         load_artifact(tmp_path / "onnx-only", runtime="tensorrt")
     with pytest.raises(ValueError, match="graph formats must be among"):

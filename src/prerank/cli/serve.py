@@ -40,6 +40,9 @@ def export_cmd(
     formats: str = typer.Option(
         "torch,onnx", "--formats", help="Graph formats to write: torch (torch.export .pt2), onnx, or both."
     ),
+    int8: bool = typer.Option(
+        False, "--int8", help="Also write int8 (dynamically quantized) ONNX user and score graphs: --runtime onnx-int8."
+    ),
 ) -> None:
     """Export a checkpoint as a serving artifact: user tower, item tower and scorer as torch.export and ONNX graphs,
     the item cache written by the exported item tower, and the weights; every file hashed in manifest.json."""
@@ -52,7 +55,9 @@ def export_cmd(
     if not chosen or any(f not in FORMATS for f in chosen):
         raise typer.BadParameter(f"--formats must list some of {list(FORMATS)}, got {formats!r}")
     with console.status("exporting the graphs and writing the item cache"):
-        manifest = export(checkpoint, data, out, chunk_rows=chunk_rows, cache_dtype=cache_dtype, formats=chosen)
+        manifest = export(
+            checkpoint, data, out, chunk_rows=chunk_rows, cache_dtype=cache_dtype, formats=chosen, int8=int8
+        )
     console.print(
         f"exported {manifest['model_name']} ({', '.join(sorted(manifest['graphs']))}) with "
         f"{manifest['num_items']:,} cached items to {out} (weights sha256 {manifest['weights_sha256'][:12]}...)",
@@ -72,8 +77,9 @@ def serve_cmd(
     runtime: str = typer.Option(
         "onnx",
         "--runtime",
-        help="What runs the graphs: onnx (onnxruntime), torch (torch.export programs), eager (the PyTorch model), "
-        "native (the optional C backend of IntTower and RankTower; eager for other models).",
+        help="What runs the graphs: onnx (onnxruntime), onnx-int8 (int8 graphs of `export --int8`), torch "
+        "(torch.export programs), eager (the PyTorch model), native (the optional C backend of IntTower and "
+        "RankTower; eager for other models).",
     ),
     unknown_items: str = typer.Option("fail", "--unknown-items", help="'fail' (422) or 'skip' unknown item ids."),
     log_level: str = typer.Option(

@@ -52,7 +52,8 @@ from prerank.data.parquet import BatchStream, ParquetSplit
 from prerank.io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
 from prerank.models.base import PreRanker, State, gather_rows
 from prerank.schema import Schema
-from prerank.serve.graphs import FORMATS, GRAPHS, SUFFIX, Signature, save_graphs, signature
+from prerank.serve.graphs import FORMATS, SUFFIX, Signature, save_graphs, signature
+from prerank.serve.quantize import int8_name, quantize_graphs
 from prerank.serve.runtime import DEFAULT_RUNTIME, RUNTIMES, EagerRuntime, Runtime, open_runtime
 from prerank.train.checkpoint import load_model, model_from_payload
 
@@ -301,13 +302,17 @@ def export_model(
     chunk_rows: int = 8192,
     cache_dtype: str = "float32",
     formats: tuple[str, ...] = FORMATS,
+    int8: bool = False,
     source: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` (registered as ``name``) and the item cache of ``data_dir``'s catalogue to the artifact
     directory ``out`` (replaced atomically): weights, the user/item/score graphs in every format of ``formats``
-    (``"torch"``: torch.export ``.pt2``; ``"onnx"``), and the cache written by the exported item graph. Refuses data
-    whose features differ from the model's schema (its ids would mean other things). Returns the manifest."""
+    (``"torch"``: torch.export ``.pt2``; ``"onnx"``), and the cache written by the exported item graph. ``int8`` adds
+    int8 copies of the ONNX user and score graphs (:mod:`prerank.serve.quantize`, the ``onnx-int8`` runtime). Refuses
+    data whose features differ from the model's schema (its ids would mean other things). Returns the manifest."""
     _check_cache_dtype(cache_dtype)
+    if int8 and "onnx" not in formats:
+        raise ValueError("int8 graphs are quantized ONNX graphs: export with the onnx format too")
     data_schema = Schema.load(data_dir)
     if data_schema.features != model.schema.features:
         raise ValueError(_schema_diff(model.schema, data_schema, f"model {name}", f"data {data_dir}"))
@@ -320,6 +325,8 @@ def export_model(
         model.schema.save(tmp / "schema.json")
         graph_dir = tmp / "graphs"
         written = save_graphs(model, graph_dir, formats)
+        if int8:
+            written |= quantize_graphs(graph_dir)
         sig = Signature.from_dict(json.loads((graph_dir / "signature.json").read_text()))
         graph_hashes = {p.name: file_sha256(p) for p in written.values()}
         writer = "torch" if "torch" in formats else "onnx"  # the exported item graph that writes the cache
@@ -394,6 +401,7 @@ def export(
     chunk_rows: int = 8192,
     cache_dtype: str = "float32",
     formats: tuple[str, ...] = FORMATS,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Export a checkpoint (:func:`export_model` of the model it holds). Returns the manifest."""
     _check_cache_dtype(cache_dtype)  # before the checkpoint is read
@@ -406,6 +414,7 @@ def export(
         chunk_rows=chunk_rows,
         cache_dtype=cache_dtype,
         formats=formats,
+        int8=int8,
         source={"checkpoint": str(checkpoint), "data": str(data_dir)},
     )
 
@@ -517,11 +526,14 @@ def load_artifact(
     model = None
     if with_model or runtime in ("eager", "native"):
         model = _load_model(root, schema, manifest, what)
-    fmt = {"torch": "torch", "onnx": "onnx"}.get(runtime)
-    if fmt is not None:
-        lacking = [g for g in GRAPHS if f"{g}{SUFFIX[fmt]}" not in graphs]
-        if lacking:
-            raise CheckpointError(f"{what} has no {fmt} graphs (it was exported with {manifest.get('graph_formats')})")
+    needed = {
+        "torch": [f"{g}{SUFFIX['torch']}" for g in ("user", "item", "score")],
+        "onnx": [f"{g}{SUFFIX['onnx']}" for g in ("user", "item", "score")],
+        "onnx-int8": [int8_name("user"), "item.onnx", int8_name("score")],
+    }.get(runtime, [])
+    lacking = [f for f in needed if f not in graphs]
+    if lacking:
+        raise CheckpointError(f"{what} has no {runtime} graphs {lacking} (exported graphs: {sorted(graphs)})")
     run = _open(runtime, root / "graphs", sig, model, threads, what)
     cache = _load_cache(root, cache_info, schema, run, what)
     return Artifact(

@@ -136,8 +136,7 @@ def quantize_report(graph_dir: Path, *, per_channel: bool = False) -> dict[str, 
     if missing:
         raise FileNotFoundError(f"{graph_dir} has no ONNX graphs {missing} to quantize (export with format onnx)")
     return {
-        g: quantize_graph(graph_dir / f"{g}.onnx", graph_dir / int8_name(g), per_channel=per_channel)
-        for g in QUANTIZED
+        g: quantize_graph(graph_dir / f"{g}.onnx", graph_dir / int8_name(g), per_channel=per_channel) for g in QUANTIZED
     }
 
 
