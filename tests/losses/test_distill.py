@@ -14,13 +14,33 @@ ids = [f.__name__ for f in DISTILL]
 
 
 def test_softmax_distillation_value() -> None:
-    # teacher uniform over 2 items; student softmax (1/4, 3/4)
+    # teacher logits 0 (p = 0.5 each); student softmax (1/4, 3/4): Eq. 9 weights each log q_i by p_i
     got = softmax_distillation(torch.tensor([[0.0, math.log(3.0)]]), torch.zeros(1, 2))
     assert got.item() == pytest.approx(-0.5 * (math.log(0.25) + math.log(0.75)))
-    # the temperature softens both sides
-    a = softmax_distillation(torch.tensor([[2.0, 0.0, 1.0]]), torch.tensor([[4.0, 0.0, -2.0]]), temperature=2.0)
-    b = softmax_distillation(torch.tensor([[1.0, 0.0, 0.5]]), torch.tensor([[2.0, 0.0, -1.0]]))
+    # the "softmax" reading: the same here, as softmax(0, 0) = (0.5, 0.5) too
+    got = softmax_distillation(torch.tensor([[0.0, math.log(3.0)]]), torch.zeros(1, 2), target="softmax")
+    assert got.item() == pytest.approx(-0.5 * (math.log(0.25) + math.log(0.75)))
+    # with "softmax" the temperature softens both sides
+    kw = {"target": "softmax"}
+    a = softmax_distillation(torch.tensor([[2.0, 0.0, 1.0]]), torch.tensor([[4.0, 0.0, -2.0]]), temperature=2.0, **kw)
+    b = softmax_distillation(torch.tensor([[1.0, 0.0, 0.5]]), torch.tensor([[2.0, 0.0, -1.0]]), **kw)
     assert a.item() == pytest.approx(b.item())
+
+
+def test_eq9_weights_by_the_rankers_probability_not_its_softmax() -> None:
+    """RankTower Eq. 9: -sum_i p_i log softmax(z)_i with p_i the ranking model's predicted probability. With the
+    teacher's probabilities (0.9, 0.5, 0.1) the two readings differ, and only Eq. 9 matches the hand computation."""
+    p = torch.tensor([[0.9, 0.5, 0.1]])
+    teacher = torch.log(p / (1 - p))
+    z = torch.tensor([[0.5, -1.0, 2.0]])
+    logq = torch.log_softmax(z, -1)
+    eq9 = -(p * logq).sum()
+    by_softmax = -(torch.softmax(teacher, -1) * logq).sum()
+    assert softmax_distillation(z, teacher).item() == pytest.approx(eq9.item())
+    assert softmax_distillation(z, teacher, target="softmax").item() == pytest.approx(by_softmax.item())
+    assert abs(eq9.item() - by_softmax.item()) > 0.5
+    with pytest.raises(ValueError, match="target must be one of"):
+        softmax_distillation(z, teacher, target="odds")
 
 
 def test_weighted_logloss_value() -> None:
@@ -46,10 +66,22 @@ def test_pairwise_distillation_value_and_min_gap() -> None:
     assert pairwise_distillation(z, torch.ones(1, 3)).item() == 0.0
 
 
-@pytest.mark.parametrize("fn", [softmax_distillation, weighted_logloss_distillation], ids=lambda f: f.__name__)
-def test_optimum_is_the_teacher(fn) -> None:  # type: ignore[no-untyped-def]
+def _eq9_optimum(t: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.logsigmoid(t)  # softmax(log p) = p / sum p: Eq. 9's minimiser
+
+
+@pytest.mark.parametrize(
+    ("fn", "optimum"),
+    [
+        (softmax_distillation, _eq9_optimum),
+        (lambda z, t: softmax_distillation(z, t, target="softmax"), lambda t: t),
+        (weighted_logloss_distillation, lambda t: t),
+    ],
+    ids=["softmax_eq9", "softmax_target_softmax", "weighted_logloss"],
+)
+def test_optimum_is_the_teacher(fn, optimum) -> None:  # type: ignore[no-untyped-def]
     teacher = torch.tensor([[1.0, -0.5, 2.0, 0.0]])
-    z = teacher.clone().requires_grad_(True)
+    z = optimum(teacher).clone().requires_grad_(True)
     fn(z, teacher).backward()
     torch.testing.assert_close(z.grad, torch.zeros_like(z), atol=1e-6, rtol=0)
     z2 = (teacher + 0.3 * torch.randn(1, 4)).requires_grad_(True)

@@ -69,6 +69,10 @@ def test_weighted_sum_of_the_scoped_parts() -> None:
     sharp = HybridLossConfig(sorting_label_temperature=0.1)
     expected = softsort_loss(z, y, m & (s != RAND), label_temperature=0.1)
     assert hybrid_components(z, y, s, m, d["teacher"], sharp)["sorting"].item() == pytest.approx(expected.item())
+    odds = HybridLossConfig(distillation_target="softmax")  # the other reading of Eq. 9's p_i, by name
+    expected = softmax_distillation(z, d["teacher"], m & (s == IMP), target="softmax")
+    assert hybrid_components(z, y, s, m, d["teacher"], odds)["distillation"].item() == pytest.approx(expected.item())
+    assert expected.item() != pytest.approx(distill.item())
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ Names (``build_loss(name, **options)``; options are the keyword arguments of the
 
 - ``bce``: :func:`binary_cross_entropy` on ``label``, the trainer's default; no options.
 - ``hybrid``: RankTower Eq. 15 with its sample scopes; options are the fields of :class:`HybridLossConfig`.
-- ``distill:softmax``: :func:`softmax_distillation` (RankTower Eq. 9); ``temperature``.
+- ``distill:softmax``: :func:`softmax_distillation` (RankTower Eq. 9); ``temperature``, ``target``
+  (``probability``: Eq. 9's ``p_i``, the default; ``softmax``: the teacher's softmax over the list).
 - ``distill:logloss``: :func:`weighted_logloss_distillation`; ``temperature``.
 - ``distill:pairwise``: :func:`pairwise_distillation`; ``sigma``, ``min_gap``.
 - ``ranking:softmax``: :func:`softmax_cross_entropy`; ``temperature``.
@@ -69,15 +70,18 @@ class LossFn(Protocol):
 def _scalar_options(fn: Callable[..., Tensor], options: Mapping[str, Any]) -> dict[str, Any]:
     """Check ``options`` against the keyword-only, non-tensor arguments of ``fn``."""
     known = {
-        name
+        name: str(p.annotation)
         for name, p in inspect.signature(fn).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and "Tensor" not in str(p.annotation)
     }
-    unknown = set(options) - known
+    unknown = set(options) - set(known)
     if unknown:
         raise ValueError(f"{fn.__name__} has no options {sorted(unknown)} (known: {sorted(known)})")
     for name, value in options.items():
-        if isinstance(value, bool) or not isinstance(value, int | float | None):
+        if known[name] == "str":
+            if not isinstance(value, str):
+                raise ValueError(f"{fn.__name__} option {name!r} must be a string, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int | float | None):
             raise ValueError(f"{fn.__name__} option {name!r} must be a number, got {value!r}")
     return dict(options)
 

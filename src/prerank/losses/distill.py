@@ -21,25 +21,43 @@ from prerank.losses.listwise import (
     pairwise_logistic,
 )
 
+DISTILLATION_TARGETS = ("probability", "softmax")
+
 
 def softmax_distillation(
-    logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, temperature: float = 1.0
+    logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    target: str = "probability",
 ) -> Tensor:
-    """Listwise softmax distillation, RankTower Eq. 9: ``-sum_i p_i log softmax(z / T)_i``.
+    """Listwise softmax distillation, RankTower Eq. 9: ``L = -sum_i p_i log softmax(z / T)_i`` per list.
 
-    Reading of Eq. 9: the paper's ``p_i`` is "the prediction of the ranking model"; we take the
-    teacher's distribution over the list, ``p = softmax(teacher_logit / T)``, so that the target is
-    a distribution like the student's (raw probabilities would weight each request by its total
-    predicted CTR and make the loss grow with list length). The same temperature T softens both
-    sides, as in Hinton et al. 2015; no ``T^2`` factor is applied (scale it with the loss weight).
-    A list needs >= 2 real items to carry an ordering; others are skipped.
+    ``target`` says what ``p_i`` is:
+
+    - ``"probability"`` (default, Eq. 9 as written): ``p_i = sigmoid(t_i)``, "the prediction of the ranking
+      model", i.e. its predicted click probability. The student's optimum is ``softmax(z) ∝ p``. The weights do
+      not sum to 1: a list's term grows with its total predicted CTR, as the equation says.
+    - ``"softmax"`` (another reading, kept as an option): ``p = softmax(t / T)`` over the list, a distribution like
+      the student's; since ``exp(t) = p / (1 - p)`` this weights each item by the teacher's odds, not its
+      probability, and puts much more weight on the top items.
+
+    ``T`` softens the student's softmax (and, with ``"softmax"``, the teacher's too, as in Hinton et al. 2015); no
+    ``T^2`` factor is applied. Reduction: the sum over a list's real items (Eq. 9), then the **mean over lists**
+    with >= 2 real items (a single item carries no ordering and is skipped).
     """
     check_positive(temperature=temperature)
+    if target not in DISTILLATION_TARGETS:
+        raise ValueError(f"target must be one of {list(DISTILLATION_TARGETS)}, got {target!r}")
     mask = check_lists(logits, mask, teacher_logits=teacher_logits)
     teacher = teacher_logits.masked_fill(~mask, 0).to(logits.dtype)
-    target = masked_log_softmax(teacher / temperature, mask).exp() * mask
+    if target == "probability":
+        weight = torch.sigmoid(teacher) * mask
+    else:
+        weight = masked_log_softmax(teacher / temperature, mask).exp() * mask
     logq = masked_log_softmax(logits.masked_fill(~mask, 0.0) / temperature, mask)
-    return mean_over_lists(-(target * logq).sum(-1), mask.sum(-1) >= 2)
+    return mean_over_lists(-(weight * logq).sum(-1), mask.sum(-1) >= 2)
 
 
 def weighted_logloss_distillation(

@@ -116,6 +116,8 @@ class HybridLossConfig:
     ``feedback`` is the feedback part of the hard label (:func:`batch_relevance`).
     ``distillation`` picks the Eq. 9 part: ``softmax`` (the paper's), or the Table 4 alternatives
     ``logloss`` / ``pairwise``; ``distillation_weight = 0`` is Table 4's "No Distillation".
+    ``distillation_target`` is Eq. 9's ``p_i``: ``probability`` (the ranker's predicted probability, as written)
+    or ``softmax`` (the teacher's softmax over the list; see :func:`~prerank.losses.distill.softmax_distillation`).
     ``sorting_temperature``/``sorting_power`` are SoftSort's tau and p (Eq. 10); Eq. 11 applies the
     same tau to the labels' SoftSort, and ``sorting_label_temperature`` sets a separate one (small
     values make the target the labels' hard permutation matrix); ``margin_alpha``,
@@ -128,6 +130,7 @@ class HybridLossConfig:
     distillation: Literal["softmax", "logloss", "pairwise"] = "softmax"
     feedback: Literal["graded", "binary"] = "binary"
     distillation_temperature: float = 1.0
+    distillation_target: Literal["probability", "softmax"] = "probability"
     sorting_temperature: float = 1.0
     sorting_label_temperature: float | None = None
     sorting_power: float = 1.0
@@ -138,7 +141,9 @@ class HybridLossConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("distillation", "feedback") or (value is None and f.name == "sorting_label_temperature"):
+            if f.name in ("distillation", "feedback", "distillation_target"):
+                continue
+            if value is None and f.name == "sorting_label_temperature":
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"HybridLossConfig.{f.name} must be a number, got {value!r}")
@@ -146,6 +151,8 @@ class HybridLossConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"HybridLossConfig.{name} must be >= 0, got {getattr(self, name)}")
         check_feedback(self.feedback)
+        if self.distillation_target not in ("probability", "softmax"):
+            raise ValueError("HybridLossConfig.distillation_target must be 'probability' or 'softmax'")
         if self.distillation not in DISTILLATIONS:
             raise ValueError(f"HybridLossConfig.distillation must be one of {sorted(DISTILLATIONS)}")
         for name in ("distillation_temperature", "sorting_temperature", "sorting_label_temperature"):
@@ -190,7 +197,11 @@ def hybrid_components(
     if config.distillation_weight > 0:
         if teacher_logits is None:
             raise ValueError("the hybrid loss's distillation part needs teacher logits (batch.teacher_logit)")
-        options = {"temperature": config.distillation_temperature} if config.distillation != "pairwise" else {}
+        options: dict[str, object] = {}
+        if config.distillation != "pairwise":
+            options["temperature"] = config.distillation_temperature
+        if config.distillation == "softmax":
+            options["target"] = config.distillation_target
         distill = DISTILLATIONS[config.distillation]
         parts["distillation"] = distill(logits, teacher_logits, mask & (stage == IMPRESSION), **options)
     if config.sorting_weight > 0:
