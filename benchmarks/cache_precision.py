@@ -6,8 +6,9 @@
 Both caches are built in memory from the same weights (`prerank.serve.export.build_item_cache`). Prints, for the
 split's rows scored through each cache (encode_user, the cached item states, score) and through the full forward:
 AUC, GAUC and logloss; the largest and mean absolute logit difference between the caches; and, for sampled
-requests of N catalogue candidates (as `prerank bench` samples them, scored as the online scorer does), the mean
-share of the float32 cache's top K that the bfloat16 cache also puts in its top K.
+requests of N catalogue candidates (as `prerank bench` samples them, scored as the online scorer does on the eager
+runtime, `Scorer.from_model`), the mean share of the float32 cache's top K that the bfloat16 cache also puts in its
+top K.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def top_overlap(model, caches: dict[str, ItemCache], data: str, n: int, requests
     """Mean share of the float32 cache's top K that the bfloat16 cache keeps, over sampled requests of n candidates."""
     ids = caches["float32"].ids().numpy()
     samples = sample_requests(request_rows(data, schema=model.schema), model.schema, ids, requests, n)
-    scorers = {name: Scorer(model, cache, max_candidates=n) for name, cache in caches.items()}
+    scorers = {name: Scorer.from_model(model, cache, max_candidates=n) for name, cache in caches.items()}
     shares: dict[int, list[float]] = {k: [] for k in tops}
     with torch.inference_mode():
         for s in samples:

@@ -7,9 +7,10 @@ server (or this client) fell behind counts against it (no coordinated omission).
 and cross features from the dataset's rows and ``--candidates`` ids from its item catalogue.
 
 Either starts the server itself from ``--artifact`` (a subprocess on 127.0.0.1 and a free port,
-stopped at the end) or targets ``--url``, which must be a loopback address.
+stopped at the end; ``--runtime`` picks what runs the graphs, as for `prerank serve`) or targets ``--url``, which
+must be a loopback address.
 
-    python benchmarks/load_test.py --artifact ART --data DATA --rates 50,100,200 --duration 10
+    python benchmarks/load_test.py --artifact ART --data DATA --rates 50,100,200 --duration 10 [--runtime native]
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --data DATA --out load.json
 """
 
@@ -45,10 +46,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(artifact: Path, port: int, threads: int, max_candidates: int, log: Path) -> subprocess.Popen:
-    """`prerank serve ARTIFACT` on 127.0.0.1:port in a subprocess; returns once /health answers."""
+def start_server(
+    artifact: Path, port: int, threads: int, max_candidates: int, log: Path, runtime: str = "onnx"
+) -> subprocess.Popen:
+    """`prerank serve ARTIFACT --runtime RUNTIME` on 127.0.0.1:port in a subprocess; returns once /health answers."""
     cmd = [sys.executable, "-c", SERVER, "serve", str(artifact), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--threads", str(threads), "--max-candidates", str(max_candidates), "--log-level", "warning"]
+    cmd += ["--runtime", runtime]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -147,7 +151,13 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="Seconds per rate.")
     p.add_argument("--max-requests", type=int, default=0, help="Cap on requests per rate (0: rate x duration).")
     p.add_argument("--candidates", type=int, default=1000, help="Candidates per request.")
-    p.add_argument("--threads", type=int, default=1, help="Server torch threads (with --artifact).")
+    p.add_argument("--threads", type=int, default=1, help="Server runtime threads (with --artifact).")
+    p.add_argument(
+        "--runtime",
+        default="onnx",
+        choices=["onnx", "torch", "eager", "native"],
+        help="What the server runs the graphs on (with --artifact), as `prerank serve --runtime`.",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="Per-request timeout in seconds.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="Write the results as JSON here.")
@@ -168,10 +178,13 @@ def main() -> None:
     try:
         if args.artifact is not None:
             port = free_port()
-            proc = start_server(args.artifact, port, args.threads, max(args.candidates, 10_000), log)
+            proc = start_server(args.artifact, port, args.threads, max(args.candidates, 10_000), log, args.runtime)
             url = f"http://127.0.0.1:{port}"
         meta = httpx.get(f"{url}/metadata", timeout=10).json()
-        print(f"server: {meta['model']} ({meta['num_items']:,} items, {meta['threads']} threads) at {url}")
+        print(
+            f"server: {meta['model']} on {meta.get('runtime')} ({meta['num_items']:,} items, {meta['threads']} "
+            f"threads) at {url}"
+        )
         print(
             f"{'rate':>6} {'sent':>6} {'ok':>6} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
             f"{'srv CPU ms/req':>14}  errors"
@@ -196,6 +209,7 @@ def main() -> None:
         log.unlink()
     if args.out is not None:
         record = {"url": url, "candidates": args.candidates, "model": meta["model"], "threads": meta["threads"]}
+        record["runtime"] = meta.get("runtime")
         atomic_write_text(args.out, json.dumps({**record, "results": results}, indent=2))
 
 
