@@ -108,27 +108,20 @@ def example_features(schema: Schema, names: tuple[str, ...], n: int) -> tuple[Te
     return tuple(out)
 
 
-class UserGraph(nn.Module):
-    """``encode_user`` over flat feature tensors ``[1, ...]`` -> the user state tensors in signature order."""
+class TowerGraph(nn.Module):
+    """One tower over flat feature tensors -> its state tensors in signature order: ``encode_user`` of one request's
+    user-side features ``[1, ...]`` (``side="user"``) or ``encode_item`` of N items' features ``[N, ...]``."""
 
-    def __init__(self, model: PreRanker, sig: Signature):
+    def __init__(self, model: PreRanker, sig: Signature, side: str):
         super().__init__()
-        self.model, self.names, self.keys = model, sig.user_features, sig.user_state
+        self.model, self.side = model, side
+        self.names, self.keys = (
+            (sig.user_features, sig.user_state) if side == "user" else (sig.item_features, sig.item_state)
+        )
 
     def forward(self, *features: Tensor) -> tuple[Tensor, ...]:
-        state = self.model.encode_user(Batch(features=dict(zip(self.names, features, strict=True))))
-        return tuple(state[k] for k in self.keys)
-
-
-class ItemGraph(nn.Module):
-    """``encode_item`` over flat feature tensors ``[N, ...]`` -> the item state tensors in signature order."""
-
-    def __init__(self, model: PreRanker, sig: Signature):
-        super().__init__()
-        self.model, self.names, self.keys = model, sig.item_features, sig.item_state
-
-    def forward(self, *features: Tensor) -> tuple[Tensor, ...]:
-        state = self.model.encode_item(Batch(features=dict(zip(self.names, features, strict=True))))
+        batch = Batch(features=dict(zip(self.names, features, strict=True)))
+        state = self.model.encode_user(batch) if self.side == "user" else self.model.encode_item(batch)
         return tuple(state[k] for k in self.keys)
 
 
@@ -164,13 +157,17 @@ def graph_module(model: PreRanker, sig: Signature, graph: str) -> tuple[nn.Modul
     s, n = model.schema, MIN_ROWS + 1
     rows = torch.export.Dim("n", min=MIN_ROWS)
     if graph == "user":
-        return UserGraph(model, sig), example_features(s, sig.user_features, 1), (None,) * len(sig.user_features)
+        return (
+            TowerGraph(model, sig, "user"),
+            example_features(s, sig.user_features, 1),
+            (None,) * len(sig.user_features),
+        )
     item_args = example_features(s, sig.item_features, n)
     if graph == "item":
-        return ItemGraph(model, sig), item_args, tuple({0: rows} for _ in item_args)
+        return TowerGraph(model, sig, "item"), item_args, tuple({0: rows} for _ in item_args)
     with torch.no_grad():
-        user = UserGraph(model, sig)(*example_features(s, sig.user_features, 1))
-        item = ItemGraph(model, sig)(*item_args)
+        user = TowerGraph(model, sig, "user")(*example_features(s, sig.user_features, 1))
+        item = TowerGraph(model, sig, "item")(*item_args)
     cross = example_features(s, sig.cross_features, n)
     dyn = (None,) * len(user) + tuple({0: rows} for _ in (*item, *cross))
     return ScoreGraph(model, sig), (*user, *item, *cross), dyn

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from prerank.models.base import PreRanker, State, gather_rows
-from prerank.serve.graphs import MIN_ROWS, SUFFIX, ItemGraph, ScoreGraph, Signature, UserGraph, pad_rows
+from prerank.serve.graphs import MIN_ROWS, SUFFIX, ScoreGraph, Signature, TowerGraph, pad_rows
 
 RUNTIMES = ("eager", "torch", "onnx", "onnx-int8")
 PRECISIONS = ("float32", "int8")  # of OnnxRuntime's user and score graphs
@@ -94,8 +94,8 @@ class EagerRuntime(_Graphs):
         self.signature = signature
         model.eval()
         self.graphs = {
-            "user": UserGraph(model, signature),
-            "item": ItemGraph(model, signature),
+            "user": TowerGraph(model, signature, "user"),
+            "item": TowerGraph(model, signature, "item"),
             "score": ScoreGraph(model, signature),
         }
 
