@@ -7,7 +7,7 @@ scorer, each on flat tensors in :class:`~prerank.serve.graphs.Signature` order.
 - ``onnx-int8``: as ``onnx``, with the int8 copies of the user and score graphs (``user.int8.onnx``,
   ``score.int8.onnx``, written by :func:`prerank.serve.quantize.quantize_graphs`) and the float item graph.
 
-The last two load without prerank's model classes. Every runtime returns float32 tensors; N = 1 rows are padded
+All but ``eager`` load without prerank's model classes. Every runtime returns float32 tensors; N = 1 rows are padded
 to the graphs' smallest N (:func:`~prerank.serve.graphs.pad_rows`) and the copy dropped.
 """
 
