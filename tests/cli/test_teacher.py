@@ -133,3 +133,44 @@ def test_score_rejects_a_bad_batch_size(tiny_dataset: Path, tmp_path: Path, size
         app, ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--batch-size", size, "--threads", "1"]
     )
     assert result.exit_code == 2 and "--batch-size" in result.output
+
+
+def test_out_of_fold_scores_train_with_fold_teachers_and_the_rest_with_the_teacher(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Every train row gets a logit from a teacher trained without its fold; valid and test the full teacher's."""
+    schema = Schema.load(tiny_dataset)
+    teacher = _teacher(tmp_path / "teacher.pt", schema)
+    _, model, _ = load_model(teacher)
+    args = ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--threads", "1", "--out-of-fold", "2"]
+    result = runner.invoke(app, [*args, "--epochs", "1", "--max-steps", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert _json(result.stdout)["rows"] == {"test": 128, "train": 512, "valid": 128}
+    meta = json.loads((tiny_dataset / "meta.json").read_text())["teacher"]
+    assert meta["train_logits"] == "out-of-fold" and meta["folds"] == 2
+    assert not (tiny_dataset / ".crossfit").exists() and Schema.load(tiny_dataset).has_teacher_logit
+    for path in _parts(tiny_dataset):
+        table = pq.read_table(path)
+        logits = table.column("teacher_logit").to_numpy()
+        assert np.isfinite(logits).all()
+        with torch.no_grad():
+            in_fold = model(table_to_batch(table.drop_columns(["teacher_logit"]), schema)).numpy()
+        if path.parent.name == "train":  # fold teachers are other models than the full teacher
+            assert np.abs(logits - in_fold).max() > 1e-3
+        else:
+            np.testing.assert_allclose(logits, in_fold, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_assignment_and_bad_fold_counts(tiny_dataset: Path, tmp_path: Path) -> None:
+    from prerank.train.crossfit import fold_of_rows
+
+    fold = fold_of_rows(10, 3, seed=0)
+    assert sorted(np.bincount(fold).tolist()) == [3, 3, 4]
+    assert (fold == fold_of_rows(10, 3, seed=0)).all() and not (fold == fold_of_rows(10, 3, seed=1)).all()
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        fold_of_rows(10, 1, seed=0)
+    with pytest.raises(ValueError, match="fewer than the 5 folds"):
+        fold_of_rows(4, 5, seed=0)
+    teacher = _teacher(tmp_path / "teacher.pt", Schema.load(tiny_dataset))
+    result = runner.invoke(app, ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--out-of-fold", "1"])
+    assert result.exit_code != 0 and "--out-of-fold" in result.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -105,25 +106,81 @@ def score(
     data: Path = typer.Option(..., "--data", "-d", help="Dataset directory to add teacher_logit to (in place)."),
     batch_size: int = typer.Option(8192, "--batch-size", help="Rows scored at once (bounds memory)."),
     threads: int = typer.Option(2, "--threads", help="torch intra-op threads."),
+    folds: int = typer.Option(
+        0,
+        "--out-of-fold",
+        help="K >= 2: score the train split out of fold (K teachers, each trained without the fold it scores, "
+        "with the teacher's model config and the training flags below); valid and test by TEACHER. 0: TEACHER "
+        "scores every split (in-fold on train).",
+    ),
+    fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the row-to-fold assignment."),
+    epochs: int = EpochsOpt,
+    train_batch_size: int = typer.Option(None, "--train-batch-size", help="Fold teachers: rows per batch."),
+    lr: float = LrOpt,
+    seed: int = SeedOpt,
+    patience: int = PatienceOpt,
+    metric: str = MetricOpt,
+    max_steps: int = MaxStepsOpt,
+    progress: bool = ProgressOpt,
 ) -> None:
     """Add a float32 teacher_logit column to every row of every split of DATA, file by file, atomically."""
     from prerank.train.checkpoint import load_model
+    from prerank.train.config import train_config
+    from prerank.train.crossfit import out_of_fold_logits, write_logits
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if folds == 1 or folds < 0:
+        raise ValueError(f"--out-of-fold must be 0 (in-fold) or at least 2 folds, got {folds}")
     torch.set_num_threads(threads)
     name, model, _ = load_model(teacher)
-    rows = add_teacher_logits(model, data, batch_size=batch_size, log=console.print)
+    data_schema = Schema.load(data)
+    check_teacher_schema(model.schema, data_schema, str(data))
+    if folds and data_schema.has_stage:
+        raise SchemaError(
+            f"{data} is cascade data: its non-impression rows were labelled with a teacher's help, so fold teachers "
+            "must be fitted on the impressions-only dataset it was built from; score that one out of fold"
+        )
+    skip: tuple[str, ...] = ()
+    if folds:
+        flags = train_flags(locals()) | {"batch_size": train_batch_size}
+        cfg = train_config(flags)
+        parts, logits = out_of_fold_logits(
+            name,
+            asdict(model.config),
+            data,
+            Path(data) / ".crossfit",
+            folds=folds,
+            config=cfg,
+            seed=fold_seed,
+            batch_size=batch_size,
+            log=console.print,
+        )
+        for path, part in zip(parts, logits, strict=True):
+            write_logits(path, part)
+        console.print(f"out-of-fold teacher_logit written for {sum(len(x) for x in logits):,} rows of train")
+        skip = ("train",)
+    rows = add_teacher_logits(model, data, batch_size=batch_size, log=console.print, skip=skip)
+    if folds:
+        rows["train"] = sum(len(x) for x in logits)
     meta = read_meta(data)
-    meta["teacher"] = {"checkpoint": str(teacher), "model": name}
+    meta["teacher"] = {"checkpoint": str(teacher), "model": name, "train_logits": "out-of-fold" if folds else "in-fold"}
+    if folds:
+        meta["teacher"] |= {"folds": folds, "fold_seed": fold_seed}
     atomic_write_text(Path(data) / "meta.json", json.dumps(meta, indent=2, default=str))
     print_json({"teacher": str(teacher), "model": name, "rows": rows})
 
 
 def add_teacher_logits(
-    model: PreRanker, data_dir: str | Path, *, batch_size: int = 8192, log: Callable[[str], None] = print
+    model: PreRanker,
+    data_dir: str | Path,
+    *,
+    batch_size: int = 8192,
+    log: Callable[[str], None] = print,
+    skip: tuple[str, ...] = (),
 ) -> dict[str, int]:
-    """Write ``model``'s logits as ``teacher_logit`` into every split of ``data_dir``; returns rows per split.
+    """Write ``model``'s logits as ``teacher_logit`` into every split of ``data_dir`` but ``skip`` (splits whose
+    logits were written otherwise, e.g. out of fold); returns rows per split scored.
 
     Each Parquet part is rewritten row group by row group (memory bounded by one row group) into a
     temporary file that replaces the part only when complete. An existing ``teacher_logit`` column
@@ -140,7 +197,7 @@ def add_teacher_logits(
         ParquetSplit(data_dir, split, schema)  # validate every split before rewriting any file
     model.eval()
     rows: dict[str, int] = {}
-    for split in splits:
+    for split in [s for s in splits if s not in skip]:
         rows[split] = sum(
             _score_file(model, path, schema, batch_size) for path in sorted((data_dir / split).glob("*.parquet"))
         )
