@@ -46,6 +46,26 @@ def test_compare_writes_records_and_table(tiny_dataset: Path, tmp_path: Path) ->
     assert res.exit_code == 0 and len(json.loads((out / "results.json").read_text())) == 4
 
 
+def test_compare_reports_the_teachers_row_and_relaimpr_against_it(tiny_dataset: Path, tmp_path: Path) -> None:
+    from prerank.models.registry import build_model
+    from prerank.schema import Schema
+    from prerank.train.checkpoint import save_checkpoint
+
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, "ranker", build_model("ranker", Schema.load(tiny_dataset), {"hidden": [8]}))
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(tiny_dataset), "--models", "lr", "--seeds", "1", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--teacher", str(teacher), *FAST])
+    assert res.exit_code == 0, res.output
+    records = json.loads((out / "results.json").read_text())
+    first, student = records
+    assert first["is_teacher"] and first["model"] == "teacher (ranker)" and first["seed"] is None
+    assert student["relaimpr_teacher"] == pytest.approx((student["auc"] - 0.5) / (first["auc"] - 0.5) * 100 - 100)
+    assert "| teacher (ranker) | 1 |" in (out / "results.md").read_text()
+    res = runner.invoke(app, [*args, "--teacher", str(teacher), *FAST, "--resume"])  # the teacher is not added twice
+    assert res.exit_code == 0 and len(json.loads((out / "results.json").read_text())) == 2
+
+
 def test_per_model_option_and_unknown_model(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     base = ["compare", "--data", str(tiny_dataset), "--seeds", "1", "--out", str(out), *FAST]

@@ -132,6 +132,9 @@ def compare(
     seeds: int = typer.Option(3, "--seeds", help="Number of seeds per model (seed, seed+1, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: results.json, results.md, runs/."),
     resume: bool = typer.Option(False, "--resume", help="Skip runs already in OUT/results.json; resume unfinished."),
+    teacher: Path = typer.Option(
+        None, "--teacher", help="Teacher checkpoint (`prerank teacher fit`): its row and RelaImpr vs the teacher."
+    ),
     config: Path = ConfigOpt,
     model_option: list[str] = typer.Option(
         None, "--model-option", help="Per-model override MODEL.key=value, or key=value for all models (repeatable)."
@@ -179,6 +182,7 @@ def compare(
         loss=run.loss,
         loss_options=run.loss_options,
         resume=resume,
+        teacher=teacher,
         log=console.print,
     )
     typer.echo((out / "results.md").read_text())

@@ -14,6 +14,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("logloss", "logloss", ".4f"),
     ("gauc", "GAUC", ".4f"),
     ("relaimpr", "RelaImpr % vs two_tower", ".2f"),
+    ("relaimpr_teacher", "RelaImpr % vs teacher", ".2f"),
     ("recall@10", "Recall@10", ".4f"),
     ("recall@50", "Recall@50", ".4f"),
     ("recall@100", "Recall@100", ".4f"),

@@ -15,6 +15,7 @@ from prerank.evaluate.report import results_table
 from prerank.io import atomic_write_text
 from prerank.models.base import ConfigError, num_params
 from prerank.models.registry import MODELS
+from prerank.schema import Schema
 from prerank.train.config import TrainConfig, train_config
 from prerank.train.trainer import Loss, bce_loss, evaluate_split, train_model
 
@@ -65,6 +66,7 @@ def run_compare(
     loss: str = "bce",
     loss_options: dict[str, Any] | None = None,
     resume: bool = False,
+    teacher: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Train every model for seeds ``config.seed .. config.seed + seeds - 1``; evaluate each on the test split.
@@ -75,6 +77,9 @@ def run_compare(
     RelaImpr is computed against Two-Tower of the same seed when Two-Tower is among the models.
     ``train_overrides`` changes training options for one model (e.g. a larger learning rate for
     LR, chosen on the valid split); the record keeps the options it was trained with.
+    ``teacher`` (a checkpoint of the ranking teacher, trained on this dataset's schema) adds its own row, evaluated
+    once on the same test split, and every student's RelaImpr against it (``relaimpr_teacher``), so the table shows
+    the gap to the ranker.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = [m for m in models if m not in MODELS]
@@ -88,6 +93,9 @@ def run_compare(
     if resume and results_path.exists():
         records = json.loads(results_path.read_text())
     done = {(r["model"], r["seed"]) for r in records}
+    if teacher is not None and not any(r.get("is_teacher") for r in records):
+        records.insert(0, _teacher_record(Path(teacher), data_dir, config.eval_batch_size))
+        log(f"teacher {records[0]['model']}: test AUC {records[0]['auc']:.4f}")
     # the baseline first, so that every later record can carry its RelaImpr
     order = sorted(models, key=lambda m: m != BASELINE)
     for seed in range(config.seed, config.seed + seeds):
@@ -138,11 +146,39 @@ def run_compare(
     return records
 
 
+def _teacher_record(path: Path, data_dir: Path, batch_size: int) -> dict[str, Any]:
+    """The teacher's row: its test metrics (it was trained once, so it has no seed), cost and size."""
+    from prerank.train.checkpoint import load_model
+
+    name, model, _ = load_model(path)
+    if model.schema.features != Schema.load(data_dir).features:
+        raise ConfigError(f"the teacher {path} was trained on another schema than {data_dir}'s")
+    test = _test_metrics(model, data_dir, batch_size)
+    return {
+        "model": f"teacher ({name})",
+        "is_teacher": True,
+        "seed": None,
+        "data": str(data_dir),
+        "auc": test["auc"],
+        "logloss": test["logloss"],
+        "gauc": test["gauc"],
+        "params": num_params(model),
+        "checkpoint": str(path),
+        **_cost(model, data_dir),
+        **{k: v for k, v in test.items() if k.startswith(LISTWISE_PREFIXES)},
+    }
+
+
 def _fill_relaimpr(records: list[dict[str, Any]]) -> None:
     base = {r["seed"]: r["auc"] for r in records if r["model"] == BASELINE}
+    teacher = next((r["auc"] for r in records if r.get("is_teacher")), None)
     for r in records:
+        if r.get("is_teacher"):
+            continue
         if r["seed"] in base:
             r["relaimpr"] = metrics.relaimpr(r["auc"], base[r["seed"]])
+        if teacher is not None:
+            r["relaimpr_teacher"] = metrics.relaimpr(r["auc"], teacher)
 
 
 def write_results(out_dir: Path, records: list[dict[str, Any]]) -> None:
