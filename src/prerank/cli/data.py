@@ -60,9 +60,9 @@ def _bar(enabled: bool, *, transfer: bool = False) -> Iterator[ProgressFn]:
 @data_app.command("prepare")
 @friendly_errors
 def prepare_cmd(
-    name: str = typer.Argument(..., help=f"Recipe: {RECIPE_NAMES}."),
+    name: str = typer.Argument(..., help=f"Recipe: {RECIPE_NAMES}, or 'table' for your own CSV/Parquet log."),
     raw: Path = typer.Option(
-        ...,
+        None,
         "--raw",
         help="Raw files: a folder (e.g. ../shared/data/ml-1m) or an archive (ml-1m.zip, UserBehavior.csv[.gz]).",
     ),
@@ -77,17 +77,78 @@ def prepare_cmd(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of random splits and out-of-fold assignment."),
     progress: bool = ProgressOpt,
+    interactions: Path = typer.Option(None, "--interactions", help="table: interaction log (.csv/.tsv/.parquet)."),
+    users: Path = typer.Option(None, "--users", help="table: one row per user; its columns become user features."),
+    items: Path = typer.Option(None, "--items", help="table: one row per item; its columns become item features."),
+    user_col: str = typer.Option(None, "--user-col", help="table: user id column (feature user_id)."),
+    item_col: str = typer.Option(None, "--item-col", help="table: item id column (feature item_id)."),
+    label_col: str = typer.Option(None, "--label-col", help="table: 0/1 label column (or --implicit)."),
+    implicit: bool = typer.Option(False, "--implicit", help="table: every logged row is a positive; sample negatives."),
+    time_col: str = typer.Option(None, "--time-col", help="table: time column (time splits, behaviour history)."),
+    split: str = typer.Option(
+        None,
+        "--split",
+        help="table: leave-last-out (default with --time-col --implicit), global-time (default with --time-col"
+        " --label-col), or random (default without --time-col).",
+    ),
+    negatives: int = typer.Option(None, "--negatives", help="table --implicit: negatives per positive (default 4)."),
+    negative_sampling: str = typer.Option(
+        "uniform", "--negative-sampling", help="table --implicit: uniform or popularity (training counts)."
+    ),
+    max_hist: int = typer.Option(20, "--max-hist", help="table: length of the hist_item_id behaviour sequence."),
 ) -> None:
-    """Turn public raw files into a prerank dataset (schema.json, meta.json, train/valid/test, items.parquet).
+    """Turn public raw files, or your own interaction table, into a prerank dataset.
 
-    Vocabularies and statistics are fitted on the training split only (out-of-fold for training rows);
-    see `prerank data info OUT` for the features and their FSCD cost types.
+    Writes schema.json, meta.json, train/valid/test and items.parquet. Vocabularies and statistics are
+    fitted on the training split only (out-of-fold for training rows); see `prerank data info OUT` for the
+    features and their FSCD cost types. `prerank data prepare table --interactions log.csv --user-col U
+    --item-col I --label-col L --out D` infers features from column types and also writes report.json.
     """
+    if name == "table":
+        _prepare_table(
+            out, seed, progress, interactions=interactions, users=users, items=items, user_col=user_col,
+            item_col=item_col, label_col=label_col, implicit=implicit, time_col=time_col, split=split,
+            negatives=negatives, negative_sampling=negative_sampling, max_hist=max_hist,
+        )  # fmt: skip
+        return
+    if raw is None:
+        raise ValueError(f"recipe {name!r} needs --raw (the folder or archive of its raw files)")
     with _bar(progress) as bar:
         path = prepare(name, raw, out, protocol, seed, progress=bar)
     meta = json.loads((path / "meta.json").read_text())
     rows = ", ".join(f"{k} {v:,}" for k, v in meta["rows"].items())
     console.print(f"[green]wrote[/] {path}: {rows} rows in {meta['prepare_seconds']} s")
+
+
+def _prepare_table(out: Path, seed: int, progress: bool, **opts: object) -> None:
+    """``prepare table``: run :func:`prerank.data.recipes.table.prepare_table` and print what it inferred."""
+    from prerank.data.recipes.table import TableConfig, TableError, prepare_table
+
+    for flag, key in (("--interactions", "interactions"), ("--user-col", "user_col"), ("--item-col", "item_col")):
+        if opts[key] is None:
+            raise TableError(f"prepare table needs {flag}")
+    interactions, users, items = opts.pop("interactions"), opts.pop("users"), opts.pop("items")
+    config = TableConfig(seed=seed, **opts)  # type: ignore[arg-type]
+    with _bar(progress) as bar:
+        path = prepare_table(interactions, out, config, users=users, items=items, progress=bar)  # type: ignore[arg-type]
+    report = json.loads((path / "report.json").read_text())
+    table = Table(title=f"{path}: inferred features (split {report['split']})")
+    for col in ("column", "from", "feature", "tower", "kind", "vocab", "len"):
+        table.add_column(col)
+    for c in report["columns"]:
+        vocab = str(c["vocab_size"]) if c["vocab_size"] else ""
+        table.add_row(c["column"], c["source"], c["feature"], c["tower"], c["kind"], vocab, str(c["max_len"] or ""))
+    if report["history"]:
+        table.add_row("", "(derived)", "hist_item_id", "user", "sequence", "(item_id)", str(config.max_hist))
+    out_console = Console()  # stdout: this is the command's result
+    out_console.print(table)
+    for d in report["dropped"]:
+        out_console.print(f"[yellow]dropped[/] {d['column']} ({d['source']}): {d['reason']}")
+    for w in report["warnings"]:
+        out_console.print(f"[yellow]warning:[/] {w}")
+    rows = ", ".join(f"{k} {v:,}" for k, v in report["rows"].items())
+    out_console.print(f"label: {report['label']}; request_id: {report['request_id']}")
+    console.print(f"[green]wrote[/] {path}: {rows} rows in {report['prepare_seconds']} s (details in report.json)")
 
 
 @data_app.command("download")
@@ -129,6 +190,30 @@ def synth_cmd(
     options = parse_options(option, "--option")
     options |= {k: v for k, v in (("n_users", users), ("n_items", items)) if v is not None}
     path = generate(out, rows, seed, progress=progress, **options)
+    console.print(f"[green]wrote[/] {path}")
+
+
+@data_app.command("synth-wide")
+@friendly_errors
+def synth_wide_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (new, empty or earlier synth-wide)."),
+    rows: int = typer.Option(50_000, "--rows", help="Number of rows (whole requests)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the hidden effects and of the sampling."),
+    option: list[str] = typer.Option(
+        None,
+        "--option",
+        help="Generator option key=value (repeatable), e.g. n_noise_cross=5, effect=0.5, star_effect=2.0 "
+        "(see prerank.data.synthetic_wide.WideConfig).",
+    ),
+) -> None:
+    """Generate a wide synthetic dataset with a known value per field and FSCD cost types (feature selection).
+
+    Cheap informative fields (types I, II), costly informative fields of the same value (III, IV), one very
+    informative costly field (x_star, IV) and costly noise (III, IV); meta.json holds each field's role.
+    """
+    from prerank.data.synthetic_wide import generate_wide
+
+    path = generate_wide(out, rows, seed, **parse_options(option, "--option"))
     console.print(f"[green]wrote[/] {path}")
 
 

@@ -3,6 +3,11 @@
 DIN: Zhou et al., "Deep Interest Network for Click-Through Rate Prediction" (KDD 2018), Sec. 4.3:
 the activation unit scores each behaviour ``k_l`` against the target ``q`` with a small MLP on
 ``[q, k_l, q - k_l, q * k_l]`` and sum-pools the behaviours by those scores.
+
+NOVA: Liu et al., "Noninvasive Self-attention for Side Information Fusion in Sequential
+Recommendation" (AAAI 2021), Sec. "Non-invasive Self-attention": side information (an item's
+category, its position) is fused into the queries and keys of self-attention only, so the values,
+and hence what the layer outputs, stay in the item-id space.
 """
 
 from __future__ import annotations
@@ -85,3 +90,48 @@ class DINAttention(nn.Module):
         elif valid is not None:
             w = w * valid.to(w.dtype)
         return torch.bmm(w.transpose(1, 2), keys)
+
+
+class NOVAAttention(nn.Module):
+    """Non-invasive self-attention over a behaviour sequence (NOVA, single head, additive fusor).
+
+    With item embeddings ``E`` ``[B, L, D]`` and the summed side-information embeddings ``S``
+    ``[B, L, D]`` (NOVA's fusion function ``F`` taken as the sum, one of the paper's fusors):
+
+    ``Q = (E + S) W_Q``, ``K = (E + S) W_K``, ``V = E W_V``;
+    ``A = softmax_l'(Q K^T / sqrt(D))`` over valid behaviours ``l'``; output ``A V`` ``[B, L, D]``.
+
+    Side information changes only ``A`` (the weights), never ``V`` (:meth:`values` reads ``E`` alone):
+    the "non-invasive" property. Padded keys get zero weight; padded query rows are left to the
+    caller's pooling (:meth:`pooled` averages the valid rows only). No Python branch depends on the
+    data, so the layer exports with a dynamic batch dimension.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.scale = dim**-0.5
+
+    def weights(self, items: Tensor, side: Tensor, mask: Tensor) -> Tensor:
+        """Attention weights ``[B, L, L]`` (rows: queries, columns: keys; padded keys get 0)."""
+        fused = items + side
+        logits = torch.matmul(self.query(fused), self.key(fused).transpose(-1, -2)) * self.scale
+        # a finite floor instead of -inf: a row without any behaviour gives uniform weights, not NaN,
+        # and is then dropped by the masked pooling
+        logits = logits.masked_fill(~mask.unsqueeze(-2), torch.finfo(logits.dtype).min)
+        return torch.softmax(logits, dim=-1)
+
+    def values(self, items: Tensor) -> Tensor:
+        """``V = E W_V`` ``[B, L, D]``: from the item embeddings only."""
+        return self.value(items)
+
+    def forward(self, items: Tensor, side: Tensor, mask: Tensor) -> Tensor:
+        """``A V`` ``[B, L, D]``."""
+        return torch.matmul(self.weights(items, side, mask), self.values(items))
+
+    def pooled(self, items: Tensor, side: Tensor, mask: Tensor) -> Tensor:
+        """The outputs of the valid positions averaged: ``[B, D]`` (0 for an empty sequence)."""
+        m = mask.unsqueeze(-1).to(items.dtype)
+        return (self(items, side, mask) * m).sum(-2) / m.sum(-2).clamp_min(1.0)

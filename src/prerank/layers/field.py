@@ -2,6 +2,8 @@
 
 - :class:`SENET`: squeeze-and-excitation over fields (Hu et al., "Squeeze-and-Excitation Networks",
   CVPR 2018, Sec. 3, applied to feature fields as in FiBiNET, Huang et al., RecSys 2019, Sec. 3.3).
+- :class:`BilinearInteraction`: FiBiNET's bilinear field interaction (Huang et al., RecSys 2019,
+  "Bilinear-Interaction Layer"), ``p_ij = (v_i W) * v_j`` for every pair of fields.
 - :class:`LightSE`: IntTower's light-weight SE (Li et al., CIKM 2022, "Light-SE" module).
 - :class:`FieldProjection`: one linear map per field, the exact decomposition of a linear layer over
   concatenated fields that lets interaction-focused models cache the item part (DESIGN.md, "contract").
@@ -106,3 +108,49 @@ class FieldProjection(nn.Module):
         as one ``[B, F*D] x [F*D, H]`` matmul (``bias`` ``[H]`` or ``[B, H]`` is added by the same call)."""
         x, w = fields.flatten(-2), self.block(offset, fields.shape[-2]).flatten(0, 1)
         return x @ w if bias is None else torch.addmm(bias, x, w)
+
+
+BILINEAR_TYPES: tuple[str, ...] = ("field_all", "field_each", "field_interaction")
+
+
+class BilinearInteraction(nn.Module):
+    """FiBiNET's bilinear interaction: ``p_ij = (v_i W) * v_j`` (elementwise) for every field pair ``i < j``.
+
+    Huang et al., "FiBiNET" (RecSys 2019), "Bilinear-Interaction Layer", with its three types:
+    ``field_all`` (one ``W`` ``[D, D]`` for all pairs), ``field_each`` (``W_i`` per field ``[F, D, D]``)
+    and ``field_interaction`` (``W_ij`` per pair ``[P, D, D]``).
+
+    Shapes: ``[B, F, D]`` -> ``[B, P, D]``, ``P = F (F - 1) / 2``, pairs in the order
+    ``(0, 1), (0, 2), ..., (F - 2, F - 1)``. The pairs are gathered by index, not looped over.
+    """
+
+    def __init__(self, num_fields: int, dim: int, kind: str = "field_interaction"):
+        super().__init__()
+        if num_fields < 2:
+            raise ValueError(f"BilinearInteraction needs at least 2 fields, got {num_fields}")
+        if kind not in BILINEAR_TYPES:
+            raise ValueError(f"bilinear type must be one of {BILINEAR_TYPES}, got {kind!r}")
+        left, right = torch.triu_indices(num_fields, num_fields, offset=1)
+        # separate storages: views of one tensor would be exported as a shared, partial constant
+        self.register_buffer("left", left.clone(), persistent=False)
+        self.register_buffer("right", right.clone(), persistent=False)
+        n_maps = {"field_all": 1, "field_each": num_fields, "field_interaction": len(left)}[kind]
+        self.weight = nn.Parameter(torch.empty(n_maps, dim, dim))
+        bound = dim**-0.5
+        nn.init.uniform_(self.weight, -bound, bound)
+        self.kind = kind
+        self.num_fields = num_fields
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.left)
+
+    def forward(self, fields: Tensor) -> Tensor:
+        if fields.shape[-2] != self.num_fields:
+            raise ValueError(f"BilinearInteraction expects {self.num_fields} fields, got {fields.shape[-2]}")
+        v_i, v_j = fields[:, self.left], fields[:, self.right]  # [B, P, D] each
+        if self.kind == "field_all":
+            return torch.matmul(v_i, self.weight[0]) * v_j
+        w = self.weight[self.left] if self.kind == "field_each" else self.weight  # [P, D, D]
+        # [B, P, 1, D] @ [P, D, D] -> [B, P, 1, D]: one map per pair, batched over B
+        return torch.matmul(v_i.unsqueeze(-2), w).squeeze(-2) * v_j

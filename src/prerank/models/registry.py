@@ -8,7 +8,9 @@ from typing import Any
 from prerank.models.base import ConfigError, PreRanker, config_from_dict
 from prerank.models.cold import COLD, COLDConfig
 from prerank.models.dat import DAT, DATConfig
+from prerank.models.distilled_dssm import DistilledDSSM, DistilledDSSMConfig
 from prerank.models.fit import FIT, FITConfig
+from prerank.models.fscd import FSCDConfig, FSCDNet
 from prerank.models.int_tower import IntTower, IntTowerConfig
 from prerank.models.lr import LR, LRConfig
 from prerank.models.rank_tower import RankTower, RankTowerConfig
@@ -29,6 +31,17 @@ MODELS: dict[str, tuple[type[PreRanker], Any]] = {
     "fit_summax": (FIT, FITConfig(scorer="summax")),
     "fit_fc": (FIT, FITConfig(scorer="fc")),
     "rank_tower": (RankTower, RankTowerConfig()),
+    # Taobao distilled DSSM and the rows of its report's ablation; further rows are config overrides
+    # of distilled_dssm (--model-option use_nova=false, use_senet=false, use_bilinear=false, ...)
+    "distilled_dssm": (DistilledDSSM, DistilledDSSMConfig()),
+    "dssm_plain": (
+        DistilledDSSM,
+        DistilledDSSMConfig(head="dot", use_fm=False, use_nova=False, use_senet=False, use_bilinear=False),
+    ),
+    "dssm_mlp": (DistilledDSSM, DistilledDSSMConfig(use_fm=False, use_nova=False, use_senet=False, use_bilinear=False)),
+    "dssm_mlp_fm": (DistilledDSSM, DistilledDSSMConfig(use_nova=False, use_senet=False, use_bilinear=False)),
+    "fscd_ranker": (FSCDNet, FSCDConfig(hidden=(1024, 512, 256))),
+    "fscd_preranker": (FSCDNet, FSCDConfig(hidden=(1024, 256))),
 }
 
 

@@ -129,11 +129,13 @@ def train_model(
     loss: Loss | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    init_weights: dict[str, Tensor] | None = None,
 ) -> TrainResult:
     """Train registered model ``name`` on ``data_dir`` (train split), early-stopping on the valid split.
 
     Returns the model with its best weights loaded. ``out_dir`` receives ``metrics.jsonl``,
-    ``last.pt`` and ``best.pt``.
+    ``last.pt`` and ``best.pt``. ``init_weights`` (a full state dict of the model) starts a fresh run
+    from given weights instead of the initialisation (fine-tuning, FSCD Eq. 6); a resumed run ignores it.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,8 @@ def train_model(
     seed_everything(config.seed)
     schema = Schema.load(data_dir)
     model = build_model(name, schema, model_overrides)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
     device = torch.device(config.device)
     model.to(device)
     optimizer = make_optimizer(model, config)
