@@ -130,6 +130,15 @@ def test_every_runtime_serves_the_training_models_scores(name: str, shared: Path
         torch.testing.assert_close(torch.tensor(one.scores), expected[:1], rtol=1e-4, atol=1e-5, msg=runtime)
 
 
+def test_each_torch_graph_holds_only_the_weights_it_reads(shared: Path) -> None:
+    """The score graph of IntTower reads no embedding table, so its program is a small part of the weights."""
+    art = shared / "art-int_tower"
+    program = torch.export.load(art / "graphs" / "score.pt2")
+    assert all(t.numel() == 0 for name, t in program.state_dict.items() if "emb" in name)
+    weights = (art / "weights.pt").stat().st_size
+    assert (art / "graphs" / "score.pt2").stat().st_size < weights / 4
+
+
 def test_graphs_load_without_prerank(shared: Path) -> None:
     """The user and score graphs of an artifact run in a process where prerank cannot be imported."""
     art = shared / "art-int_tower"

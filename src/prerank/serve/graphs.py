@@ -16,6 +16,7 @@ runtime pads a single candidate to two rows and drops the copy (:func:`pad_rows`
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -190,10 +191,41 @@ def _quiet() -> Iterator[None]:
 
 
 def export_program(model: PreRanker, sig: Signature, graph: str) -> torch.export.ExportedProgram:
-    """``graph`` of ``model`` (in eval mode) as a torch.export program with a dynamic row dimension."""
-    module, args, dyn = graph_module(model.eval(), sig, graph)
+    """``graph`` of ``model`` (in eval mode) as a torch.export program with a dynamic row dimension.
+
+    A program keeps every parameter of the module it was traced from, read or not; so the parameters this graph
+    never reads (the item tower's in the user graph, the embedding tables in the score graph) are replaced by empty
+    tensors on a copy of the model and the graph traced again, and each ``.pt2`` holds only its own weights.
+    """
+    module, args, dyn = graph_module(copy.deepcopy(model).eval(), sig, graph)
+    shapes = {"inputs" if graph == "score" else "features": dyn}
     with _quiet():
-        return torch.export.export(module, args, dynamic_shapes={"inputs" if graph == "score" else "features": dyn})
+        program = torch.export.export(module, args, dynamic_shapes=shapes)
+        unused = _unused_weights(program)
+        if not unused:
+            return program
+        for name in unused:
+            path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(path)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(torch.empty(0), requires_grad=False)
+            else:
+                owner._buffers[leaf] = torch.empty(0)
+        return torch.export.export(module, args, dynamic_shapes=shapes)
+
+
+def _unused_weights(program: torch.export.ExportedProgram) -> list[str]:
+    """Names of the parameters and buffers a program's graph never reads."""
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    return [
+        spec.target
+        for spec in program.graph_signature.input_specs
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER)
+        and spec.target is not None
+        and not placeholders[spec.arg.name].users
+    ]
 
 
 def save_graphs(model: PreRanker, out_dir: Path, formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
