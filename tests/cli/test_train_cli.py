@@ -13,6 +13,16 @@ from prerank.cli import train as _train  # noqa: F401  (registers the commands)
 
 runner = CliRunner()
 FAST = ["--epochs", "1", "--batch-size", "128", "--threads", "1", "--no-progress"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    from PIL import Image  # matplotlib's own dependency
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    with Image.open(path) as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
 
 
 def test_train_then_evaluate(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -41,6 +51,12 @@ def test_compare_writes_records_and_table(tiny_dataset: Path, tmp_path: Path) ->
     assert {r["model"]: r["lr"] for r in records} == {"lr": 0.01, "two_tower": 0.001}  # LR's own default
     table = (out / "results.md").read_text()
     assert "| lr | 2 |" in table and "| two_tower | 2 |" in table
+    assert "p50 ms/request" in table
+    # latency once per model, on its seed-0 checkpoint exported to OUT/artifacts/MODEL; the same in every seed's record
+    for r in records:
+        assert r["latency_seed"] == 0 and r["latency_candidates"] == 1000 and r["latency_runtime"] == "onnx"
+        assert r["latency_p50_ms"] > 0 and r["artifact"] == str(out / "artifacts" / r["model"])
+    assert_png(out / "auc_vs_latency.png")
     # resume: nothing left to do, nothing lost
     res = runner.invoke(app, [*args, *FAST, "--resume"])
     assert res.exit_code == 0 and len(json.loads((out / "results.json").read_text())) == 4
@@ -66,9 +82,37 @@ def test_compare_reports_the_teachers_row_and_relaimpr_against_it(tiny_dataset: 
     assert res.exit_code == 0 and len(json.loads((out / "results.json").read_text())) == 2
 
 
+def test_demo_prints_one_table_and_writes_the_plot(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--rows", "3000", "--models", "lr,two_tower", "--max-steps", "5"]
+    res = runner.invoke(app, [*args, "--threads", "1", "--candidates", "200", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    header = "| model | seeds | test AUC | test GAUC | p50 ms/request | cache B/item |"
+    assert res.stdout.count(header) == 1, res.stdout
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| lr ") or line.startswith("| two_tower ")]
+    assert len(rows) == 2 and all(len(r.strip("|").split("|")) == 6 for r in rows)
+    records = json.loads((out / "results.json").read_text())
+    assert {r["model"] for r in records} == {"lr", "two_tower"}
+    assert all(r["latency_candidates"] == 200 and r["latency_p50_ms"] > 0 for r in records)
+    assert all(r["auto_schedule"] == ["batch_size", "epochs"] and r["batch_size"] == 64 for r in records)
+    assert (out / "demo.md").read_text().startswith(header)
+    assert_png(out / "auc_vs_latency.png")
+
+
 def test_per_model_option_and_unknown_model(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    base = ["compare", "--data", str(tiny_dataset), "--seeds", "1", "--out", str(out), *FAST]
+    base = [
+        "compare",
+        "--data",
+        str(tiny_dataset),
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        *FAST,
+        "--latency-candidates",
+        "0",
+    ]
     res = runner.invoke(
         app,
         [*base, "--models", "lr,two_tower", "--model-option", "two_tower.similarity=cosine"]

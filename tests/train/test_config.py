@@ -5,11 +5,35 @@ from pathlib import Path
 import pytest
 
 from prerank.models.base import ConfigError
-from prerank.train.config import TrainConfig, load_run_config, train_config
+from prerank.train.config import TrainConfig, auto_schedule, load_run_config, train_config
 
 
 def test_defaults_are_valid() -> None:
-    assert TrainConfig().epochs >= 1
+    cfg = TrainConfig()
+    assert cfg.epochs is None and cfg.batch_size is None  # chosen from the training rows by auto_schedule
+    assert cfg.patience >= 3 and cfg.min_delta == 0.0
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [(500, (64, 30)), (12_000, (64, 11)), (100_000, (256, 6)), (200_000, (512, 6)), (10_000_000, (2048, 5))],
+)
+def test_auto_schedule_gives_small_data_enough_steps(rows: int, expected: tuple[int, int]) -> None:
+    batch, epochs = auto_schedule(rows)
+    assert (batch, epochs) == expected
+    assert batch & (batch - 1) == 0  # a power of two
+    steps = epochs * -(-rows // batch)
+    assert steps >= 2000 or epochs == 30
+
+
+def test_auto_schedule_rejects_an_empty_split() -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        auto_schedule(0)
+
+
+def test_min_delta_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match="min_delta"):
+        train_config({"min_delta": -0.1})
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,20 @@ def test_training_reduces_loss_and_is_deterministic(tiny_dataset: Path, tmp_path
         torch.testing.assert_close(pa, pb)
 
 
+def test_unset_batch_and_epochs_are_chosen_from_the_rows_and_recorded(tiny_dataset: Path, tmp_path: Path) -> None:
+    from prerank.train.config import auto_schedule
+
+    messages: list[str] = []
+    cfg = TrainConfig(epochs=1, threads=1, progress=False)  # batch size left to auto_schedule, epochs explicit
+    result = train_model("lr", tiny_dataset, tmp_path / "run", config=cfg, log=messages.append)
+    assert result.auto == ("batch_size",) and result.config is not None
+    assert result.config.batch_size == auto_schedule(512)[0] and result.config.epochs == 1
+    assert any(m.startswith("lr auto: batch 64 for 512 training rows") for m in messages), messages
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["trainer"]["config"]["batch_size"] == 64
+    explicit = train_model("lr", tiny_dataset, tmp_path / "explicit", config=FAST, log=messages.append)
+    assert explicit.auto == () and explicit.config == FAST
+
+
 def test_resume_continues_from_last_epoch(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train_model("lr", tiny_dataset, out, config=FAST, log=lambda _: None)

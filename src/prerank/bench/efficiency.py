@@ -513,3 +513,53 @@ def write_report(records: list[dict], out_dir: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.json", json.dumps(records, indent=2))
     atomic_write_text(out / "bench.md", markdown(records))
+
+
+# ----------------------------------------------------------------------------------- one served model
+
+
+def served_latency(
+    name: str,
+    model: torch.nn.Module,
+    data_dir: str | Path,
+    artifact: str | Path,
+    *,
+    candidates: int = 1000,
+    threads: int = 1,
+    requests: int = 50,
+    warmup: int = 5,
+    runtime: str = "onnx",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Export a trained ``model`` (registered as ``name``) to ``artifact`` with ONNX graphs only and time the served
+    request on it: :meth:`Scorer.logits` (user graph, item-cache gather, score graph) for one user and ``candidates``
+    items drawn from the catalogue, on ``runtime`` with ``threads`` threads, ``requests`` timed requests after
+    ``warmup`` untimed ones (request parsing and validation excluded, as the ``onnx`` column of ``prerank bench``).
+    Returns p50 / p99 ms and the item cache's bytes per item. Restores torch's thread count."""
+    before = torch.get_num_threads()
+    try:
+        export_model(name, model, data_dir, artifact, formats=("onnx",), source={"latency": str(data_dir)})  # type: ignore[arg-type]
+        scorer = Scorer.load(artifact, runtime=runtime, threads=threads, max_candidates=max(candidates, 1))
+        schema, cache = scorer.schema, scorer.cache
+        cat_ids = read_rows(data_dir, "items", 200_000, schema).features[cache.id_feature].numpy()
+        cached = cat_ids[cache.rows(torch.from_numpy(cat_ids)).numpy() != 0]
+        if cached.size == 0:
+            raise ValueError(f"none of the catalogue items of {data_dir} is in the item cache of {name}")
+        samples = sample_requests(request_rows(data_dir, 1024, schema), schema, cached, 8, candidates, seed=seed)
+        prepared = [
+            (scorer.user_batch(s.user), cache.rows(torch.tensor(s.candidates)), scorer.pair_batch(s.cross, candidates))
+            for s in samples
+        ]
+        times = time_calls(lambda x: scorer.logits(*x), prepared, requests, warmup)
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "latency_p50_ms": float(np.percentile(times, 50)),
+        "latency_p99_ms": float(np.percentile(times, 99)),
+        "latency_candidates": candidates,
+        "latency_threads": threads,
+        "latency_runtime": runtime,
+        "latency_requests": requests,
+        "item_cache_bytes_per_item": float(state_bytes_per_row(cache.states)),
+        "artifact": str(artifact),
+    }

@@ -90,12 +90,16 @@ def print_json(obj: Any) -> None:
 
 
 # Option declarations reused by train / compare / demo (typer reads them from default values).
-EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs (default 5).")
-BatchOpt = typer.Option(None, "--batch-size", help="Rows per training batch (default 2048).")
+EpochsOpt = typer.Option(
+    None, "--epochs", help="Maximum epochs (default: enough for ~2,000 steps, 5 to 30; see auto_schedule)."
+)
+BatchOpt = typer.Option(
+    None, "--batch-size", help="Rows per training batch (default: train rows // 200 in [64, 2048], a power of two)."
+)
 LrOpt = typer.Option(None, "--lr", help="Learning rate (default 1e-3).")
 ThreadsOpt = typer.Option(None, "--threads", help="torch intra-op threads (default 2).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (default 0); compare uses seed..seed+N-1.")
-PatienceOpt = typer.Option(None, "--patience", help="Early stopping: epochs without valid improvement (default 2).")
+PatienceOpt = typer.Option(None, "--patience", help="Early stopping: epochs without valid improvement (default 3).")
 MetricOpt = typer.Option(
     None,
     "--metric",

@@ -92,6 +92,9 @@ def train(
         "model": run.model,
         "checkpoint": str(result.checkpoint),
         "epochs": result.epochs,
+        "max_epochs": result.config.epochs if result.config else cfg.epochs,
+        "batch_size": result.config.batch_size if result.config else cfg.batch_size,
+        "auto_schedule": list(result.auto),
         "best_valid": result.best_metric,
         "train_seconds": result.train_seconds,
         "train_samples_per_second": result.samples_per_second,
@@ -158,8 +161,15 @@ def compare(
     max_list_len: int = MaxListOpt,
     requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
+    latency_candidates: int = typer.Option(
+        1000,
+        "--latency-candidates",
+        help="Time each model's served request (onnx, 1 thread) with this many candidates on its first seed's"
+        " checkpoint, and plot AUC against it in OUT/auc_vs_latency.png; 0 skips it.",
+    ),
 ) -> None:
-    """Train each model for each seed and write results.json and results.md (mean ± std per model)."""
+    """Train each model for each seed and write results.json, results.md (mean ± std per model) and
+    auc_vs_latency.png."""
     from prerank.train.compare import run_compare
 
     run, cfg = run_config(
@@ -184,6 +194,7 @@ def compare(
         resume=resume,
         teacher=teacher,
         log=console.print,
+        latency_candidates=latency_candidates or None,
     )
     typer.echo((out / "results.md").read_text())
 
@@ -209,31 +220,63 @@ def _per_model_overrides(
     return {n: o for n, o in out.items() if o}
 
 
+#: The demo's models: baselines, and one model of each paper (DESIGN.md).
+DEMO_MODELS = "lr,two_tower,cold,int_tower,fit,rank_tower,fscd_preranker,distilled_dssm"
+
+
 @app.command()
 @friendly_errors
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where the synthetic data and results go."),
-    rows: int = typer.Option(200_000, "--rows", help="Synthetic rows to generate."),
-    models: str = typer.Option("lr,two_tower", "--models", help="Models to compare."),
+    rows: int = typer.Option(100_000, "--rows", help="Synthetic rows to generate."),
+    models: str = typer.Option(DEMO_MODELS, "--models", help="Models to compare."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per model."),
-    epochs: int = typer.Option(3, "--epochs", help="Maximum epochs."),
-    batch_size: int = typer.Option(2048, "--batch-size", help="Rows per training batch."),
-    threads: int = typer.Option(2, "--threads", help="torch intra-op threads."),
+    epochs: int = typer.Option(None, "--epochs", help="Maximum epochs (default: chosen from the rows)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Rows per training batch (default: from the rows)."),
+    max_steps: int = MaxStepsOpt,
+    threads: int = typer.Option(2, "--threads", help="torch intra-op threads for training."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data generator and the first training seed."),
+    candidates: int = typer.Option(1000, "--candidates", help="Candidates per timed request."),
     progress: bool = ProgressOpt,
 ) -> None:
-    """Generate the built-in synthetic cascade data and compare models on it, printing the table."""
+    """Generate the built-in synthetic cascade data, train a representative set of models on it, and print one
+    table: test AUC, GAUC, served latency per request (onnx, 1 thread) and item-cache bytes per item; the plot of
+    AUC against latency goes to OUT/auc_vs_latency.png."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from prerank.data.synthetic import generate
+    from prerank.evaluate.report import DEMO_COLUMNS, auc_latency_plot, results_table
     from prerank.train.compare import run_compare
     from prerank.train.config import TrainConfig
 
+    names = [m.strip() for m in models.split(",") if m.strip()]
     data = out / "data"
     console.print(f"generating {rows:,} synthetic rows into {data}")
-    generate(data, rows=rows, seed=seed, progress=progress)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, threads=threads, seed=seed, progress=progress)
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    run_compare(data, names, seeds, out / "compare", config=cfg, log=console.print)
-    typer.echo((out / "compare" / "results.md").read_text())
+    generate(data, rows=rows, seed=seed, progress=False)
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, max_steps=max_steps, threads=threads, seed=seed, progress=False
+    )
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("demo", total=len(names) * (seeds + 1))
+        started = [False]
+
+        def step(description: str) -> None:
+            bar.update(task, advance=1 if started[0] else 0, description=description)
+            started[0] = True
+
+        records = run_compare(
+            data, names, seeds, out, config=cfg, log=bar.console.print, latency_candidates=candidates, on_step=step
+        )
+        bar.update(task, completed=len(names) * (seeds + 1), description="demo")
+    table = results_table(records, DEMO_COLUMNS)
+    atomic_write_text(out / "demo.md", table)
+    plot = auc_latency_plot(records, out / "auc_vs_latency.png", title="prerank demo: synthetic data")
+    typer.echo(table)
+    typer.echo(
+        f"latency: p50 of 50 served requests of {candidates:,} candidates (onnx runtime, 1 thread) on this machine;"
+        f" full records in {out / 'results.json'}; plot in {plot}"
+    )
 
 
 @app.command("models")

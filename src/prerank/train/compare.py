@@ -11,7 +11,7 @@ from prerank.bench.cost import score_cost
 from prerank.data.parquet import ParquetSplit
 from prerank.evaluate import metrics
 from prerank.evaluate.listwise import evaluate_listwise
-from prerank.evaluate.report import results_table
+from prerank.evaluate.report import auc_latency_plot, results_table
 from prerank.io import atomic_write_text
 from prerank.models.base import ConfigError, num_params
 from prerank.models.registry import MODELS
@@ -68,6 +68,8 @@ def run_compare(
     resume: bool = False,
     teacher: str | Path | None = None,
     log: Callable[[str], None] = print,
+    latency_candidates: int | None = 1000,
+    on_step: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every model for seeds ``config.seed .. config.seed + seeds - 1``; evaluate each on the test split.
 
@@ -80,6 +82,10 @@ def run_compare(
     ``teacher`` (a checkpoint of the ranking teacher, trained on this dataset's schema) adds its own row, evaluated
     once on the same test split, and every student's RelaImpr against it (``relaimpr_teacher``), so the table shows
     the gap to the ranker.
+    ``latency_candidates`` (None or 0: skip) times each model's served request once, on its first seed's best
+    checkpoint (:func:`measure_latencies`), and writes ``auc_vs_latency.png`` (AUC, mean over seeds, against p50
+    latency). ``on_step(description)`` is called as each training run and each latency measurement starts (one outer
+    progress display; pass ``config.progress=False`` then, so that the trainer shows none of its own).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = [m for m in models if m not in MODELS]
@@ -106,6 +112,8 @@ def run_compare(
             options = (train_overrides or {}).get(name) or MODEL_TRAIN_DEFAULTS.get(name, {})
             run_config = train_config({**options, "seed": seed}, config)
             run_dir = out_dir / "runs" / name / f"seed{seed}"
+            if on_step:
+                on_step(f"{name} seed {seed}")
             result = train_model(
                 name,
                 data_dir,
@@ -131,6 +139,9 @@ def run_compare(
                 "train_samples_per_second": result.samples_per_second,
                 "params": num_params(result.model),
                 "epochs": result.epochs,
+                "max_epochs": result.config.epochs if result.config else run_config.epochs,
+                "batch_size": result.config.batch_size if result.config else run_config.batch_size,
+                "auto_schedule": list(result.auto),
                 "best_valid": result.best_metric,
                 "valid_metric": config.metric,
                 "threads": run_config.threads,
@@ -143,7 +154,49 @@ def run_compare(
             _fill_relaimpr(records)
             write_results(out_dir, records)
             log(f"{name} seed {seed}: test AUC {record['auc']:.4f}, logloss {record['logloss']:.4f}")
+    if latency_candidates:
+        measure_latencies(records, models, config.seed, out_dir, data_dir, latency_candidates, log=log, on_step=on_step)
+        write_results(out_dir, records)
+        plot = auc_latency_plot(records, out_dir / "auc_vs_latency.png", title=f"{data_dir.name}: AUC against latency")
+        if plot:
+            log(f"wrote {plot}")
     return records
+
+
+def measure_latencies(
+    records: list[dict[str, Any]],
+    models: list[str],
+    seed: int,
+    out_dir: Path,
+    data_dir: Path,
+    candidates: int = 1000,
+    *,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[str], None] | None = None,
+) -> None:
+    """Time each model's served request once (:func:`prerank.bench.efficiency.served_latency`: ONNX runtime, one
+    thread, ``candidates`` candidates), on the best checkpoint of its run with ``seed``, exported to
+    ``out_dir/artifacts/MODEL``; the latency fields go into every record of that model. Models whose records already
+    carry a latency at this ``candidates`` (a resumed comparison) are skipped."""
+    from prerank.bench.efficiency import served_latency
+    from prerank.train.checkpoint import load_model
+
+    for name in models:
+        rows = [r for r in records if r["model"] == name and not r.get("is_teacher")]
+        run = next((r for r in rows if r["seed"] == seed), rows[0] if rows else None)
+        if run is None or any(r.get("latency_candidates") == candidates for r in rows):
+            continue
+        if on_step:
+            on_step(f"{name} latency")
+        if not Path(run["checkpoint"]).exists():
+            log(f"{name}: no checkpoint at {run['checkpoint']}; latency not measured")
+            continue
+        _, model, _ = load_model(run["checkpoint"])
+        got = served_latency(name, model, data_dir, out_dir / "artifacts" / name, candidates=candidates)
+        got["latency_seed"] = run["seed"]
+        for r in rows:
+            r.update(got)
+        log(f"{name}: p50 {got['latency_p50_ms']:.3f} ms per request of {candidates:,} candidates (onnx, 1 thread)")
 
 
 def _teacher_record(path: Path, data_dir: Path, batch_size: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -21,13 +22,17 @@ METRICS: tuple[str, ...] = (*POINTWISE_METRICS, "recall@10", "ndcg@10", "hard_re
 class TrainConfig:
     """Everything the trainer owns. Validated on construction.
 
+    ``epochs`` and ``batch_size`` left at None are chosen from the number of training rows by
+    :func:`auto_schedule` when training starts (the trainer logs and records what it chose).
     ``metric`` picks the validation metric for early stopping and the best checkpoint
-    (``logloss`` is minimised, the others maximised). ``batching="requests"`` trains on whole
-    requests (listwise losses on cascade data); ``requests_per_batch`` and ``max_list_len`` size them.
+    (``logloss`` is minimised, the others maximised); an epoch counts as an improvement only when it
+    beats the best by more than ``min_delta``, and training stops after ``patience`` epochs without one.
+    ``batching="requests"`` trains on whole requests (listwise losses on cascade data);
+    ``requests_per_batch`` and ``max_list_len`` size them.
     """
 
-    epochs: int = 5
-    batch_size: int = 2048
+    epochs: int | None = None
+    batch_size: int | None = None
     eval_batch_size: int = 16384
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -35,7 +40,8 @@ class TrainConfig:
     grad_clip: float | None = None
     threads: int = 2
     seed: int = 0
-    patience: int = 2
+    patience: int = 3
+    min_delta: float = 0.0
     metric: Literal["auc", "gauc", "logloss", "recall@10", "ndcg@10", "hard_recall@10", "hard_ndcg@10"] = "auc"
     num_workers: int = 0
     max_steps: int | None = None
@@ -49,6 +55,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "threads", "requests_per_batch")
         for name in positive:
+            if name in ("epochs", "batch_size") and getattr(self, name) is None:
+                continue  # chosen by auto_schedule
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"train option {name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
@@ -61,6 +69,8 @@ class TrainConfig:
             raise ConfigError(f"train option metric must be one of {METRICS}, got {self.metric!r}")
         if self.patience < 1:
             raise ConfigError("train option patience must be >= 1 (epochs without improvement before stopping)")
+        if not self.min_delta >= 0:
+            raise ConfigError("train option min_delta must be >= 0")
         if self.num_workers < 0:
             raise ConfigError("train option num_workers must be >= 0")
         if self.batching not in ("rows", "requests"):
@@ -74,6 +84,30 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: :func:`auto_schedule`'s rule: batch = rows // ROWS_PER_BATCH_STEP clamped to [MIN_BATCH, MAX_BATCH] and rounded
+#: down to a power of two; epochs = enough for TARGET_STEPS optimizer steps, clamped to [MIN_EPOCHS, MAX_EPOCHS].
+ROWS_PER_BATCH_STEP, MIN_BATCH, MAX_BATCH = 200, 64, 2048
+TARGET_STEPS, MIN_EPOCHS, MAX_EPOCHS = 2000, 5, 30
+
+
+def auto_schedule(n_train_rows: int) -> tuple[int, int]:
+    """``(batch_size, epochs)`` for a training split of ``n_train_rows`` rows, so that small data gets enough steps.
+
+    The batch is ``rows // 200`` clamped to [64, 2048] and rounded down to a power of two (about 200 steps an
+    epoch on mid-sized data, 2048 rows a step on large data); the epochs are as many as it takes to reach about
+    2,000 optimizer steps, at least 5 (the old default, so large data trains as before) and at most 30. Early
+    stopping on the valid split (``patience``) ends most runs well before the cap. E.g. 12,000 rows -> (64, 11);
+    200,000 rows -> (512, 6); 1,000,000 rows -> (2048, 5).
+    """
+    if n_train_rows < 1:
+        raise ConfigError(f"the training split is empty ({n_train_rows} rows)")
+    raw = min(max(n_train_rows // ROWS_PER_BATCH_STEP, MIN_BATCH), MAX_BATCH)
+    batch = 1 << (raw.bit_length() - 1)
+    steps_per_epoch = math.ceil(n_train_rows / batch)
+    epochs = min(max(math.ceil(TARGET_STEPS / steps_per_epoch), MIN_EPOCHS), MAX_EPOCHS)
+    return batch, epochs
 
 
 @dataclass(frozen=True)
@@ -106,7 +140,7 @@ def train_config(values: dict[str, Any] | None = None, base: TrainConfig | None 
         raise ConfigError(f"unknown train options {sorted(unknown)} (known: {sorted(known)})")
     if isinstance(values.get("stages"), list):
         values["stages"] = tuple(values["stages"])
-    for key in ("lr", "weight_decay", "grad_clip"):
+    for key in ("lr", "weight_decay", "grad_clip", "min_delta"):
         if key in values and isinstance(values[key], int | str):
             try:
                 values[key] = float(values[key])
