@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
@@ -29,6 +28,7 @@ from prerank.data.parquet import ParquetSplit, make_loader
 from prerank.models.base import ConfigError
 from prerank.models.fscd import FSCDConfig, FSCDNet
 from prerank.schema import Schema
+from prerank.train.trainer import progress_bar
 
 Data = str | Path | Iterable[Batch]
 
@@ -141,7 +141,7 @@ class FieldSelector:
         optimizer = torch.optim.Adam([*net.parameters(), *gates.parameters()], lr=self.lr)
         net.train()
         steps, t0 = 0, time.perf_counter()
-        with _progress(self.progress) as bar:
+        with progress_bar(self.progress) as bar:
             for epoch in range(self.epochs):
                 task = bar.add_task(f"{self.method} epoch {epoch + 1}/{self.epochs}", total=n_rows, info="")
                 seen = 0
@@ -211,17 +211,6 @@ class FieldSelector:
 
         row = cost_table(self.schema_)[self.feature_names_[i]]
         return {"complexity": row["complexity"], "theta": row["theta"], "alpha": row["alpha"]}
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        disable=not enabled,
-    )
 
 
 def uniform(rng: torch.Generator, shape: tuple[int, ...], eps: float = 1e-6) -> Tensor:

@@ -95,7 +95,8 @@ def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy_seed": int(np.random.randint(0, 2**31 - 1))}
 
 
-def _progress(enabled: bool) -> Progress:
+def progress_bar(enabled: bool) -> Progress:
+    """The rich progress display of training loops (off when ``enabled`` is False)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -218,7 +219,7 @@ def train_model(
     def finished() -> bool:
         return bad_epochs >= config.patience or bool(config.max_steps and steps >= config.max_steps)
 
-    with _progress(config.progress) as progress:
+    with progress_bar(config.progress) as progress:
         for epoch in range(start_epoch, config.epochs):
             if finished():
                 break
