@@ -49,7 +49,7 @@ from prerank.io import atomic_write_text
 from prerank.models.registry import build_model
 from prerank.schema import Schema
 from prerank.serve import native
-from prerank.serve.export import Artifact, export_model, load_artifact
+from prerank.serve.export import Artifact, ItemCache, export_model, load_artifact
 from prerank.serve.graphs import FORMATS, GRAPHS, SUFFIX
 from prerank.serve.runtime import DEFAULT_RUNTIME, OnnxRuntime, Runtime, TorchExportRuntime
 from prerank.serve.scorer import Scorer
@@ -339,6 +339,19 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
         yield advance
 
 
+def cached_catalogue(
+    data_dir: str | Path, cache: ItemCache, schema: Schema, name: str, max_items: int = 200_000
+) -> tuple[Batch, np.ndarray, np.ndarray]:
+    """The first ``max_items`` catalogue rows, their item ids, and those of them in the item cache (the candidates
+    requests draw from); a ``ValueError`` naming ``name`` when the cache holds none of them."""
+    catalogue = read_rows(data_dir, "items", max_items, schema)
+    cat_ids = catalogue.features[cache.id_feature].numpy()
+    cached = cat_ids[cache.rows(torch.from_numpy(cat_ids)).numpy() != 0]
+    if cached.size == 0:
+        raise ValueError(f"none of the catalogue items of {data_dir} is in the item cache of {name}")
+    return catalogue, cat_ids, cached
+
+
 def bench_target(
     target: BenchTarget,
     data_dir: str | Path,
@@ -351,11 +364,7 @@ def bench_target(
     art = load_artifact(target.artifact, runtime="eager", expected_schema=Schema.load(data_dir))
     model, cache, schema, sig = art.model, art.cache, art.schema, art.runtime.signature
     assert model is not None
-    catalogue = read_rows(data_dir, "items", max_items, schema)
-    cat_ids = catalogue.features[cache.id_feature].numpy()
-    cached_ids = cat_ids[cache.rows(torch.from_numpy(cat_ids)).numpy() != 0]
-    if cached_ids.size == 0:
-        raise ValueError(f"none of the catalogue items of {data_dir} is in the item cache of {target.name}")
+    catalogue, cat_ids, cached_ids = cached_catalogue(data_dir, cache, schema, target.name, max_items)
     position = np.zeros(schema.vocab(cache.id_feature), dtype=np.int64)
     position[cat_ids] = np.arange(len(cat_ids))
     rows = request_rows(data_dir, schema=schema)
@@ -541,10 +550,7 @@ def served_latency(
         export_model(name, model, data_dir, artifact, formats=("onnx",), source={"latency": str(data_dir)})  # type: ignore[arg-type]
         scorer = Scorer.load(artifact, runtime=runtime, threads=threads, max_candidates=max(candidates, 1))
         schema, cache = scorer.schema, scorer.cache
-        cat_ids = read_rows(data_dir, "items", 200_000, schema).features[cache.id_feature].numpy()
-        cached = cat_ids[cache.rows(torch.from_numpy(cat_ids)).numpy() != 0]
-        if cached.size == 0:
-            raise ValueError(f"none of the catalogue items of {data_dir} is in the item cache of {name}")
+        _, _, cached = cached_catalogue(data_dir, cache, schema, name)
         samples = sample_requests(request_rows(data_dir, 1024, schema), schema, cached, 8, candidates, seed=seed)
         prepared = [
             (scorer.user_batch(s.user), cache.rows(torch.tensor(s.candidates)), scorer.pair_batch(s.cross, candidates))

@@ -25,7 +25,7 @@ from prerank.cli.common import (
     run_config,
     train_flags,
 )
-from prerank.io import atomic_write_text
+from prerank.io import atomic_torch_save, atomic_write_text, safe_torch_load
 from prerank.models.base import ConfigError
 
 PRERANKER = "fscd_preranker"
@@ -99,7 +99,7 @@ def select_cmd(
     ).fit(data)
     out.mkdir(parents=True, exist_ok=True)
     scale = selector.field_scale() if hasattr(selector, "field_scale") else None
-    torch.save(
+    atomic_torch_save(
         {"state_dict": selector.model_.state_dict(), "names": list(selector.feature_names_), "field_scale": scale},
         out / "selection.pt",
     )
@@ -184,7 +184,7 @@ def select_finetune_cmd(
     if not scratch:
         if not weights.exists():
             raise FileNotFoundError(f"no selection weights at {weights}; pass --scratch to train from scratch")
-        saved = torch.load(weights, map_location="cpu", weights_only=True)
+        saved = safe_torch_load(weights)
         target = build_model(PRERANKER, schema, overrides)
         init, copied = finetune_state(saved["state_dict"], tuple(saved["names"]), target, saved.get("field_scale"))
         console.print(f"starting from {weights}: {len(copied)} of {len(init)} tensors inherited")
