@@ -291,6 +291,16 @@ def test_an_old_artifact_format_asks_for_a_re_export(artifact: Path) -> None:
         load_artifact(artifact)
 
 
+def test_the_datasets_raw_vocabularies_travel_with_the_artifact(tmp_path: Path, shared: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(shared / "data", data)
+    assert load_artifact(shared / "art-lr").manifest["raw_vocabularies"] is None
+    (data / "vocab.json").write_text(json.dumps({"item_id": [f"sku-{i}" for i in range(1, 40)]}))
+    manifest = export(shared / "lr.pt", data, tmp_path / "art")
+    assert manifest["raw_vocabularies"] == "vocab.json" and "vocab.json" in manifest["files"]
+    assert json.loads((tmp_path / "art" / "vocab.json").read_text())["item_id"][0] == "sku-1"
+
+
 def test_graph_formats_and_runtimes(tmp_path: Path, shared: Path) -> None:
     manifest = export(shared / "lr.pt", shared / "data", tmp_path / "onnx-only", formats=("onnx",))
     assert sorted(manifest["graphs"]) == ["item.onnx", "score.onnx", "user.onnx"]

@@ -7,6 +7,7 @@ Layout of an artifact directory::
                                       weights and of the cache, versions, and the sha256 of every file
     ARTIFACT/model.json               registry name and model config (for the eager runtime)
     ARTIFACT/schema.json              the :class:`~prerank.schema.Schema` the model was built on
+    ARTIFACT/vocab.json               the raw value of each id per feature, where the dataset has one (`prepare table`)
     ARTIFACT/weights.pt               the state_dict (torch.save, read back with ``weights_only=True``)
     ARTIFACT/graphs/signature.json    input and output names of every graph (:class:`~prerank.serve.graphs.Signature`)
     ARTIFACT/graphs/{user,item,score}.pt2   torch.export programs
@@ -323,6 +324,11 @@ def export_model(
         atomic_torch_save(state_dict, tmp / "weights.pt")
         _write_json(tmp / "model.json", {"model_name": name, "model_config": asdict(model.config)})  # type: ignore[arg-type]
         model.schema.save(tmp / "schema.json")
+        raw_values = (
+            Path(data_dir) / "vocab.json"
+        )  # raw value of each id, where the recipe wrote them (`prepare table`)
+        if raw_values.is_file():
+            shutil.copyfile(raw_values, tmp / "vocab.json")
         graph_dir = tmp / "graphs"
         written = save_graphs(model, graph_dir, formats)
         if int8:
@@ -381,6 +387,7 @@ def export_model(
             "cache_sha256": cache_sha,
             "schema_sha256": file_sha256(tmp / "schema.json"),
             "vocabularies": {f.name: model.schema.vocab(f.name) for f in model.schema.features if f.kind != "dense"},
+            "raw_vocabularies": "vocab.json" if raw_values.is_file() else None,
             "num_items": num_items,
             "cache_dtype": cache_dtype,
             "prerank_version": prerank.__version__,
