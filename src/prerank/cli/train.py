@@ -25,6 +25,7 @@ from prerank.cli.common import (
     ProgressOpt,
     RequestsOpt,
     SeedOpt,
+    StageMixOpt,
     StagesOpt,
     ThreadsOpt,
     WorkersOpt,
@@ -60,6 +61,7 @@ def train(
     batching: str = BatchingOpt,
     stages: str = StagesOpt,
     max_list_len: int = MaxListOpt,
+    stage_mix: str = StageMixOpt,
     requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -159,6 +161,7 @@ def compare(
     batching: str = BatchingOpt,
     stages: str = StagesOpt,
     max_list_len: int = MaxListOpt,
+    stage_mix: str = StageMixOpt,
     requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
     latency_candidates: int = typer.Option(

@@ -122,6 +122,7 @@ def train_loader(data_dir: Path, config: TrainConfig, epoch: int, schema: Schema
             seed=config.seed + epoch,
             max_list_len=config.max_list_len,
             stages=config.stages,
+            stage_mix=config.stage_mix,
         )
     loader = make_loader(
         data_dir,
