@@ -26,7 +26,9 @@ from prerank.models.registry import MODELS, build_model
 from prerank.schema import STAGES, FeatureSpec, Schema, SchemaError
 from prerank.train.checkpoint import load_model, save_checkpoint
 
-SMALL = CascadeConfig(retrieve=8, rank_candidates=3, prerank_candidates=4, random=5)
+SMALL = CascadeConfig(
+    retrieve=8, rank_candidates=3, prerank_candidates=4, random=5, rank_cut="teacher_top", random_by="uniform"
+)
 IMP, RANK, PRE, RND = (STAGES.index(s) for s in STAGES)
 
 
@@ -197,7 +199,8 @@ def test_any_registered_model_can_be_the_teacher(name: str, tiny_dataset: Path, 
     path = tmp_path / f"{name}.pt"
     save_checkpoint(path, name, build_model(name, schema))
     out = tmp_path / name
-    build_cascade(tiny_dataset, path, out, CascadeConfig(retrieve=3, rank_candidates=1, prerank_candidates=1, random=1))
+    cfg = CascadeConfig(retrieve=3, rank_candidates=1, prerank_candidates=1, random=1, rank_cut="teacher_top")
+    build_cascade(tiny_dataset, path, out, cfg)
     t = read_split(out, "valid")
     assert np.isfinite(col(t, "teacher_logit")).all()
     assert set(np.unique(col(t, "stage"))) == {IMP, RANK, PRE, RND}
@@ -320,6 +323,42 @@ def test_random_sampling_is_distinct_and_avoids_taken() -> None:
     alone_req, alone_item = _sample_random(0, rids[1:], catalogue, taken[2:] - 100, 5, 100)
     both_req, both_item = _sample_random(0, rids, catalogue, taken, 5, 100)
     assert alone_item.tolist() == both_item[both_req == 1].tolist()
+
+
+def test_popularity_sampling_follows_the_weights_and_never_draws_weight_zero() -> None:
+    catalogue = np.arange(1, 11)
+    weights = np.array([0, 0, 1, 1, 2, 2, 4, 4, 8, 8], dtype=float)
+    rids = np.arange(2000)
+    req, item = _sample_random(0, rids, catalogue, np.zeros(0, dtype=np.int64), 1, 100, weights)
+    assert np.bincount(req).tolist() == [1] * 2000
+    freq = np.bincount(item, minlength=11)[1:] / 2000
+    assert freq[:2].sum() == 0
+    assert np.abs(freq - weights / weights.sum()).max() < 0.03
+    # a request asking for more than the positive-weight items gets only those
+    req, item = _sample_random(0, rids[:1], catalogue, np.zeros(0, dtype=np.int64), 9, 100, weights)
+    assert sorted(item.tolist()) == list(range(3, 11))
+
+
+def test_default_cascade_agrees_with_the_log(tiny_dataset: Path, teacher: Path, tmp_path: Path) -> None:
+    """rank_cut="below_impressions": every candidate scores below its request's impressions; random items are
+    drawn by training impressions, so none is an item no training row showed."""
+    out = tmp_path / "agree"
+    summary = build_cascade(
+        tiny_dataset, teacher, out, CascadeConfig(retrieve=30, rank_candidates=3, prerank_candidates=4, random=5)
+    )
+    shown = set(col(read_split(tiny_dataset, "train"), "item_id").tolist())
+    dropped = kept = 0
+    for split in ("train", "valid", "test"):
+        t = read_split(out, split)
+        rid, stage, logit = col(t, "request_id"), col(t, "stage"), col(t, "teacher_logit")
+        for r in np.unique(rid):
+            mine = rid == r
+            lowest = logit[mine & (stage == IMP)].min()
+            assert (logit[mine & np.isin(stage, [RANK, PRE])] < lowest).all()
+        assert set(col(t, "item_id")[stage == RND].tolist()) <= shown
+        dropped += summary["splits"][split]["retrieved_above_impressions"]
+        kept += int(np.isin(stage, [RANK, PRE]).sum())
+    assert dropped > 0 and kept > 0  # the cut removed some items and kept others: the check is not vacuous
 
 
 def test_request_uniforms_look_uniform() -> None:

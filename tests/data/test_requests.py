@@ -272,7 +272,10 @@ def test_on_a_built_cascade(tiny_dataset: Path, tmp_path: Path, schema: Schema) 
     save_checkpoint(teacher, "two_tower", build_model("two_tower", schema))
     out = tmp_path / "cascade"
     build_cascade(
-        tiny_dataset, teacher, out, CascadeConfig(retrieve=4, rank_candidates=2, prerank_candidates=2, random=3)
+        tiny_dataset,
+        teacher,
+        out,
+        CascadeConfig(retrieve=4, rank_candidates=2, prerank_candidates=2, random=3, rank_cut="teacher_top"),
     )
     batches = list(make_request_loader(out, "valid", 8, stages="no_random"))
     assert sum(b.mask.shape[0] for b in batches) == 16

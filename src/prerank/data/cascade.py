@@ -8,8 +8,22 @@ Public logs hold impressions only. For every request of every split the builder 
   "have advanced to the ranking stage" (Sec. 3.1.2);
 * ``prerank_candidate`` rows: the next unexposed items in the teacher's order -- easy negatives
   "filtered out before reaching the ranking stage" (Sec. 3.1.2);
-* ``random`` rows: items drawn uniformly from the whole catalogue ``items.parquet`` (Sec. 3.1.3),
-  without replacement and apart from the request's impressions and retrieved items.
+* ``random`` rows: items drawn from the whole catalogue ``items.parquet`` (Sec. 3.1.3), without
+  replacement and apart from the request's impressions and retrieved items.
+
+**The simulated ranker agrees with the log** (``rank_cut="below_impressions"``, the default): in a
+real cascade the ranker exposed its top items, so every item it ranked but did not show scored below
+the shown ones. Rank and pre-rank candidates are therefore cut from the retrieved items the teacher
+scores below the request's lowest-scored impression; retrieved items it scores higher are dropped
+(counted as ``retrieved_above_impressions``), since keeping them as unlabelled negatives would make the
+teacher (the soft label) contradict RankTower's hard-label order impression > rank candidate >
+pre-rank candidate. ``rank_cut="teacher_top"`` keeps the teacher's top retrieved items regardless.
+
+**Popularity matched to impressions** (``random_by="popularity"``, the default): random items are
+drawn in proportion to their training impressions, so their popularity is distributed like the
+impressions' and item popularity alone cannot tell an impression from a random item (uniform draws
+from a long-tailed catalogue are mostly items nobody saw, an easy shortcut). ``random_by="uniform"``
+draws uniformly over the catalogue as the paper's "randomly sampled from the whole item pool".
 
 Every row gets ``stage`` and ``teacher_logit`` (the teacher scores impressions too, for distillation,
 Eq. 9). Unexposed rows have ``label`` 0 and ``label_level`` 0.
@@ -105,6 +119,8 @@ class CascadeConfig:
     random: int = 40
     item_field: str = "item_id"
     seed_from: Literal["history", "positives"] = "history"
+    rank_cut: Literal["below_impressions", "teacher_top"] = "below_impressions"
+    random_by: Literal["popularity", "uniform"] = "popularity"
     history_field: str | None = None
     co_window: int = 5
     neighbors: int = 100
@@ -136,6 +152,12 @@ class CascadeConfig:
             )
         if self.seed_from not in ("history", "positives"):
             raise ConfigError(f"cascade option seed_from must be 'history' or 'positives', got {self.seed_from!r}")
+        if self.rank_cut not in ("below_impressions", "teacher_top"):
+            raise ConfigError(
+                f"cascade option rank_cut must be 'below_impressions' or 'teacher_top', got {self.rank_cut!r}"
+            )
+        if self.random_by not in ("popularity", "uniform"):
+            raise ConfigError(f"cascade option random_by must be 'popularity' or 'uniform', got {self.random_by!r}")
         if self.item_side not in ("logged", "catalogue"):
             raise ConfigError(f"cascade option item_side must be 'logged' or 'catalogue', got {self.item_side!r}")
         if self.cross not in ("drop", "pad"):
@@ -156,6 +178,7 @@ class _Stats:
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
     retrieved_cooccurrence: int = 0
     retrieved_popularity: int = 0
+    retrieved_above_impressions: int = 0
     item_side_from_catalogue: int = 0
 
     def to_dict(self) -> dict:
@@ -462,7 +485,8 @@ class CoOccurrenceRetriever:
 
     ``indptr`` ``[V + 1]``, ``neighbors`` / ``counts`` ``[nnz]``: the top neighbours of item ``v`` are
     ``neighbors[indptr[v]:indptr[v + 1]]`` (most frequent first); ``popular`` lists catalogue items by
-    training positives, then training impressions, then id.
+    training positives, then training impressions, then id; ``impressions`` ``[V]`` counts each item's
+    training impressions.
     """
 
     vocab: int
@@ -470,6 +494,7 @@ class CoOccurrenceRetriever:
     neighbors: np.ndarray
     counts: np.ndarray
     popular: np.ndarray
+    impressions: np.ndarray
 
     @classmethod
     def fit(
@@ -508,7 +533,7 @@ class CoOccurrenceRetriever:
         indptr = np.concatenate(([0], np.cumsum(np.bincount(src, minlength=vocab))))
         cat = np.asarray(catalogue, dtype=np.int64)
         popular = cat[np.lexsort((cat, -impressions[cat], -positives[cat]))]
-        return cls(vocab, indptr, dst, c, popular)
+        return cls(vocab, indptr, dst, c, popular, impressions)
 
     def retrieve(
         self,
@@ -580,27 +605,38 @@ def request_uniforms(seed: int, stream: int, request_id: np.ndarray, draw: np.nd
 
 
 def _sample_random(
-    seed: int, request_ids: np.ndarray, catalogue: np.ndarray, taken: np.ndarray, k: int, vocab: int
+    seed: int,
+    request_ids: np.ndarray,
+    catalogue: np.ndarray,
+    taken: np.ndarray,
+    k: int,
+    vocab: int,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``k`` distinct catalogue items per request, uniformly, avoiding the sorted keys ``taken``.
+    """``k`` distinct catalogue items per request, avoiding the sorted keys ``taken``.
 
-    ``request_ids`` ``[R]``; keys are ``request index * vocab + item``. Rejection sampling in a few
-    vectorised rounds; requests still short afterwards (a catalogue barely larger than their taken
-    items) draw exactly from what is left.
+    ``request_ids`` ``[R]``; keys are ``request index * vocab + item``. Items are drawn uniformly, or in
+    proportion to ``weights`` (``[C]``, aligned with ``catalogue``; an item of weight 0 is never drawn).
+    Rejection sampling in a few vectorised rounds; requests still short afterwards (a catalogue barely
+    larger than their taken items) draw exactly from what is left.
     """
     n_requests = len(request_ids)
     if k == 0 or n_requests == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    cdf = None if weights is None else np.cumsum(weights, dtype=np.float64)
     need = np.full(n_requests, k, dtype=np.int64)
     got_req: list[np.ndarray] = []
     got_item: list[np.ndarray] = []
-    for attempt in range(4):
+    for attempt in range(8):
         rows = np.flatnonzero(need > 0)
         if not len(rows):
             break
         req = np.repeat(rows, 2 * need[rows])
         u = request_uniforms(seed, 1 + attempt, request_ids[req], rank_within(req))
-        item = catalogue[(u * len(catalogue)).astype(np.int64)]
+        if cdf is None:
+            item = catalogue[(u * len(catalogue)).astype(np.int64)]
+        else:
+            item = catalogue[np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(catalogue) - 1)]
         keys = req * vocab + item
         _, first = np.unique(keys, return_index=True)
         fresh = np.zeros(len(keys), dtype=bool)
@@ -614,8 +650,14 @@ def _sample_random(
         need -= np.bincount(req[keep], minlength=n_requests)
     for r in np.flatnonzero(need > 0):
         lo, hi = np.searchsorted(taken, [r * vocab, (r + 1) * vocab])
-        free = np.setdiff1d(catalogue, taken[lo:hi] - r * vocab)
-        pick = np.random.default_rng((seed, int(request_ids[r]))).permutation(free)[: need[r]]
+        free = ~np.isin(catalogue, taken[lo:hi] - r * vocab)
+        if weights is not None:
+            free &= weights > 0
+        n = min(int(need[r]), int(free.sum()))
+        if n == 0:
+            continue
+        p = None if weights is None else weights[free] / weights[free].sum()
+        pick = np.random.default_rng((seed, int(request_ids[r]))).choice(catalogue[free], n, replace=False, p=p)
         got_req.append(np.full(len(pick), r, dtype=np.int64))
         got_item.append(pick)
     req, item = np.concatenate(got_req), np.concatenate(got_item)
@@ -780,7 +822,8 @@ def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _S
     in_cat = ctx.catalogue.row_of >= 0
     ret_req, ret_item, n_cooc = ctx.retriever.retrieve(seed_req, seed_item, exposed, n_req, cfg.retrieve, in_cat)
     taken = _unique(exposed, ret_req * V + ret_item)
-    rnd_req, rnd_item = _sample_random(cfg.seed, rid[starts], ctx.catalogue.ids, taken, cfg.random, V)
+    weights = ctx.retriever.impressions[ctx.catalogue.ids] if cfg.random_by == "popularity" else None
+    rnd_req, rnd_item = _sample_random(cfg.seed, rid[starts], ctx.catalogue.ids, taken, cfg.random, V, weights)
 
     new_req = np.concatenate([ret_req, rnd_req])
     new_item = np.concatenate([ret_item, rnd_item])
@@ -802,6 +845,13 @@ def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _S
     within = np.concatenate([np.arange(n_imp), np.zeros(n_ret, dtype=np.int64), rank_within(rnd_req)])
     # the teacher's order splits the retrieved items: top -> rank candidates, next -> pre-rank candidates
     ret = np.arange(n_imp, n_imp + n_ret)
+    if cfg.rank_cut == "below_impressions":  # what the ranker scored above a shown item, it would have shown
+        lowest = np.full(n_req, np.inf)
+        np.minimum.at(lowest, req_of_row, logits[:n_imp])
+        above = logits[ret] >= lowest[req[ret]]
+        stage[ret[above]] = -2
+        stats.retrieved_above_impressions += int(above.sum())
+        ret = ret[~above]
     ret = ret[np.lexsort((-logits[ret], req[ret]))]
     rank = rank_within(req[ret])
     within[ret] = rank
@@ -940,6 +990,10 @@ def build_cascade(
         "teacher": str(teacher) if not isinstance(teacher, PreRanker) else teacher_name,
         "teacher_model": teacher_name,
         "retrieval": "item co-occurrence on train positives (window co_window) + popularity fill-in",
+        "rank_cut": "candidates scored below the request's lowest impression"
+        if config.rank_cut == "below_impressions"
+        else "the teacher's top retrieved items",
+        "random_items": "in proportion to training impressions" if config.random_by == "popularity" else "uniform",
         "seeds": f"history sequence {history_field!r}" if history_field else "the request's positive impressions",
         "cross_features": "dropped" if config.cross == "drop" else "padding value on unexposed rows",
         "item_side": "a logged row of the item in the split (catalogue if never logged)"
