@@ -33,6 +33,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("score_flops_per_candidate", "FLOPs/candidate", ",.0f"),
     ("item_cache_bytes_per_item", "cache B/item", ",.0f"),
     ("latency_p50_ms", "p50 ms/request", ".3f"),
+    ("meta_mean_cosine", "FIT meta cosine", ".3f"),
+    ("meta_user_spread", "FIT user spread", ".4f"),
     ("tuned", "tuned on valid", "s"),
 )
 

@@ -50,9 +50,11 @@ def _test_metrics(model, data_dir: Path, batch_size: int) -> dict[str, float]:  
 
 
 def _cost(model, data_dir: Path, rows: int = 256) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Cost per candidate on the first ``rows`` test rows; FIT also reports how distinct its meta queries are."""
     split = ParquetSplit(data_dir, "test", model.schema)
-    table = split.read_table(split.row_groups[0]).slice(0, rows)
-    return score_cost(model, split.to_batch(table, where="test"))
+    batch = split.to_batch(split.read_table(split.row_groups[0]).slice(0, rows), where="test")
+    report = model.meta_report(batch) if hasattr(model, "meta_report") else {}
+    return {**score_cost(model, batch), **report}
 
 
 def run_compare(
