@@ -27,7 +27,7 @@ from prerank.schema import STAGES, FeatureSpec, Schema, SchemaError
 from prerank.train.checkpoint import load_model, save_checkpoint
 
 SMALL = CascadeConfig(
-    retrieve=8, rank_candidates=3, prerank_candidates=4, random=5, rank_cut="teacher_top", random_by="uniform"
+    retrieve=8, rank_candidates=3, prerank_candidates=4, random=5, rank_cut="teacher_top", popularity="paper"
 )
 IMP, RANK, PRE, RND = (STAGES.index(s) for s in STAGES)
 
@@ -340,15 +340,15 @@ def test_popularity_sampling_follows_the_weights_and_never_draws_weight_zero() -
 
 
 def test_default_cascade_agrees_with_the_log(tiny_dataset: Path, teacher: Path, tmp_path: Path) -> None:
-    """rank_cut="below_impressions": every candidate scores below its request's impressions; random items are
-    drawn by training impressions, so none is an item no training row showed."""
+    """rank_cut="below_impressions": every candidate scores below its request's impressions; popularity="matched":
+    random items are drawn by the split's impressions, so each is an item that split showed."""
     out = tmp_path / "agree"
     summary = build_cascade(
         tiny_dataset, teacher, out, CascadeConfig(retrieve=30, rank_candidates=3, prerank_candidates=4, random=5)
     )
-    shown = set(col(read_split(tiny_dataset, "train"), "item_id").tolist())
     dropped = kept = 0
     for split in ("train", "valid", "test"):
+        shown = set(col(read_split(tiny_dataset, split), "item_id").tolist())
         t = read_split(out, split)
         rid, stage, logit = col(t, "request_id"), col(t, "stage"), col(t, "teacher_logit")
         for r in np.unique(rid):

@@ -41,11 +41,11 @@ def build(
     rank_candidates: int = typer.Option(20, "--rank-candidates", help="Teacher's top retrieved items kept."),
     prerank_candidates: int = typer.Option(40, "--prerank-candidates", help="Next retrieved items kept."),
     random: int = typer.Option(40, "--random", help="Random catalogue items per request."),
-    random_by: str = typer.Option(
-        "popularity",
-        "--random-by",
-        help="Random items: 'popularity' (in proportion to training impressions, so popularity cannot tell them"
-        " from impressions) or 'uniform' over items.parquet.",
+    popularity: str = typer.Option(
+        "matched",
+        "--popularity",
+        help="'matched': random items and retrieval fill-in drawn by the split's impressions, so popularity cannot"
+        " tell the stages apart; 'paper': random items uniform over items.parquet, fill-in the top training items.",
     ),
     rank_cut: str = typer.Option(
         "below_impressions",
@@ -82,8 +82,8 @@ def build(
 
     Retrieval: item co-occurrence of the training split's positives, seeded with the user's history, topped up with
     the most popular training items. The teacher's order splits the retrieved items it scores below the request's
-    impressions into rank candidates (top) and pre-rank candidates (next); random items are drawn from items.parquet
-    in proportion to their training impressions (--random-by, --rank-cut change both).
+    impressions into rank candidates (top) and pre-rank candidates (next); random items (and the retrieval fill-in)
+    are drawn from items.parquet in proportion to the split's impressions (--popularity, --rank-cut change both).
 
     Unexposed rows copy the request's user features and take item features from items.parquet. Their cross
     features are unknown, so cross features are dropped from the output unless --cross pad.
@@ -98,7 +98,7 @@ def build(
         rank_candidates=rank_candidates,
         prerank_candidates=prerank_candidates,
         random=random,
-        random_by=random_by,  # type: ignore[arg-type]
+        popularity=popularity,  # type: ignore[arg-type]
         rank_cut=rank_cut,  # type: ignore[arg-type]
         item_field=item_field,
         seed_from=seed_from,  # type: ignore[arg-type]

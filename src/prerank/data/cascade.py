@@ -19,11 +19,15 @@ scores below the request's lowest-scored impression; retrieved items it scores h
 teacher (the soft label) contradict RankTower's hard-label order impression > rank candidate >
 pre-rank candidate. ``rank_cut="teacher_top"`` keeps the teacher's top retrieved items regardless.
 
-**Popularity matched to impressions** (``random_by="popularity"``, the default): random items are
-drawn in proportion to their training impressions, so their popularity is distributed like the
-impressions' and item popularity alone cannot tell an impression from a random item (uniform draws
-from a long-tailed catalogue are mostly items nobody saw, an easy shortcut). ``random_by="uniform"``
-draws uniformly over the catalogue as the paper's "randomly sampled from the whole item pool".
+**Popularity matched to impressions** (``popularity="matched"``, the default): random items, and the
+retrieved items that co-occurrence cannot supply, are drawn in proportion to the item's impressions in
+the request's own split, so an unexposed item's popularity is distributed like an impression's and item
+popularity alone cannot tell the stages apart. The old reading, ``popularity="paper"``, draws random items
+uniformly from the catalogue ("randomly sampled from the whole item pool") and fills retrieval with the
+training split's most popular items; on Taobao UserBehavior that lets log-popularity separate impressions
+from unexposed rows with AUC 0.91 (``exposure_auc``, :func:`prerank.evaluate.listwise.baseline_metrics`):
+the impressions of a small log are mostly long-tail items, the fill-in the head. Counting the split's
+impressions uses which items were shown, never a label.
 
 Every row gets ``stage`` and ``teacher_logit`` (the teacher scores impressions too, for distillation,
 Eq. 9). Unexposed rows have ``label`` 0 and ``label_level`` 0.
@@ -39,7 +43,8 @@ over the request's rows, each of which holds only behaviour before that row) or,
 "co-engaged with the user's positives"; it lets the logged labels choose the negatives of that
 request, so prefer ``history`` where the schema has one). Candidates are scored by the summed
 co-occurrence counts with the seeds; when fewer than ``retrieve`` unexposed items are found the list
-is filled with the most popular items of the training split (positives, then impressions).
+is filled with items drawn by the split's impressions (or, with ``popularity="paper"``, with the most
+popular items of the training split: positives, then impressions).
 Exposed items of the request are never proposed, so no item is both impression and candidate.
 
 **Features of unexposed rows.** Each unexposed row copies the user and context features (and ``ts``)
@@ -120,7 +125,7 @@ class CascadeConfig:
     item_field: str = "item_id"
     seed_from: Literal["history", "positives"] = "history"
     rank_cut: Literal["below_impressions", "teacher_top"] = "below_impressions"
-    random_by: Literal["popularity", "uniform"] = "popularity"
+    popularity: Literal["matched", "paper"] = "matched"
     history_field: str | None = None
     co_window: int = 5
     neighbors: int = 100
@@ -156,8 +161,8 @@ class CascadeConfig:
             raise ConfigError(
                 f"cascade option rank_cut must be 'below_impressions' or 'teacher_top', got {self.rank_cut!r}"
             )
-        if self.random_by not in ("popularity", "uniform"):
-            raise ConfigError(f"cascade option random_by must be 'popularity' or 'uniform', got {self.random_by!r}")
+        if self.popularity not in ("matched", "paper"):
+            raise ConfigError(f"cascade option popularity must be 'matched' or 'paper', got {self.popularity!r}")
         if self.item_side not in ("logged", "catalogue"):
             raise ConfigError(f"cascade option item_side must be 'logged' or 'catalogue', got {self.item_side!r}")
         if self.cross not in ("drop", "pad"):
@@ -543,11 +548,12 @@ class CoOccurrenceRetriever:
         n_requests: int,
         k: int,
         in_catalogue: np.ndarray,
+        fill: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """Up to ``k`` items per request, none of whose keys ``req * V + item`` is in sorted ``taken``.
 
         Returns (request index ``[M]``, item ``[M]``, how many came from co-occurrence), grouped by
-        request, co-occurrence hits first (by summed count with the seeds), then popular items.
+        request, co-occurrence hits first (by summed count with the seeds), then (``fill``) popular items.
         """
         V = self.vocab
         if k == 0 or n_requests == 0:
@@ -568,7 +574,7 @@ class CoOccurrenceRetriever:
         n_cooc = len(req)
 
         need = k - np.bincount(req, minlength=n_requests)
-        rows = np.flatnonzero(need > 0)
+        rows = np.flatnonzero(need > 0) if fill else np.zeros(0, dtype=np.int64)
         if len(rows):
             taken_per_req = np.bincount(taken // V, minlength=n_requests)[rows] + (k - need[rows])
             pool = self.popular[: k + int(taken_per_req.max())]
@@ -612,13 +618,14 @@ def _sample_random(
     k: int,
     vocab: int,
     weights: np.ndarray | None = None,
+    stream: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``k`` distinct catalogue items per request, avoiding the sorted keys ``taken``.
 
     ``request_ids`` ``[R]``; keys are ``request index * vocab + item``. Items are drawn uniformly, or in
     proportion to ``weights`` (``[C]``, aligned with ``catalogue``; an item of weight 0 is never drawn).
     Rejection sampling in a few vectorised rounds; requests still short afterwards (a catalogue barely
-    larger than their taken items) draw exactly from what is left.
+    larger than their taken items) draw exactly from what is left. ``stream`` keeps independent draws apart.
     """
     n_requests = len(request_ids)
     if k == 0 or n_requests == 0:
@@ -632,7 +639,7 @@ def _sample_random(
         if not len(rows):
             break
         req = np.repeat(rows, 2 * need[rows])
-        u = request_uniforms(seed, 1 + attempt, request_ids[req], rank_within(req))
+        u = request_uniforms(seed, stream + attempt, request_ids[req], rank_within(req))
         if cdf is None:
             item = catalogue[(u * len(catalogue)).astype(np.int64)]
         else:
@@ -657,7 +664,8 @@ def _sample_random(
         if n == 0:
             continue
         p = None if weights is None else weights[free] / weights[free].sum()
-        pick = np.random.default_rng((seed, int(request_ids[r]))).choice(catalogue[free], n, replace=False, p=p)
+        rng = np.random.default_rng((seed, stream, int(request_ids[r])))
+        pick = rng.choice(catalogue[free], n, replace=False, p=p)
         got_req.append(np.full(len(pick), r, dtype=np.int64))
         got_item.append(pick)
     req, item = np.concatenate(got_req), np.concatenate(got_item)
@@ -804,7 +812,9 @@ def _teacher_logits(ctx: _Context, table: pa.Table, where: str) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _Stats, where: str) -> pa.Table:
+def _build_chunk(
+    ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _Stats, where: str, shown: np.ndarray
+) -> pa.Table:
     """All stages for the whole requests in ``table``; returns the output rows, request-sorted."""
     cfg, V = ctx.config, ctx.retriever.vocab
     table = _sort_requests(table)
@@ -820,9 +830,22 @@ def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _S
     exposed = _unique(req_of_row * V + items)
     seed_req, seed_item = _seeds(ctx, table, req_of_row, where)
     in_cat = ctx.catalogue.row_of >= 0
-    ret_req, ret_item, n_cooc = ctx.retriever.retrieve(seed_req, seed_item, exposed, n_req, cfg.retrieve, in_cat)
+    matched = cfg.popularity == "matched"
+    ret_req, ret_item, n_cooc = ctx.retriever.retrieve(
+        seed_req, seed_item, exposed, n_req, cfg.retrieve, in_cat, fill=not matched
+    )
+    weights = shown[ctx.catalogue.ids] if matched and shown[ctx.catalogue.ids].sum() > 0 else None
+    if matched:  # top retrieval up with items drawn like the split's impressions
+        need = cfg.retrieve - np.bincount(ret_req, minlength=n_req)
+        taken = _unique(exposed, ret_req * V + ret_item)
+        fill_req, fill_item = _sample_random(
+            cfg.seed, rid[starts], ctx.catalogue.ids, taken, int(need.max(initial=0)), V, weights, stream=20
+        )
+        keep = rank_within(fill_req) < need[fill_req]
+        ret_req, ret_item = np.concatenate([ret_req, fill_req[keep]]), np.concatenate([ret_item, fill_item[keep]])
+        order = np.argsort(ret_req, kind="stable")
+        ret_req, ret_item = ret_req[order], ret_item[order]
     taken = _unique(exposed, ret_req * V + ret_item)
-    weights = ctx.retriever.impressions[ctx.catalogue.ids] if cfg.random_by == "popularity" else None
     rnd_req, rnd_item = _sample_random(cfg.seed, rid[starts], ctx.catalogue.ids, taken, cfg.random, V, weights)
 
     new_req = np.concatenate([ret_req, rnd_req])
@@ -878,6 +901,14 @@ def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _S
 
 
 # ----------------------------------------------------------------------------------- driver
+
+
+def _impressions_per_item(paths: list[Path], item_field: str, vocab: int) -> np.ndarray:
+    """How often each item id was shown in the split's spilled chunks: ``[vocab]`` int64."""
+    counts = np.zeros(vocab, dtype=np.int64)
+    for p in paths:
+        counts += np.bincount(_column(pq.read_table(p, columns=[item_field]), item_field), minlength=vocab)
+    return counts
 
 
 def _train_tables(paths: list[Path], item_field: str) -> Iterator[pa.Table]:
@@ -978,8 +1009,10 @@ def build_cascade(
                 logged = spilled[s] if config.item_side == "logged" else None
                 item_side = _ItemSide.build(catalogue, schema.vocab(item_field), item_field, logged, config.seed)
                 writer = SplitWriter(out, s)
+                shown = _impressions_per_item(spilled[s], item_field, schema.vocab(item_field))
                 for path in spilled[s]:
-                    chunk = _build_chunk(ctx, item_side, pq.read_table(path), stats[s], f"{s} chunk {path.stem}")
+                    where = f"{s} chunk {path.stem}"
+                    chunk = _build_chunk(ctx, item_side, pq.read_table(path), stats[s], where, shown)
                     writer.write(chunk)
                     bar.advance(task)
                 writer.close()
@@ -993,7 +1026,9 @@ def build_cascade(
         "rank_cut": "candidates scored below the request's lowest impression"
         if config.rank_cut == "below_impressions"
         else "the teacher's top retrieved items",
-        "random_items": "in proportion to training impressions" if config.random_by == "popularity" else "uniform",
+        "popularity": "random items and retrieval fill-in drawn by the split's impressions"
+        if config.popularity == "matched"
+        else "random items uniform, retrieval fill-in the most popular training items",
         "seeds": f"history sequence {history_field!r}" if history_field else "the request's positive impressions",
         "cross_features": "dropped" if config.cross == "drop" else "padding value on unexposed rows",
         "item_side": "a logged row of the item in the split (catalogue if never logged)"
