@@ -480,3 +480,20 @@ def test_filter_leaving_no_training_request_is_an_error_and_keeps_old_output(
     with pytest.raises(DataError, match="no training requests"):
         build_cascade(tiny_dataset, teacher, cascade, cfg, overwrite=True)
     assert read_split(cascade, "train").equals(before)
+
+
+def test_match_popularity_follows_the_target_histogram() -> None:
+    from prerank.data.cascade import match_popularity
+
+    rng = np.random.default_rng(0)
+    req = np.repeat(np.arange(200), 40)
+    bucket = np.tile(np.r_[np.zeros(30, np.int64), np.ones(10, np.int64)], 200)  # pools: 75% bucket 0
+    target = np.array([1.0, 3.0])  # impressions: 25% bucket 0
+    kept = match_popularity(req, bucket, target, 8, rng.random(len(req)))
+    assert np.bincount(req[kept]).tolist() == [8] * 200
+    # 10 of 40 in the pool, about 75% of the kept (sampling without replacement runs short of bucket 1 a little)
+    assert abs((bucket[kept] == 1).mean() - 0.75) < 0.1 and (bucket[kept] == 1).mean() > 0.5
+    assert len(np.unique(kept)) == len(kept)
+    # a bucket the impressions never reach is used only to fill a request whose pool has nothing else
+    only_unwanted = match_popularity(np.zeros(3, np.int64), np.array([0, 0, 1]), np.array([0.0, 1.0]), 2, rng.random(3))
+    assert sorted(only_unwanted.tolist()) == [0, 2] or sorted(only_unwanted.tolist()) == [1, 2]

@@ -21,8 +21,10 @@ pre-rank candidate. ``rank_cut="teacher_top"`` keeps the teacher's top retrieved
 
 **Popularity matched to impressions** (``popularity="matched"``, the default): random items, and the
 retrieved items that co-occurrence cannot supply, are drawn in proportion to the item's impressions in
-the request's own split, so an unexposed item's popularity is distributed like an impression's and item
-popularity alone cannot tell the stages apart. The old reading, ``popularity="paper"``, draws random items
+the request's own split; and the retrieved items are chosen from a pool of ``4 x retrieve`` so that their
+training popularity (log2 buckets of training impressions) follows the split's impressions'
+(:func:`match_popularity`), since co-occurrence favours the head. So item popularity alone tells the
+stages apart as little as the data allows. The old reading, ``popularity="paper"``, draws random items
 uniformly from the catalogue ("randomly sampled from the whole item pool") and fills retrieval with the
 training split's most popular items; on Taobao UserBehavior that lets log-popularity separate impressions
 from unexposed rows with AUC 0.91 (``exposure_auc``, :func:`prerank.evaluate.listwise.baseline_metrics`):
@@ -590,6 +592,37 @@ class CoOccurrenceRetriever:
         return req, item, n_cooc
 
 
+#: Matched popularity: candidates are chosen from a pool this many times ``retrieve``; popularity is compared in
+#: log2 buckets of training impressions (bucket b holds items shown 2^b - 1 .. 2^(b+1) - 2 times).
+POOL_FACTOR, POPULARITY_BUCKETS = 4, 24
+
+
+def popularity_bucket(train_impressions: np.ndarray) -> np.ndarray:
+    """``floor(log2(1 + count))`` of each item's training impressions, capped at the last bucket: ``[V]``."""
+    return np.minimum(np.log2(1 + train_impressions).astype(np.int64), POPULARITY_BUCKETS - 1)
+
+
+def match_popularity(req: np.ndarray, bucket: np.ndarray, target: np.ndarray, k: int, u: np.ndarray) -> np.ndarray:
+    """Indices of at most ``k`` rows per request whose popularity buckets follow ``target``.
+
+    ``req`` ``[P]`` (grouped), ``bucket`` ``[P]`` the pool items' buckets, ``target`` ``[B]`` the impressions' bucket
+    histogram, ``u`` ``[P]`` uniforms. Each pool item weighs ``target[b] / pool share of b in its request``; ``k``
+    are drawn per request without replacement in proportion to the weights (Efraimidis & Spirakis 2006: the
+    largest ``log(u) / w``). Buckets the impressions never reach (weight 0) are drawn only when a request's pool
+    has too few others.
+    """
+    if not len(req):
+        return np.zeros(0, dtype=np.int64)
+    n_req, n_b = int(req.max()) + 1, len(target)
+    pool = np.bincount(req * n_b + bucket, minlength=n_req * n_b).reshape(n_req, n_b)
+    share = pool / pool.sum(1, keepdims=True)
+    weight = (target / max(target.sum(), 1e-300))[bucket] / share[req, bucket]
+    key = np.where(weight > 0, np.log(np.maximum(u, 1e-300)) / np.maximum(weight, 1e-300), -np.inf)
+    order = np.lexsort((-key, req))
+    top = order[rank_within(req[order]) < k]
+    return np.sort(top)
+
+
 def _mix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64 step on uint64 (wrapping arithmetic)."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -831,20 +864,31 @@ def _build_chunk(
     seed_req, seed_item = _seeds(ctx, table, req_of_row, where)
     in_cat = ctx.catalogue.row_of >= 0
     matched = cfg.popularity == "matched"
+    pool = cfg.retrieve * (POOL_FACTOR if matched else 1)
     ret_req, ret_item, n_cooc = ctx.retriever.retrieve(
-        seed_req, seed_item, exposed, n_req, cfg.retrieve, in_cat, fill=not matched
+        seed_req, seed_item, exposed, n_req, pool, in_cat, fill=not matched
     )
     weights = shown[ctx.catalogue.ids] if matched and shown[ctx.catalogue.ids].sum() > 0 else None
-    if matched:  # top retrieval up with items drawn like the split's impressions
-        need = cfg.retrieve - np.bincount(ret_req, minlength=n_req)
+    if matched:  # top the pool up with items drawn like the split's impressions, then match its popularity
+        need = pool - np.bincount(ret_req, minlength=n_req)
         taken = _unique(exposed, ret_req * V + ret_item)
         fill_req, fill_item = _sample_random(
             cfg.seed, rid[starts], ctx.catalogue.ids, taken, int(need.max(initial=0)), V, weights, stream=20
         )
         keep = rank_within(fill_req) < need[fill_req]
+        cooc = np.concatenate([np.ones(len(ret_req), bool), np.zeros(int(keep.sum()), bool)])
         ret_req, ret_item = np.concatenate([ret_req, fill_req[keep]]), np.concatenate([ret_item, fill_item[keep]])
-        order = np.argsort(ret_req, kind="stable")
-        ret_req, ret_item = ret_req[order], ret_item[order]
+        bucket = popularity_bucket(ctx.retriever.impressions)
+        target = np.bincount(bucket, weights=shown, minlength=POPULARITY_BUCKETS)
+        kept = match_popularity(
+            ret_req,
+            bucket[ret_item],
+            target,
+            cfg.retrieve,
+            request_uniforms(cfg.seed, 30, rid[starts][ret_req], np.arange(len(ret_req))),
+        )
+        kept = kept[np.argsort(ret_req[kept], kind="stable")]  # grouped by request, co-occurrence hits first
+        ret_req, ret_item, n_cooc = ret_req[kept], ret_item[kept], int(cooc[kept].sum())
     taken = _unique(exposed, ret_req * V + ret_item)
     rnd_req, rnd_item = _sample_random(cfg.seed, rid[starts], ctx.catalogue.ids, taken, cfg.random, V, weights)
 
