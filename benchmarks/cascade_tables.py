@@ -1,9 +1,12 @@
 """Assemble RankTower-style tables (Recall@K, NDCG@K, cascade recall) from several `prerank compare` outputs.
 
-    .venv/bin/python benchmarks/cascade_tables.py "label=DIR[:model]" ...
+    .venv/bin/python benchmarks/cascade_tables.py [--baselines CASCADE_DIR] "label=DIR[:model]" ...
 
 Each argument names a row: DIR is a `prerank compare --out` folder on a cascade dataset and MODEL
 (optional) picks one model from it (default: every model, labelled "label / model").
+``--baselines`` adds two rows first, scored on CASCADE_DIR's test split by scorers that learn nothing
+(`prerank cascade baselines`): item popularity and the teacher itself, so a reader sees what the
+simulated stages give away.
 Prints one Markdown table, mean ± std over the seeds each run has.
 """
 
@@ -25,6 +28,7 @@ COLUMNS = (
     "cascade_recall@5/50",
     "auc",
     "gauc",
+    "exposure_auc",
 )
 
 
@@ -40,6 +44,12 @@ def main(args: list[str]) -> None:
         sys.exit(__doc__)
     print("| run | seeds | " + " | ".join(COLUMNS) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))
+    if args[0] == "--baselines":
+        from prerank.evaluate.listwise import baseline_metrics
+
+        for name, m in baseline_metrics(args[1]).items():
+            print(f"| {name} (no model) | - | " + " | ".join(_cell([m.get(c)]) for c in COLUMNS) + " |")
+        args = args[2:]
     for arg in args:
         label, _, rest = arg.partition("=")
         folder, _, only = rest.partition(":")

@@ -62,6 +62,30 @@ def test_compare_writes_records_and_table(tiny_dataset: Path, tmp_path: Path) ->
     assert res.exit_code == 0 and len(json.loads((out / "results.json").read_text())) == 4
 
 
+def test_compare_tunes_every_model_on_the_same_grid(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    args = ["compare", "--data", str(tiny_dataset), "--models", "lr,two_tower", "--seeds", "1", "--out", str(out)]
+    grid = ["--grid", "lr=0.001,0.03", "--grid", "weight_decay=0,1e-5", "--latency-candidates", "0"]
+    res = runner.invoke(app, [*args, *FAST, *grid])
+    assert res.exit_code == 0, res.output
+    tuning = json.loads((out / "tuning.json").read_text())
+    records = json.loads((out / "results.json").read_text())
+    for model in ("lr", "two_tower"):
+        points = tuning[model]["points"]
+        assert len(points) == 4  # the same 2 x 2 grid for every model
+        best = max(points, key=lambda p: p["best_valid"])
+        assert tuning[model]["chosen"] == best["point"]
+        record = next(r for r in records if r["model"] == model)
+        assert record["tuned"] == best["point"]
+        assert record["lr"] == best["options"]["lr"] and record["weight_decay"] == best["options"]["weight_decay"]
+    assert "tuned on valid" in (out / "results.md").read_text()
+    # resume: the grid's points are not trained again
+    res = runner.invoke(app, [*args, *FAST, *grid, "--resume"])
+    assert res.exit_code == 0 and "tuning" not in res.output.replace("tuning.json", "")
+    bad = runner.invoke(app, [*args, *FAST, "--grid", "lrate=0.1"])
+    assert bad.exit_code == 2 and "lrate" in bad.output
+
+
 def test_compare_reports_the_teachers_row_and_relaimpr_against_it(tiny_dataset: Path, tmp_path: Path) -> None:
     from prerank.models.registry import build_model
     from prerank.schema import Schema

@@ -26,7 +26,9 @@ from prerank.models.registry import MODELS, build_model
 from prerank.schema import STAGES, FeatureSpec, Schema, SchemaError
 from prerank.train.checkpoint import load_model, save_checkpoint
 
-SMALL = CascadeConfig(retrieve=8, rank_candidates=3, prerank_candidates=4, random=5)
+SMALL = CascadeConfig(
+    retrieve=8, rank_candidates=3, prerank_candidates=4, random=5, rank_cut="teacher_top", popularity="paper"
+)
 IMP, RANK, PRE, RND = (STAGES.index(s) for s in STAGES)
 
 
@@ -197,7 +199,8 @@ def test_any_registered_model_can_be_the_teacher(name: str, tiny_dataset: Path, 
     path = tmp_path / f"{name}.pt"
     save_checkpoint(path, name, build_model(name, schema))
     out = tmp_path / name
-    build_cascade(tiny_dataset, path, out, CascadeConfig(retrieve=3, rank_candidates=1, prerank_candidates=1, random=1))
+    cfg = CascadeConfig(retrieve=3, rank_candidates=1, prerank_candidates=1, random=1, rank_cut="teacher_top")
+    build_cascade(tiny_dataset, path, out, cfg)
     t = read_split(out, "valid")
     assert np.isfinite(col(t, "teacher_logit")).all()
     assert set(np.unique(col(t, "stage"))) == {IMP, RANK, PRE, RND}
@@ -322,6 +325,42 @@ def test_random_sampling_is_distinct_and_avoids_taken() -> None:
     assert alone_item.tolist() == both_item[both_req == 1].tolist()
 
 
+def test_popularity_sampling_follows_the_weights_and_never_draws_weight_zero() -> None:
+    catalogue = np.arange(1, 11)
+    weights = np.array([0, 0, 1, 1, 2, 2, 4, 4, 8, 8], dtype=float)
+    rids = np.arange(2000)
+    req, item = _sample_random(0, rids, catalogue, np.zeros(0, dtype=np.int64), 1, 100, weights)
+    assert np.bincount(req).tolist() == [1] * 2000
+    freq = np.bincount(item, minlength=11)[1:] / 2000
+    assert freq[:2].sum() == 0
+    assert np.abs(freq - weights / weights.sum()).max() < 0.03
+    # a request asking for more than the positive-weight items gets only those
+    req, item = _sample_random(0, rids[:1], catalogue, np.zeros(0, dtype=np.int64), 9, 100, weights)
+    assert sorted(item.tolist()) == list(range(3, 11))
+
+
+def test_default_cascade_agrees_with_the_log(tiny_dataset: Path, teacher: Path, tmp_path: Path) -> None:
+    """rank_cut="below_impressions": every candidate scores below its request's impressions; popularity="matched":
+    random items are drawn by the split's impressions, so each is an item that split showed."""
+    out = tmp_path / "agree"
+    summary = build_cascade(
+        tiny_dataset, teacher, out, CascadeConfig(retrieve=30, rank_candidates=3, prerank_candidates=4, random=5)
+    )
+    dropped = kept = 0
+    for split in ("train", "valid", "test"):
+        shown = set(col(read_split(tiny_dataset, split), "item_id").tolist())
+        t = read_split(out, split)
+        rid, stage, logit = col(t, "request_id"), col(t, "stage"), col(t, "teacher_logit")
+        for r in np.unique(rid):
+            mine = rid == r
+            lowest = logit[mine & (stage == IMP)].min()
+            assert (logit[mine & np.isin(stage, [RANK, PRE])] < lowest).all()
+        assert set(col(t, "item_id")[stage == RND].tolist()) <= shown
+        dropped += summary["splits"][split]["retrieved_above_impressions"]
+        kept += int(np.isin(stage, [RANK, PRE]).sum())
+    assert dropped > 0 and kept > 0  # the cut removed some items and kept others: the check is not vacuous
+
+
 def test_request_uniforms_look_uniform() -> None:
     u = request_uniforms(3, 1, np.repeat(np.arange(100), 100), np.tile(np.arange(100), 100))
     assert u.min() >= 0.0 and u.max() < 1.0
@@ -441,3 +480,20 @@ def test_filter_leaving_no_training_request_is_an_error_and_keeps_old_output(
     with pytest.raises(DataError, match="no training requests"):
         build_cascade(tiny_dataset, teacher, cascade, cfg, overwrite=True)
     assert read_split(cascade, "train").equals(before)
+
+
+def test_match_popularity_follows_the_target_histogram() -> None:
+    from prerank.data.cascade import match_popularity
+
+    rng = np.random.default_rng(0)
+    req = np.repeat(np.arange(200), 40)
+    bucket = np.tile(np.r_[np.zeros(30, np.int64), np.ones(10, np.int64)], 200)  # pools: 75% bucket 0
+    target = np.array([1.0, 3.0])  # impressions: 25% bucket 0
+    kept = match_popularity(req, bucket, target, 8, rng.random(len(req)))
+    assert np.bincount(req[kept]).tolist() == [8] * 200
+    # 10 of 40 in the pool, about 75% of the kept (sampling without replacement runs short of bucket 1 a little)
+    assert abs((bucket[kept] == 1).mean() - 0.75) < 0.1 and (bucket[kept] == 1).mean() > 0.5
+    assert len(np.unique(kept)) == len(kept)
+    # a bucket the impressions never reach is used only to fill a request whose pool has nothing else
+    only_unwanted = match_popularity(np.zeros(3, np.int64), np.array([0, 0, 1]), np.array([0.0, 1.0]), 2, rng.random(3))
+    assert sorted(only_unwanted.tolist()) == [0, 2] or sorted(only_unwanted.tolist()) == [1, 2]

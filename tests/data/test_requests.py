@@ -12,7 +12,15 @@ import torch
 from conftest import tiny_table
 from prerank.data.batch import Batch
 from prerank.data.parquet import DataError, ParquetSplit, SplitWriter
-from prerank.data.requests import STAGE_PRESETS, RequestStream, make_request_loader, resolve_stages
+from prerank.data.requests import (
+    LIST_TIERS,
+    STAGE_PRESETS,
+    RequestStream,
+    list_quotas,
+    make_request_loader,
+    resolve_stage_mix,
+    resolve_stages,
+)
 from prerank.schema import STAGES, Schema
 
 LENGTHS = [3, 12, 1, 7, 25, 2, 9, 4, 16, 5, 1, 8]  # a request (25 rows) spans several row groups and files
@@ -142,48 +150,89 @@ def test_stage_names_and_errors(tmp_path: Path, schema: Schema, requests_dir: tu
     assert _same(_lists(list(make_request_loader(root, "train", 4))), _expected(plain))
 
 
-def test_max_list_len_shares_the_cap_between_impressions_and_the_rest(requests_dir: tuple[Path, pa.Table]) -> None:
+def _tier_counts(table: pa.Table, rid: int) -> np.ndarray:
+    stage, label = (
+        col(table, "stage")[col(table, "request_id") == rid],
+        col(table, "label")[col(table, "request_id") == rid],
+    )
+    tier = np.where(stage == 0, np.where(label > 0, 0, 1), stage + 1)
+    return np.bincount(tier, minlength=len(LIST_TIERS))
+
+
+def _kept_tiers(b: Batch, r: int) -> np.ndarray:
+    valid = b.mask[r]
+    stage, label = b.stage[r][valid].numpy(), b.label[r][valid].numpy()
+    return np.bincount(np.where(stage == 0, np.where(label > 0, 0, 1), stage + 1), minlength=len(LIST_TIERS))
+
+
+@pytest.mark.parametrize("mix", [None, {"clicked": 1, "unclicked": 1, "random": 2}])
+def test_max_list_len_keeps_the_quota_of_every_tier(requests_dir: tuple[Path, pa.Table], mix) -> None:
     root, table = requests_dir
-    rid_all, stage_all = col(table, "request_id"), col(table, "stage")
     cap = 6
-    for b in make_request_loader(root, "train", 4, max_list_len=cap, shuffle=True, seed=1):
+    weights = None if mix is None else np.array([mix.get(t, 0) for t in LIST_TIERS], float)
+    seen_capped = 0
+    for b in make_request_loader(root, "train", 4, max_list_len=cap, shuffle=True, seed=1, stage_mix=mix):
         assert b.mask.shape[1] <= cap
         for r in range(b.mask.shape[0]):
             valid = b.mask[r]
             rid = int(b.request_id[r][valid][0])
-            n_imp = int((stage_all[rid_all == rid] == 0).sum())
-            n_all = int((rid_all == rid).sum())
-            n_other = n_all - n_imp
-            kept_other = min(n_other, max(cap - n_imp, cap // 2))
-            assert int(valid.sum()) == min(cap, n_all)
-            if n_all > cap:
-                assert int((b.stage[r][valid] != 0).sum()) == kept_other
-                assert int((b.stage[r][valid] == 0).sum()) == min(n_imp, cap - kept_other)
+            counts = _tier_counts(table, rid)
+            want = list_quotas(counts[None], cap, weights)[0] if counts.sum() > cap or mix else counts
+            assert (_kept_tiers(b, r) == want).all()
             assert (np.diff(b.stage[r][valid].numpy()) >= 0).all()  # original order kept
+            seen_capped += counts.sum() > cap
+    assert seen_capped >= 3
 
 
-def test_max_list_len_keeps_positive_impressions_first(tmp_path: Path, schema: Schema) -> None:
-    table = _requests_table(schema, [10])
-    stage = np.zeros(10, dtype=np.int8)
-    label = np.array([0, 0, 0, 1, 0, 0, 1, 0, 0, 1], dtype=np.float32)
+def test_a_capped_list_keeps_its_unclicked_impressions(tmp_path: Path, schema: Schema) -> None:
+    """ML-1M-like lists (78% clicked): capping keeps the clicked/unclicked mix, not clicked first."""
+    table = _requests_table(schema, [100])
+    stage = np.array([0] * 90 + [1] * 4 + [3] * 6, dtype=np.int8)
+    label = np.zeros(100, dtype=np.float32)
+    label[:70] = 1
     table = table.set_column(table.column_names.index("stage"), "stage", pa.array(stage))
     table = table.set_column(table.column_names.index("label"), "label", pa.array(label))
-    root = _write(tmp_path / "pos", schema, table)
-    b = next(iter(make_request_loader(root, "train", 1, max_list_len=4)))
-    assert b.label.sum() == 3 and b.mask.sum() == 4
+    root = _write(tmp_path / "mix", schema, table)
+    kept = _kept_tiers(next(iter(make_request_loader(root, "train", 1, max_list_len=20, shuffle=True))), 0)
+    # clicked 70, unclicked 20, rank candidates 4, random 6: one of each, then 16 shared 70:20:4:6
+    assert kept.tolist() == [12, 4, 2, 0, 2]
 
 
-def test_max_list_len_keeps_candidates_for_users_with_many_impressions(tmp_path: Path, schema: Schema) -> None:
-    table = _requests_table(schema, [30])
-    stage = np.array([0] * 20 + [1] * 4 + [3] * 6, dtype=np.int8)
-    label = np.zeros(30, dtype=np.float32)
-    label[[2, 7]] = 1
-    table = table.set_column(table.column_names.index("stage"), "stage", pa.array(stage))
-    table = table.set_column(table.column_names.index("label"), "label", pa.array(label))
-    root = _write(tmp_path / "many", schema, table)
-    b = next(iter(make_request_loader(root, "train", 1, max_list_len=10, shuffle=True)))
-    kept = b.stage[0][b.mask[0]]
-    assert (kept == 0).sum() == 5 and (kept != 0).sum() == 5 and b.label.sum() == 2
+@pytest.mark.parametrize("seed", range(5))
+def test_list_quotas_fill_the_cap_within_counts_and_keep_every_tier(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        counts = rng.integers(0, 30, (4, len(LIST_TIERS))) * (rng.random((4, len(LIST_TIERS))) < 0.7)
+        cap = int(rng.integers(1, 40))
+        weights = None if rng.random() < 0.5 else rng.random(len(LIST_TIERS)) * (rng.random(len(LIST_TIERS)) < 0.8)
+        if weights is not None and weights.sum() == 0:
+            continue
+        quota = list_quotas(counts, cap, weights)
+        eligible = counts if weights is None else np.where(weights > 0, counts, 0)
+        assert ((quota >= 0) & (quota <= eligible)).all()
+        assert (quota.sum(1) == np.minimum(cap, eligible.sum(1))).all()
+        room = (eligible > 0).sum(1) <= cap
+        assert ((quota > 0) | (eligible == 0)).all(1)[room].all()
+
+
+def test_list_quotas_follow_the_weights() -> None:
+    counts = np.array([[78, 22, 0, 0, 0], [200, 10, 5, 5, 0], [10, 0, 50, 0, 40]])
+    assert list_quotas(counts, 20).tolist() == [[15, 5, 0, 0, 0], [16, 2, 1, 1, 0], [3, 0, 9, 0, 8]]
+    assert list_quotas(counts, 20, np.ones(5)).tolist() == [[10, 10, 0, 0, 0], [5, 5, 5, 5, 0], [7, 0, 7, 0, 6]]
+    assert list_quotas(counts, 20, np.array([1, 1, 0, 0, 0.0])).tolist() == [
+        [10, 10, 0, 0, 0],
+        [10, 10, 0, 0, 0],
+        [10, 0, 0, 0, 0],
+    ]
+
+
+def test_stage_mix_errors(requests_dir: tuple[Path, pa.Table]) -> None:
+    root, _ = requests_dir
+    with pytest.raises(ValueError, match="unknown tiers"):
+        make_request_loader(root, "train", 2, max_list_len=4, stage_mix={"clicks": 1})
+    with pytest.raises(ValueError, match="not all 0"):
+        make_request_loader(root, "train", 2, max_list_len=4, stage_mix={"clicked": 0})
+    assert resolve_stage_mix(None) is None
 
 
 def test_non_contiguous_requests_are_rejected(tmp_path: Path, schema: Schema) -> None:
@@ -223,7 +272,10 @@ def test_on_a_built_cascade(tiny_dataset: Path, tmp_path: Path, schema: Schema) 
     save_checkpoint(teacher, "two_tower", build_model("two_tower", schema))
     out = tmp_path / "cascade"
     build_cascade(
-        tiny_dataset, teacher, out, CascadeConfig(retrieve=4, rank_candidates=2, prerank_candidates=2, random=3)
+        tiny_dataset,
+        teacher,
+        out,
+        CascadeConfig(retrieve=4, rank_candidates=2, prerank_candidates=2, random=3, rank_cut="teacher_top"),
     )
     batches = list(make_request_loader(out, "valid", 8, stages="no_random"))
     assert sum(b.mask.shape[0] for b in batches) == 16

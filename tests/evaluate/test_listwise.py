@@ -7,13 +7,22 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from prerank.data.cascade import CascadeConfig, build_cascade
+from prerank.data.parquet import ParquetSplit
 from prerank.evaluate import metrics
-from prerank.evaluate.listwise import evaluate_listwise, hard_relevance, listwise_metrics, relevance
+from prerank.evaluate.listwise import (
+    baseline_metrics,
+    baseline_predictions,
+    evaluate_listwise,
+    hard_relevance,
+    listwise_metrics,
+    relevance,
+)
 from prerank.losses import build_loss
 from prerank.models.registry import build_model
 from prerank.schema import Schema
@@ -84,7 +93,9 @@ def cascade(tiny_dataset: Path, tmp_path: Path, schema: Schema) -> tuple[Path, P
     teacher = tmp_path / "teacher.pt"
     save_checkpoint(teacher, "two_tower", build_model("two_tower", schema))
     out = tmp_path / "cascade"
-    cfg = CascadeConfig(retrieve=8, rank_candidates=4, prerank_candidates=4, random=4, cross="pad")
+    cfg = CascadeConfig(
+        retrieve=8, rank_candidates=4, prerank_candidates=4, random=4, cross="pad", rank_cut="teacher_top"
+    )
     build_cascade(tiny_dataset, teacher, out, cfg)
     return out, teacher
 
@@ -115,6 +126,44 @@ def test_cli_evaluate(cascade: tuple[Path, Path], tmp_path: Path) -> None:
     assert out["model"] == "lr" and "ndcg@10" in out and "cascade_recall@5/50" in out
     bad = CliRunner().invoke(app, ["cascade", "evaluate", "-c", str(_teacher), "-d", str(data), "--ks", "x"])
     assert bad.exit_code == 2
+
+
+def test_baselines_popularity_and_teacher(cascade: tuple[Path, Path], tmp_path: Path) -> None:
+    import prerank.cli.cascade  # noqa: F401  (registers the commands)
+    from prerank.cli import app
+
+    data, teacher = cascade
+    preds = baseline_predictions(data, "test")
+    # popularity is log1p of the item's training impressions, computed here independently
+    t = pq.read_table(ParquetSplit(data, "train").files, columns=["item_id", "stage"])
+    shown = t.column("item_id").to_numpy()[t.column("stage").to_numpy() == 0]
+    test_items = pq.read_table(ParquetSplit(data, "test").files, columns=["item_id"]).column(0).to_numpy()
+    want = np.log1p([(shown == i).sum() for i in test_items])
+    assert np.allclose(preds["popularity"]["logits"], want)
+    m = baseline_metrics(data, "test", ks=(5,), cascade_ns=(10,))
+    _, model, _ = load_model(teacher)
+    assert m["teacher"]["cascade_recall@5/10"] == pytest.approx(1.0)
+    assert m["teacher"]["auc"] == pytest.approx(evaluate_listwise(model, data, "test", ks=(5,))["auc"], abs=1e-5)
+    assert 0.0 <= m["popularity"]["exposure_auc"] <= 1.0
+    result = CliRunner().invoke(app, ["cascade", "baselines", "-d", str(data), "--ks", "5"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)) == {"split", "popularity", "teacher"}
+    plain = tmp_path / "plain"
+    bad = CliRunner().invoke(app, ["cascade", "baselines", "-d", str(plain)])
+    assert bad.exit_code == 2
+
+
+def test_exposure_auc_is_the_auc_of_impressions_against_unexposed_rows() -> None:
+    pred = {
+        "logits": np.array([3.0, 1.0, 2.0, 0.0]),
+        "label": np.array([1.0, 0.0, 0.0, 0.0]),
+        "request_id": np.array([1, 1, 1, 1]),
+        "stage": np.array([0, 0, 1, 3]),
+    }
+    assert listwise_metrics(pred, ks=(2,))["exposure_auc"] == pytest.approx(
+        0.75
+    )  # 3 of the 4 (shown, unshown) pairs in order
+    assert "exposure_auc" not in listwise_metrics({**pred, "stage": np.zeros(4, dtype=np.int64)}, ks=(2,))
 
 
 def test_hard_label_metrics_count_every_impression() -> None:

@@ -59,18 +59,24 @@ def test_weighted_sum_of_the_scoped_parts() -> None:
     y = hard_relevance(d["label"], d["label_level"], d["stage"], d["mask"])
     cfg = HybridLossConfig(distillation_weight=2.0, sorting_weight=3.0, rankmax_weight=5.0, sorting_temperature=0.5)
     m, s = d["mask"], d["stage"]
-    distill = softmax_distillation(z, d["teacher"], m & (s == IMP))
-    sort = softsort_loss(z, y, m & (s != RAND), temperature=0.5)
-    rank = am_rankmax(z, y, m)
+    distill = softmax_distillation(z, d["teacher"], m & (s == IMP), per_list="mean")
+    sort = softsort_loss(z, y, m & (s != RAND), temperature=0.5, per_list="mean")
+    rank = am_rankmax(z, y, m, per_list="mean")
     got = hybrid_loss(z, y, s, m, d["teacher"], cfg)
     assert got.item() == pytest.approx((2 * distill + 3 * sort + 5 * rank).item(), rel=1e-6)
+    as_written = HybridLossConfig(**{**cfg.__dict__, "list_reduction": "sum"})
+    summed = 2 * softmax_distillation(z, d["teacher"], m & (s == IMP)) + 3 * softsort_loss(
+        z, y, m & (s != RAND), temperature=0.5
+    )
+    summed = summed + 5 * am_rankmax(z, y, m)
+    assert hybrid_loss(z, y, s, m, d["teacher"], as_written).item() == pytest.approx(summed.item(), rel=1e-6)
     parts = hybrid_components(z, y, s, m, d["teacher"], cfg)
     assert set(parts) == {"distillation", "sorting", "am_rankmax"}
     sharp = HybridLossConfig(sorting_label_temperature=0.1)
-    expected = softsort_loss(z, y, m & (s != RAND), label_temperature=0.1)
+    expected = softsort_loss(z, y, m & (s != RAND), label_temperature=0.1, per_list="mean")
     assert hybrid_components(z, y, s, m, d["teacher"], sharp)["sorting"].item() == pytest.approx(expected.item())
     odds = HybridLossConfig(distillation_target="softmax")  # the other reading of Eq. 9's p_i, by name
-    expected = softmax_distillation(z, d["teacher"], m & (s == IMP), target="softmax")
+    expected = softmax_distillation(z, d["teacher"], m & (s == IMP), target="softmax", per_list="mean")
     assert hybrid_components(z, y, s, m, d["teacher"], odds)["distillation"].item() == pytest.approx(expected.item())
     assert expected.item() != pytest.approx(distill.item())
 
@@ -191,3 +197,27 @@ def test_optimising_free_scores_learns_the_full_stage_order() -> None:
     first = z.detach()[0]
     assert first[0] > first[2] > first[1]  # label_level 2 > 1 > shown without feedback
     assert first[1] > first[3:].max()  # every impression above every candidate and random item
+
+
+def test_list_reduction_mean_divides_each_list_by_its_terms() -> None:
+    """Two lists, lengths 2 and 4: "sum" is the mean over lists of the per-list sums, "mean" of sum / terms."""
+    z = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, -0.5, 2.0, 0.0]])
+    t = torch.tensor([[2.0, -1.0, 0.0, 0.0], [0.0, 1.0, -2.0, 3.0]])
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    logq = [torch.log_softmax(z[0, :2], 0), torch.log_softmax(z[1], 0)]
+    sums = [-(torch.sigmoid(t[0, :2]) * logq[0]).sum(), -(torch.sigmoid(t[1]) * logq[1]).sum()]
+    assert softmax_distillation(z, t, mask).item() == pytest.approx(((sums[0] + sums[1]) / 2).item())
+    assert softmax_distillation(z, t, mask, per_list="mean").item() == pytest.approx(
+        ((sums[0] / 2 + sums[1] / 4) / 2).item()
+    )
+    y = torch.tensor([[2.0, 0.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0]])  # list 2: two positives with a lower item
+    assert am_rankmax(z, y, mask, per_list="mean").item() == pytest.approx(
+        ((am_rankmax(z[:1], y[:1], mask[:1]) + am_rankmax(z[1:], y[1:], mask[1:]) / 2) / 2).item()
+    )
+    assert softsort_loss(z, y, mask, per_list="mean").item() == pytest.approx(
+        ((softsort_loss(z[:1], y[:1], mask[:1]) / 2 + softsort_loss(z[1:], y[1:], mask[1:]) / 4) / 2).item()
+    )
+    with pytest.raises(ValueError, match="per_list"):
+        softmax_distillation(z, t, mask, per_list="avg")
+    with pytest.raises(ValueError, match="list_reduction"):
+        HybridLossConfig(list_reduction="avg")  # type: ignore[arg-type]

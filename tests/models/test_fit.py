@@ -286,3 +286,48 @@ def test_feature_subsets_keep_both_paths_equal(features: tuple[str, ...], schema
     n_singles = sum(schema[f].tower in ("user", "context") and schema[f].kind != "sequence" for f in features)
     n_seq = sum(schema[f].max_len for f in features if schema[f].tower == "user" and schema[f].kind == "sequence")
     assert keys.shape[1] == n_singles + n_seq
+
+
+def test_dead_meta_vectors_restart_at_item_keys() -> None:
+    from prerank.layers.fit_parts import MetaQuerySelector
+
+    torch.manual_seed(0)
+    sel = MetaQuerySelector(4, 3, temperature=0.1, restart_threshold=0.5, usage_decay=0.5)
+    keys = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    index = torch.tensor([0, 0, 0, 1])  # vectors 2 and 3 are chosen by no item
+    for _ in range(3):
+        sel.observe(keys, index)
+    assert sel.usage[2] < 0.5 / 4 and sel.usage[3] < 0.5 / 4 and sel.usage[0] > 0.5 / 4
+    live_norm = sel.meta[:2].norm(dim=-1).mean()
+    before = sel.meta.detach().clone()
+    assert sel.restart_dead() == 2
+    assert torch.equal(sel.meta[:2], before[:2])  # live vectors untouched
+    unit_keys = F.normalize(keys, dim=-1)
+    for row in sel.meta[2:]:
+        assert torch.allclose(row.norm(), live_norm)
+        assert (unit_keys @ F.normalize(row, dim=0)).max().item() == pytest.approx(1.0, abs=1e-6)  # a key direction
+    assert sel.restart_dead() == 0  # their usage was reset to the uniform share
+    off = MetaQuerySelector(4, 3, temperature=0.1, restart_threshold=0.0)
+    off.observe(keys, index)
+    assert off.restart_dead() == 0
+
+
+def test_training_keeps_the_meta_vectors_apart_and_reports_it(schema: Schema, batch: Batch) -> None:
+    def train(threshold: float) -> FIT:
+        torch.manual_seed(0)
+        model = FIT(schema, FITConfig(num_meta=8, restart_threshold=threshold, cluster_weight=1.0)).train()
+        model.selector.usage_decay = 0.8  # a 60-step run: forget faster than the default 0.99
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(60):
+            user, item = model.encode_user(batch), model.encode_item(batch)
+            loss = F.binary_cross_entropy_with_logits(model.score(user, item, batch), batch.label)
+            loss = loss + model.auxiliary_loss(batch, user, item)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model
+
+    plain, restarted = train(0.0).meta_report(batch), train(0.3).meta_report(batch)
+    assert set(plain) == {"meta_mean_cosine", "meta_used", "meta_user_spread"}
+    assert plain["meta_used"] <= 3 and restarted["meta_used"] >= 6  # of 8; the items' choices spread out
+    assert FIT(schema, FITConfig(use_mqm=False)).meta_report(batch) == {}

@@ -74,3 +74,14 @@ def test_yaml_errors(tmp_path: Path) -> None:
         load_run_config(broken)
     with pytest.raises(ConfigError, match="does not exist"):
         load_run_config(tmp_path / "missing.yaml")
+
+
+def test_stage_mix_is_checked_and_parsed_from_the_command_line() -> None:
+    from prerank.cli.common import run_config
+
+    with pytest.raises(ConfigError, match="unknown tiers"):
+        TrainConfig(stage_mix={"clicks": 1.0})
+    with pytest.raises(ConfigError, match="not all 0"):
+        TrainConfig(stage_mix={"clicked": 0.0})
+    _, cfg = run_config(None, stage_mix="clicked=1,unclicked=1,random=2")
+    assert cfg.stage_mix == {"clicked": 1.0, "unclicked": 1.0, "random": 2.0}

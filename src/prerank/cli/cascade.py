@@ -1,4 +1,4 @@
-"""``prerank cascade build`` and ``prerank cascade evaluate``: full-stage cascade data and listwise metrics."""
+"""``prerank cascade build``, ``evaluate`` and ``baselines``: full-stage cascade data and listwise metrics."""
 
 from __future__ import annotations
 
@@ -40,7 +40,19 @@ def build(
     retrieve: int = typer.Option(200, "--retrieve", help="Unexposed items retrieved per request."),
     rank_candidates: int = typer.Option(20, "--rank-candidates", help="Teacher's top retrieved items kept."),
     prerank_candidates: int = typer.Option(40, "--prerank-candidates", help="Next retrieved items kept."),
-    random: int = typer.Option(40, "--random", help="Uniform catalogue items per request."),
+    random: int = typer.Option(40, "--random", help="Random catalogue items per request."),
+    popularity: str = typer.Option(
+        "matched",
+        "--popularity",
+        help="'matched': random items and retrieval fill-in drawn by the split's impressions, so popularity cannot"
+        " tell the stages apart; 'paper': random items uniform over items.parquet, fill-in the top training items.",
+    ),
+    rank_cut: str = typer.Option(
+        "below_impressions",
+        "--rank-cut",
+        help="Candidates: 'below_impressions' (retrieved items the teacher scores below the request's lowest"
+        " impression, as a ranker that exposed its top items would) or 'teacher_top' (the teacher's top items).",
+    ),
     item_field: str = typer.Option("item_id", "--item-field", help="Categorical item-tower feature with the item id."),
     seed_from: str = typer.Option(
         "history",
@@ -69,8 +81,9 @@ def build(
     """Build a cascade dataset for full-stage sampling (RankTower Sec. 3.1) and listwise evaluation.
 
     Retrieval: item co-occurrence of the training split's positives, seeded with the user's history, topped up with
-    the most popular training items. The teacher's order splits the retrieved items into rank candidates (top) and
-    pre-rank candidates (next); random items are uniform over items.parquet.
+    the most popular training items. The teacher's order splits the retrieved items it scores below the request's
+    impressions into rank candidates (top) and pre-rank candidates (next); random items (and the retrieval fill-in)
+    are drawn from items.parquet in proportion to the split's impressions (--popularity, --rank-cut change both).
 
     Unexposed rows copy the request's user features and take item features from items.parquet. Their cross
     features are unknown, so cross features are dropped from the output unless --cross pad.
@@ -85,6 +98,8 @@ def build(
         rank_candidates=rank_candidates,
         prerank_candidates=prerank_candidates,
         random=random,
+        popularity=popularity,  # type: ignore[arg-type]
+        rank_cut=rank_cut,  # type: ignore[arg-type]
         item_field=item_field,
         seed_from=seed_from,  # type: ignore[arg-type]
         history_field=history_field,
@@ -132,6 +147,28 @@ def evaluate(
         model, data, split, ks=_ints(ks, "--ks"), cascade_ns=_ints(cascade_ns, "--cascade-n"), batch_size=batch_size
     )
     print_json({"model": name, "split": split, **result})
+
+
+@cascade_app.command("baselines")
+@friendly_errors
+def baselines(
+    data: Path = typer.Option(..., "--data", "-d", help="Cascade dataset directory."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate."),
+    item_field: str = typer.Option("item_id", "--item-field", help="Categorical item-tower feature with the item id."),
+    ks: str = typer.Option("10,50,100", "--ks", help="K of Recall@K and NDCG@K, comma-separated."),
+    cascade_ns: str = typer.Option("10,50", "--cascade-n", help="N of cascade recall@(5, N), comma-separated."),
+) -> None:
+    """The same metrics for two scorers that learn nothing: item popularity (training impressions) and the teacher.
+
+    Print them beside every cascade table: what popularity alone reaches is what the simulated stages give away
+    (its exposure_auc is how well it tells impressions from unexposed rows).
+    """
+    from prerank.evaluate.listwise import baseline_metrics
+
+    result = baseline_metrics(
+        data, split, item_field=item_field, ks=_ints(ks, "--ks"), cascade_ns=_ints(cascade_ns, "--cascade-n")
+    )
+    print_json({"split": split, **result})
 
 
 def _ints(text: str, option: str) -> tuple[int, ...]:

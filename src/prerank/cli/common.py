@@ -69,6 +69,10 @@ def run_config(
         from prerank.data.requests import resolve_stages
 
         flags["stages"] = resolve_stages(flags["stages"])
+    if isinstance(flags.get("stage_mix"), str):
+        flags["stage_mix"] = {
+            k: float(v) for k, v in parse_options(flags["stage_mix"].split(","), "--stage-mix").items()
+        }
     train = train_config(flags, base.train)
     merged = RunConfig(
         model=model or base.model,
@@ -122,7 +126,14 @@ StagesOpt = typer.Option(
 MaxListOpt = typer.Option(
     None,
     "--max-list-len",
-    help="Request batching: cap rows per request (half the cap kept for candidates and random items).",
+    help="Request batching: cap rows per request; a longer list keeps one row of each tier, then its mix"
+    " (or --stage-mix).",
+)
+StageMixOpt = typer.Option(
+    None,
+    "--stage-mix",
+    help="Request batching: share of the --max-list-len cap per tier, e.g. clicked=1,unclicked=1,random=2 (tiers:"
+    " clicked, unclicked, rank_candidate, prerank_candidate, random; left out = dropped). Default: each list's mix.",
 )
 RequestsOpt = typer.Option(None, "--requests-per-batch", help="Request batching: requests per batch (default 64).")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")

@@ -25,6 +25,7 @@ from prerank.cli.common import (
     ProgressOpt,
     RequestsOpt,
     SeedOpt,
+    StageMixOpt,
     StagesOpt,
     ThreadsOpt,
     WorkersOpt,
@@ -35,6 +36,7 @@ from prerank.cli.common import (
     train_flags,
 )
 from prerank.io import atomic_write_text
+from prerank.models.base import ConfigError
 
 
 @app.command()
@@ -60,6 +62,7 @@ def train(
     batching: str = BatchingOpt,
     stages: str = StagesOpt,
     max_list_len: int = MaxListOpt,
+    stage_mix: str = StageMixOpt,
     requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -145,6 +148,12 @@ def compare(
     train_option: list[str] = typer.Option(
         None, "--train-option", help="Per-model training override MODEL.key=value, e.g. lr.lr=0.02 (repeatable)."
     ),
+    grid: list[str] = typer.Option(
+        None,
+        "--grid",
+        help="Tune every model on the same grid first (valid split, first seed), e.g. --grid lr=1e-3,3e-3"
+        " --grid weight_decay=0,1e-5 (repeatable; training options); the table prints each model's choice.",
+    ),
     loss: str = LossOpt,
     loss_option: list[str] = LossOptOpt,
     epochs: int = EpochsOpt,
@@ -159,6 +168,7 @@ def compare(
     batching: str = BatchingOpt,
     stages: str = StagesOpt,
     max_list_len: int = MaxListOpt,
+    stage_mix: str = StageMixOpt,
     requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
     latency_candidates: int = typer.Option(
@@ -195,8 +205,29 @@ def compare(
         teacher=teacher,
         log=console.print,
         latency_candidates=latency_candidates or None,
+        grid=_grid(grid),
     )
     typer.echo((out / "results.md").read_text())
+
+
+def _grid(pairs: list[str] | None) -> dict[str, list[Any]] | None:
+    """``["lr=1e-3,3e-3", "weight_decay=0,1e-5"]`` -> ``{"lr": [0.001, 0.003], "weight_decay": [0, 1e-05]}``."""
+    out: dict[str, list[Any]] = {}
+    for pair in pairs or []:
+        key, sep, values = pair.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ConfigError(f"--grid must look like option=value1,value2, got {pair!r}")
+        out[key.strip()] = [_number(v.strip()) for v in values.split(",")]
+    return out or None
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _per_model_overrides(

@@ -8,8 +8,28 @@ Public logs hold impressions only. For every request of every split the builder 
   "have advanced to the ranking stage" (Sec. 3.1.2);
 * ``prerank_candidate`` rows: the next unexposed items in the teacher's order -- easy negatives
   "filtered out before reaching the ranking stage" (Sec. 3.1.2);
-* ``random`` rows: items drawn uniformly from the whole catalogue ``items.parquet`` (Sec. 3.1.3),
-  without replacement and apart from the request's impressions and retrieved items.
+* ``random`` rows: items drawn from the whole catalogue ``items.parquet`` (Sec. 3.1.3), without
+  replacement and apart from the request's impressions and retrieved items.
+
+**The simulated ranker agrees with the log** (``rank_cut="below_impressions"``, the default): in a
+real cascade the ranker exposed its top items, so every item it ranked but did not show scored below
+the shown ones. Rank and pre-rank candidates are therefore cut from the retrieved items the teacher
+scores below the request's lowest-scored impression; retrieved items it scores higher are dropped
+(counted as ``retrieved_above_impressions``), since keeping them as unlabelled negatives would make the
+teacher (the soft label) contradict RankTower's hard-label order impression > rank candidate >
+pre-rank candidate. ``rank_cut="teacher_top"`` keeps the teacher's top retrieved items regardless.
+
+**Popularity matched to impressions** (``popularity="matched"``, the default): random items, and the
+retrieved items that co-occurrence cannot supply, are drawn in proportion to the item's impressions in
+the request's own split; and the retrieved items are chosen from a pool of ``4 x retrieve`` so that their
+training popularity (log2 buckets of training impressions) follows the split's impressions'
+(:func:`match_popularity`), since co-occurrence favours the head. So item popularity alone tells the
+stages apart as little as the data allows. The old reading, ``popularity="paper"``, draws random items
+uniformly from the catalogue ("randomly sampled from the whole item pool") and fills retrieval with the
+training split's most popular items; on Taobao UserBehavior that lets log-popularity separate impressions
+from unexposed rows with AUC 0.91 (``exposure_auc``, :func:`prerank.evaluate.listwise.baseline_metrics`):
+the impressions of a small log are mostly long-tail items, the fill-in the head. Counting the split's
+impressions uses which items were shown, never a label.
 
 Every row gets ``stage`` and ``teacher_logit`` (the teacher scores impressions too, for distillation,
 Eq. 9). Unexposed rows have ``label`` 0 and ``label_level`` 0.
@@ -25,7 +45,8 @@ over the request's rows, each of which holds only behaviour before that row) or,
 "co-engaged with the user's positives"; it lets the logged labels choose the negatives of that
 request, so prefer ``history`` where the schema has one). Candidates are scored by the summed
 co-occurrence counts with the seeds; when fewer than ``retrieve`` unexposed items are found the list
-is filled with the most popular items of the training split (positives, then impressions).
+is filled with items drawn by the split's impressions (or, with ``popularity="paper"``, with the most
+popular items of the training split: positives, then impressions).
 Exposed items of the request are never proposed, so no item is both impression and candidate.
 
 **Features of unexposed rows.** Each unexposed row copies the user and context features (and ``ts``)
@@ -105,6 +126,8 @@ class CascadeConfig:
     random: int = 40
     item_field: str = "item_id"
     seed_from: Literal["history", "positives"] = "history"
+    rank_cut: Literal["below_impressions", "teacher_top"] = "below_impressions"
+    popularity: Literal["matched", "paper"] = "matched"
     history_field: str | None = None
     co_window: int = 5
     neighbors: int = 100
@@ -136,6 +159,12 @@ class CascadeConfig:
             )
         if self.seed_from not in ("history", "positives"):
             raise ConfigError(f"cascade option seed_from must be 'history' or 'positives', got {self.seed_from!r}")
+        if self.rank_cut not in ("below_impressions", "teacher_top"):
+            raise ConfigError(
+                f"cascade option rank_cut must be 'below_impressions' or 'teacher_top', got {self.rank_cut!r}"
+            )
+        if self.popularity not in ("matched", "paper"):
+            raise ConfigError(f"cascade option popularity must be 'matched' or 'paper', got {self.popularity!r}")
         if self.item_side not in ("logged", "catalogue"):
             raise ConfigError(f"cascade option item_side must be 'logged' or 'catalogue', got {self.item_side!r}")
         if self.cross not in ("drop", "pad"):
@@ -156,6 +185,7 @@ class _Stats:
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
     retrieved_cooccurrence: int = 0
     retrieved_popularity: int = 0
+    retrieved_above_impressions: int = 0
     item_side_from_catalogue: int = 0
 
     def to_dict(self) -> dict:
@@ -462,7 +492,8 @@ class CoOccurrenceRetriever:
 
     ``indptr`` ``[V + 1]``, ``neighbors`` / ``counts`` ``[nnz]``: the top neighbours of item ``v`` are
     ``neighbors[indptr[v]:indptr[v + 1]]`` (most frequent first); ``popular`` lists catalogue items by
-    training positives, then training impressions, then id.
+    training positives, then training impressions, then id; ``impressions`` ``[V]`` counts each item's
+    training impressions.
     """
 
     vocab: int
@@ -470,6 +501,7 @@ class CoOccurrenceRetriever:
     neighbors: np.ndarray
     counts: np.ndarray
     popular: np.ndarray
+    impressions: np.ndarray
 
     @classmethod
     def fit(
@@ -508,7 +540,7 @@ class CoOccurrenceRetriever:
         indptr = np.concatenate(([0], np.cumsum(np.bincount(src, minlength=vocab))))
         cat = np.asarray(catalogue, dtype=np.int64)
         popular = cat[np.lexsort((cat, -impressions[cat], -positives[cat]))]
-        return cls(vocab, indptr, dst, c, popular)
+        return cls(vocab, indptr, dst, c, popular, impressions)
 
     def retrieve(
         self,
@@ -518,11 +550,12 @@ class CoOccurrenceRetriever:
         n_requests: int,
         k: int,
         in_catalogue: np.ndarray,
+        fill: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """Up to ``k`` items per request, none of whose keys ``req * V + item`` is in sorted ``taken``.
 
         Returns (request index ``[M]``, item ``[M]``, how many came from co-occurrence), grouped by
-        request, co-occurrence hits first (by summed count with the seeds), then popular items.
+        request, co-occurrence hits first (by summed count with the seeds), then (``fill``) popular items.
         """
         V = self.vocab
         if k == 0 or n_requests == 0:
@@ -543,7 +576,7 @@ class CoOccurrenceRetriever:
         n_cooc = len(req)
 
         need = k - np.bincount(req, minlength=n_requests)
-        rows = np.flatnonzero(need > 0)
+        rows = np.flatnonzero(need > 0) if fill else np.zeros(0, dtype=np.int64)
         if len(rows):
             taken_per_req = np.bincount(taken // V, minlength=n_requests)[rows] + (k - need[rows])
             pool = self.popular[: k + int(taken_per_req.max())]
@@ -557,6 +590,37 @@ class CoOccurrenceRetriever:
             order = np.argsort(req, kind="stable")
             req, item = req[order], item[order]
         return req, item, n_cooc
+
+
+#: Matched popularity: candidates are chosen from a pool this many times ``retrieve``; popularity is compared in
+#: log2 buckets of training impressions (bucket b holds items shown 2^b - 1 .. 2^(b+1) - 2 times).
+POOL_FACTOR, POPULARITY_BUCKETS = 4, 24
+
+
+def popularity_bucket(train_impressions: np.ndarray) -> np.ndarray:
+    """``floor(log2(1 + count))`` of each item's training impressions, capped at the last bucket: ``[V]``."""
+    return np.minimum(np.log2(1 + train_impressions).astype(np.int64), POPULARITY_BUCKETS - 1)
+
+
+def match_popularity(req: np.ndarray, bucket: np.ndarray, target: np.ndarray, k: int, u: np.ndarray) -> np.ndarray:
+    """Indices of at most ``k`` rows per request whose popularity buckets follow ``target``.
+
+    ``req`` ``[P]`` (grouped), ``bucket`` ``[P]`` the pool items' buckets, ``target`` ``[B]`` the impressions' bucket
+    histogram, ``u`` ``[P]`` uniforms. Each pool item weighs ``target[b] / pool share of b in its request``; ``k``
+    are drawn per request without replacement in proportion to the weights (Efraimidis & Spirakis 2006: the
+    largest ``log(u) / w``). Buckets the impressions never reach (weight 0) are drawn only when a request's pool
+    has too few others.
+    """
+    if not len(req):
+        return np.zeros(0, dtype=np.int64)
+    n_req, n_b = int(req.max()) + 1, len(target)
+    pool = np.bincount(req * n_b + bucket, minlength=n_req * n_b).reshape(n_req, n_b)
+    share = pool / pool.sum(1, keepdims=True)
+    weight = (target / max(target.sum(), 1e-300))[bucket] / share[req, bucket]
+    key = np.where(weight > 0, np.log(np.maximum(u, 1e-300)) / np.maximum(weight, 1e-300), -np.inf)
+    order = np.lexsort((-key, req))
+    top = order[rank_within(req[order]) < k]
+    return np.sort(top)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -580,27 +644,39 @@ def request_uniforms(seed: int, stream: int, request_id: np.ndarray, draw: np.nd
 
 
 def _sample_random(
-    seed: int, request_ids: np.ndarray, catalogue: np.ndarray, taken: np.ndarray, k: int, vocab: int
+    seed: int,
+    request_ids: np.ndarray,
+    catalogue: np.ndarray,
+    taken: np.ndarray,
+    k: int,
+    vocab: int,
+    weights: np.ndarray | None = None,
+    stream: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``k`` distinct catalogue items per request, uniformly, avoiding the sorted keys ``taken``.
+    """``k`` distinct catalogue items per request, avoiding the sorted keys ``taken``.
 
-    ``request_ids`` ``[R]``; keys are ``request index * vocab + item``. Rejection sampling in a few
-    vectorised rounds; requests still short afterwards (a catalogue barely larger than their taken
-    items) draw exactly from what is left.
+    ``request_ids`` ``[R]``; keys are ``request index * vocab + item``. Items are drawn uniformly, or in
+    proportion to ``weights`` (``[C]``, aligned with ``catalogue``; an item of weight 0 is never drawn).
+    Rejection sampling in a few vectorised rounds; requests still short afterwards (a catalogue barely
+    larger than their taken items) draw exactly from what is left. ``stream`` keeps independent draws apart.
     """
     n_requests = len(request_ids)
     if k == 0 or n_requests == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    cdf = None if weights is None else np.cumsum(weights, dtype=np.float64)
     need = np.full(n_requests, k, dtype=np.int64)
     got_req: list[np.ndarray] = []
     got_item: list[np.ndarray] = []
-    for attempt in range(4):
+    for attempt in range(8):
         rows = np.flatnonzero(need > 0)
         if not len(rows):
             break
         req = np.repeat(rows, 2 * need[rows])
-        u = request_uniforms(seed, 1 + attempt, request_ids[req], rank_within(req))
-        item = catalogue[(u * len(catalogue)).astype(np.int64)]
+        u = request_uniforms(seed, stream + attempt, request_ids[req], rank_within(req))
+        if cdf is None:
+            item = catalogue[(u * len(catalogue)).astype(np.int64)]
+        else:
+            item = catalogue[np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(catalogue) - 1)]
         keys = req * vocab + item
         _, first = np.unique(keys, return_index=True)
         fresh = np.zeros(len(keys), dtype=bool)
@@ -614,8 +690,15 @@ def _sample_random(
         need -= np.bincount(req[keep], minlength=n_requests)
     for r in np.flatnonzero(need > 0):
         lo, hi = np.searchsorted(taken, [r * vocab, (r + 1) * vocab])
-        free = np.setdiff1d(catalogue, taken[lo:hi] - r * vocab)
-        pick = np.random.default_rng((seed, int(request_ids[r]))).permutation(free)[: need[r]]
+        free = ~np.isin(catalogue, taken[lo:hi] - r * vocab)
+        if weights is not None:
+            free &= weights > 0
+        n = min(int(need[r]), int(free.sum()))
+        if n == 0:
+            continue
+        p = None if weights is None else weights[free] / weights[free].sum()
+        rng = np.random.default_rng((seed, stream, int(request_ids[r])))
+        pick = rng.choice(catalogue[free], n, replace=False, p=p)
         got_req.append(np.full(len(pick), r, dtype=np.int64))
         got_item.append(pick)
     req, item = np.concatenate(got_req), np.concatenate(got_item)
@@ -762,7 +845,9 @@ def _teacher_logits(ctx: _Context, table: pa.Table, where: str) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _Stats, where: str) -> pa.Table:
+def _build_chunk(
+    ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _Stats, where: str, shown: np.ndarray
+) -> pa.Table:
     """All stages for the whole requests in ``table``; returns the output rows, request-sorted."""
     cfg, V = ctx.config, ctx.retriever.vocab
     table = _sort_requests(table)
@@ -778,9 +863,34 @@ def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _S
     exposed = _unique(req_of_row * V + items)
     seed_req, seed_item = _seeds(ctx, table, req_of_row, where)
     in_cat = ctx.catalogue.row_of >= 0
-    ret_req, ret_item, n_cooc = ctx.retriever.retrieve(seed_req, seed_item, exposed, n_req, cfg.retrieve, in_cat)
+    matched = cfg.popularity == "matched"
+    pool = cfg.retrieve * (POOL_FACTOR if matched else 1)
+    ret_req, ret_item, n_cooc = ctx.retriever.retrieve(
+        seed_req, seed_item, exposed, n_req, pool, in_cat, fill=not matched
+    )
+    weights = shown[ctx.catalogue.ids] if matched and shown[ctx.catalogue.ids].sum() > 0 else None
+    if matched:  # top the pool up with items drawn like the split's impressions, then match its popularity
+        need = pool - np.bincount(ret_req, minlength=n_req)
+        taken = _unique(exposed, ret_req * V + ret_item)
+        fill_req, fill_item = _sample_random(
+            cfg.seed, rid[starts], ctx.catalogue.ids, taken, int(need.max(initial=0)), V, weights, stream=20
+        )
+        keep = rank_within(fill_req) < need[fill_req]
+        cooc = np.concatenate([np.ones(len(ret_req), bool), np.zeros(int(keep.sum()), bool)])
+        ret_req, ret_item = np.concatenate([ret_req, fill_req[keep]]), np.concatenate([ret_item, fill_item[keep]])
+        bucket = popularity_bucket(ctx.retriever.impressions)
+        target = np.bincount(bucket, weights=shown, minlength=POPULARITY_BUCKETS)
+        kept = match_popularity(
+            ret_req,
+            bucket[ret_item],
+            target,
+            cfg.retrieve,
+            request_uniforms(cfg.seed, 30, rid[starts][ret_req], np.arange(len(ret_req))),
+        )
+        kept = kept[np.argsort(ret_req[kept], kind="stable")]  # grouped by request, co-occurrence hits first
+        ret_req, ret_item, n_cooc = ret_req[kept], ret_item[kept], int(cooc[kept].sum())
     taken = _unique(exposed, ret_req * V + ret_item)
-    rnd_req, rnd_item = _sample_random(cfg.seed, rid[starts], ctx.catalogue.ids, taken, cfg.random, V)
+    rnd_req, rnd_item = _sample_random(cfg.seed, rid[starts], ctx.catalogue.ids, taken, cfg.random, V, weights)
 
     new_req = np.concatenate([ret_req, rnd_req])
     new_item = np.concatenate([ret_item, rnd_item])
@@ -802,6 +912,13 @@ def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _S
     within = np.concatenate([np.arange(n_imp), np.zeros(n_ret, dtype=np.int64), rank_within(rnd_req)])
     # the teacher's order splits the retrieved items: top -> rank candidates, next -> pre-rank candidates
     ret = np.arange(n_imp, n_imp + n_ret)
+    if cfg.rank_cut == "below_impressions":  # what the ranker scored above a shown item, it would have shown
+        lowest = np.full(n_req, np.inf)
+        np.minimum.at(lowest, req_of_row, logits[:n_imp])
+        above = logits[ret] >= lowest[req[ret]]
+        stage[ret[above]] = -2
+        stats.retrieved_above_impressions += int(above.sum())
+        ret = ret[~above]
     ret = ret[np.lexsort((-logits[ret], req[ret]))]
     rank = rank_within(req[ret])
     within[ret] = rank
@@ -828,6 +945,14 @@ def _build_chunk(ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _S
 
 
 # ----------------------------------------------------------------------------------- driver
+
+
+def _impressions_per_item(paths: list[Path], item_field: str, vocab: int) -> np.ndarray:
+    """How often each item id was shown in the split's spilled chunks: ``[vocab]`` int64."""
+    counts = np.zeros(vocab, dtype=np.int64)
+    for p in paths:
+        counts += np.bincount(_column(pq.read_table(p, columns=[item_field]), item_field), minlength=vocab)
+    return counts
 
 
 def _train_tables(paths: list[Path], item_field: str) -> Iterator[pa.Table]:
@@ -928,8 +1053,10 @@ def build_cascade(
                 logged = spilled[s] if config.item_side == "logged" else None
                 item_side = _ItemSide.build(catalogue, schema.vocab(item_field), item_field, logged, config.seed)
                 writer = SplitWriter(out, s)
+                shown = _impressions_per_item(spilled[s], item_field, schema.vocab(item_field))
                 for path in spilled[s]:
-                    chunk = _build_chunk(ctx, item_side, pq.read_table(path), stats[s], f"{s} chunk {path.stem}")
+                    where = f"{s} chunk {path.stem}"
+                    chunk = _build_chunk(ctx, item_side, pq.read_table(path), stats[s], where, shown)
                     writer.write(chunk)
                     bar.advance(task)
                 writer.close()
@@ -940,6 +1067,12 @@ def build_cascade(
         "teacher": str(teacher) if not isinstance(teacher, PreRanker) else teacher_name,
         "teacher_model": teacher_name,
         "retrieval": "item co-occurrence on train positives (window co_window) + popularity fill-in",
+        "rank_cut": "candidates scored below the request's lowest impression"
+        if config.rank_cut == "below_impressions"
+        else "the teacher's top retrieved items",
+        "popularity": "random items and retrieval fill-in drawn by the split's impressions"
+        if config.popularity == "matched"
+        else "random items uniform, retrieval fill-in the most popular training items",
         "seeds": f"history sequence {history_field!r}" if history_field else "the request's positive impressions",
         "cross_features": "dropped" if config.cross == "drop" else "padding value on unexposed rows",
         "item_side": "a logged row of the item in the split (catalogue if never logged)"

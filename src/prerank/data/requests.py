@@ -104,8 +104,9 @@ class RequestStream(IterableDataset):
         requests_per_batch: ``R``, requests per batch.
         shuffle: permute row groups per epoch and requests inside the buffer.
         buffer_requests: requests held for shuffling (bounds memory).
-        max_list_len: cap on a request's list; longer lists keep half the cap for unexposed rows
-            (see :meth:`_subsample`).
+        max_list_len: cap on a request's list; a longer list keeps its stage mix (see :meth:`_subsample`).
+        stage_mix: ``{tier: weight}`` over :data:`LIST_TIERS` for capped lists (tiers left out are dropped);
+            None keeps each list's own proportions.
         stages: stages to keep (a :data:`STAGE_PRESETS` name or stage names); needs a ``stage`` column.
         drop_last: drop a final batch with fewer than ``R`` requests.
     """
@@ -120,6 +121,7 @@ class RequestStream(IterableDataset):
         buffer_requests: int = 4096,
         max_list_len: int | None = None,
         stages: str | Sequence[str] | None = None,
+        stage_mix: dict[str, float] | None = None,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
@@ -140,6 +142,7 @@ class RequestStream(IterableDataset):
         self.seed = seed
         self.buffer_requests = max(buffer_requests, requests_per_batch)
         self.max_list_len = max_list_len
+        self.stage_mix = resolve_stage_mix(stage_mix)
         self.stage_codes = None if keep is None else torch.tensor([STAGES.index(s) for s in keep])
         self.drop_last = drop_last
         self.rank = rank
@@ -279,31 +282,86 @@ class RequestStream(IterableDataset):
     def _subsample(
         self, rows: Batch, req: np.ndarray, idx: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Keep at most ``max_list_len`` rows per request, half of them for the unexposed stages.
+        """Keep at most ``max_list_len`` rows per request, with the list's stage mix (:func:`list_quotas`).
 
-        Impressions get the slots the other rows leave, and at least half the cap: positives first,
-        then a uniform random subset. The other rows (candidates, random items) get the rest, as a
-        uniform random subset. So a user with hundreds of logged impressions still trains against
-        candidates, which full-stage sampling (RankTower Sec. 3.1) exists for.
+        Each row falls in one of :data:`LIST_TIERS` (clicked and unclicked impressions, then the unexposed
+        stages); each tier gets the slots :func:`list_quotas` gives it, filled by a uniform random subset of
+        the tier's rows. Kept rows stay in their original order.
         """
-        if rows.stage is None:
-            impression = np.ones(len(idx), dtype=bool)
-        else:
-            impression = rows.stage.numpy()[idx] == STAGES.index("impression")
-        positive = rows.label.numpy()[idx] > 0 if rows.label is not None else np.zeros(len(idx), dtype=bool)
-        cap = self.max_list_len
-        n_req = int(req.max()) + 1
-        n_imp = np.bincount(req, weights=impression, minlength=n_req).astype(np.int64)
-        n_other = np.bincount(req, minlength=n_req) - n_imp
-        other_quota = np.minimum(n_other, np.maximum(cap - n_imp, cap // 2))
-        imp_quota = np.minimum(n_imp, cap - other_quota)
-        tier = np.where(impression & positive, 0, np.where(impression, 1, 2))
+        tier = row_tiers(rows, idx)
+        n_req, n_tiers = int(req.max()) + 1, len(LIST_TIERS)
+        counts = np.bincount(req * n_tiers + tier, minlength=n_req * n_tiers).reshape(n_req, n_tiers)
+        quota = list_quotas(counts, self.max_list_len, self.stage_mix)
         order = np.lexsort((rng.random(len(idx)), tier, req))
-        pos = rank_within(req[order])  # impressions come first inside each request
-        r = req[order]
-        keep_sorted = np.where(impression[order], pos < imp_quota[r], pos - n_imp[r] < other_quota[r])
-        keep = np.sort(order[keep_sorted])  # back to request order, original order inside each request
+        group = req[order] * n_tiers + tier[order]
+        keep = np.sort(order[rank_within(group) < quota.reshape(-1)[group]])
         return req[keep], idx[keep]
+
+
+#: What a list is made of: impressions split by their label, then the unexposed stages of the cascade.
+LIST_TIERS: tuple[str, ...] = ("clicked", "unclicked", *STAGES[1:])
+
+
+def row_tiers(rows: Batch, idx: np.ndarray) -> np.ndarray:
+    """Index into :data:`LIST_TIERS` of each row ``idx`` of ``rows`` (a graded label > 0 counts as clicked)."""
+    stage = rows.stage.numpy()[idx].astype(np.int64) if rows.stage is not None else np.zeros(len(idx), np.int64)
+    clicked = rows.label.numpy()[idx] > 0 if rows.label is not None else np.zeros(len(idx), dtype=bool)
+    return np.where(stage == 0, np.where(clicked, 0, 1), stage + 1)
+
+
+def resolve_stage_mix(mix: dict[str, float] | None) -> np.ndarray | None:
+    """``{tier: weight}`` -> weights over :data:`LIST_TIERS` (a tier left out weighs 0); None stays None."""
+    if mix is None:
+        return None
+    unknown = sorted(set(mix) - set(LIST_TIERS))
+    if unknown:
+        raise ValueError(f"stage_mix has unknown tiers {unknown}; the tiers are {list(LIST_TIERS)}")
+    weights = np.array([float(mix.get(t, 0.0)) for t in LIST_TIERS])
+    if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"stage_mix weights must be finite, >= 0 and not all 0, got {mix}")
+    return weights
+
+
+def list_quotas(counts: np.ndarray, cap: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """How many rows of each tier a capped list keeps: ``counts`` ``[R, T]`` -> quotas ``[R, T]``.
+
+    A list of at most ``cap`` rows keeps everything. A longer one first keeps one row of every tier it
+    has (in tier order while the cap allows, so a clicked impression is never dropped), then shares the
+    rest of the cap between its tiers in proportion to ``weights`` (``[T]``; None: to the list's own
+    counts, so the cap keeps the list's stage mix). A tier of weight 0 keeps nothing. Each list keeps
+    exactly ``min(cap, rows of its weighted tiers)`` rows.
+    """
+    counts = counts.astype(np.int64)
+    weight = counts.astype(np.float64) if weights is None else np.broadcast_to(np.asarray(weights, float), counts.shape)
+    eligible = np.where(weight > 0, counts, 0)
+    short = eligible.sum(1) <= cap
+    first = (eligible > 0) & (np.cumsum(eligible > 0, axis=1) <= cap) & ~short[:, None]
+    rest = _water_fill(eligible - first, cap - first.sum(1), np.where(eligible - first > 0, weight, 0.0))
+    return np.where(short[:, None], eligible, first + rest)
+
+
+def _water_fill(counts: np.ndarray, budget: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Share ``budget[r]`` slots over row ``r``'s tiers in proportion to ``weight``, at most ``counts`` each.
+
+    A tier whose share exceeds its rows keeps them all and its spare slots go to the others in the same
+    proportions; fractional shares are rounded by largest remainder.
+    """
+    quota = np.zeros_like(counts)
+    open_ = weight > 0
+    while True:
+        free = budget[:, None] - np.where(open_, 0, quota).sum(1, keepdims=True)
+        w = weight * open_
+        share = free * w / np.maximum(w.sum(1, keepdims=True), 1e-300)
+        saturated = open_ & (share >= counts)
+        if not saturated.any():
+            break
+        quota = np.where(saturated, counts, quota)
+        open_ &= ~saturated
+    base = np.floor(share).astype(np.int64)
+    quota = np.where(open_, base, quota)
+    left = budget - quota.sum(1)
+    rank = np.argsort(np.argsort(-np.where(open_, share - base, -1.0), axis=1, kind="stable"), axis=1)
+    return quota + (open_ & (rank < left[:, None]))
 
 
 def _count_requests(rows: Batch) -> int:
@@ -320,6 +378,7 @@ def make_request_loader(
     seed: int = 0,
     max_list_len: int | None = None,
     stages: str | Sequence[str] | None = None,
+    stage_mix: dict[str, float] | None = None,
     num_workers: int = 0,
     schema: Schema | None = None,
     buffer_requests: int = 4096,
@@ -336,6 +395,7 @@ def make_request_loader(
         buffer_requests=buffer_requests,
         max_list_len=max_list_len,
         stages=stages,
+        stage_mix=stage_mix,
         drop_last=drop_last,
         rank=rank,
         world_size=world_size,
@@ -348,11 +408,15 @@ def _identity(b: Batch) -> Batch:
 
 
 __all__ = [
+    "LIST_TIERS",
     "STAGE_PRESETS",
     "RequestStream",
     "make_request_loader",
     "pad_requests",
     "ragged_arange",
     "rank_within",
+    "list_quotas",
+    "resolve_stage_mix",
     "resolve_stages",
+    "row_tiers",
 ]

@@ -17,7 +17,14 @@ candidate list (impressions + rank / pre-rank candidates + random items):
   those with a positive hard label: every exposed item counts, clicked ones weigh more in NDCG.
 * ``cascade_recall@k/N``: share of the teacher's top ``k`` (by ``teacher_logit``) that the model keeps
   in its top ``N``; requests with at most ``N`` rows are skipped (they lose nothing).
+* ``exposure_auc`` (when the ``stage`` column has unexposed rows): AUC of the scores separating
+  impressions from unexposed rows, pooled over requests. A no-model scorer with a high value here
+  (item popularity, see :func:`baseline_metrics`) marks a shortcut in the simulated cascade.
 * ``auc``, ``gauc``, ``logloss`` on impression rows only: only they carry logged labels.
+
+:func:`baseline_metrics` gives the same metrics for two scorers that learn nothing, to print beside
+every cascade table: ``popularity`` (the item's training impressions) and ``teacher`` (the simulated
+ranker's own ``teacher_logit``).
 """
 
 from __future__ import annotations
@@ -94,6 +101,8 @@ def listwise_metrics(
         grouped(f"recall@{k}", has_positive, metrics.recall_at_k, rel, scores, groups, k)
         grouped(f"ndcg@{k}", has_positive, metrics.ndcg_at_k, rel, scores, groups, k)
     if "stage" in pred and (pred["stage"] != STAGES.index("impression")).any():  # else every row is relevant
+        exposed = pred["stage"] == STAGES.index("impression")
+        out["exposure_auc"] = metrics.auc(exposed.astype(np.float64), scores) if exposed.any() else float("nan")
         hard = hard_relevance(pred)
         for k in ks:
             grouped(f"hard_recall@{k}", bool((hard > 0).any()), metrics.recall_at_k, hard, scores, groups, k)
@@ -132,4 +141,60 @@ def evaluate_listwise(
     return listwise_metrics(pred, ks=ks, cascade_k=cascade_k, cascade_ns=cascade_ns)
 
 
-__all__ = ["evaluate_listwise", "hard_relevance", "listwise_metrics", "relevance"]
+def baseline_predictions(
+    data_dir: str | Path, split: str = "test", *, item_field: str = "item_id"
+) -> dict[str, dict[str, np.ndarray]]:
+    """Row predictions of two scorers that learn nothing, on ``data_dir/split`` (a cascade dataset).
+
+    ``popularity``: ``log1p`` of the item's impressions in the training split (ties broken by nothing);
+    ``teacher``: the row's ``teacher_logit`` (the simulated ranker itself, so its cascade recall is 1).
+    """
+    import pyarrow.parquet as pq
+
+    from prerank.data.parquet import DataError, ParquetSplit
+
+    reserved = ["label", "request_id", "label_level", "stage", "teacher_logit"]
+
+    def read(name: str) -> dict[str, np.ndarray]:
+        files = ParquetSplit(data_dir, name).files
+        present = set(pq.read_schema(files[0]).names)
+        if item_field not in present or "teacher_logit" not in present:
+            raise DataError(f"{data_dir}/{name} needs {item_field!r} and 'teacher_logit' (a cascade dataset)")
+        table = pq.read_table(files, columns=[c for c in [item_field, *reserved] if c in present])
+        return {c: table.column(c).to_numpy() for c in table.column_names}
+
+    train, rows = read("train"), read(split)
+    shown = train["stage"] == STAGES.index("impression") if "stage" in train else slice(None)
+    counts = np.bincount(train[item_field][shown], minlength=int(rows[item_field].max()) + 1)
+    base = {k: v for k, v in rows.items() if k != item_field}
+    popularity = np.log1p(counts[rows[item_field]]).astype(np.float64)
+    return {
+        "popularity": {**base, "logits": popularity},
+        "teacher": {**base, "logits": rows["teacher_logit"].astype(np.float64)},
+    }
+
+
+def baseline_metrics(
+    data_dir: str | Path,
+    split: str = "test",
+    *,
+    item_field: str = "item_id",
+    ks: Sequence[int] = (10, 50, 100),
+    cascade_k: int = 5,
+    cascade_ns: Sequence[int] = (10, 50),
+) -> dict[str, dict[str, float]]:
+    """:func:`listwise_metrics` of each scorer of :func:`baseline_predictions`."""
+    preds = baseline_predictions(data_dir, split, item_field=item_field)
+    return {
+        name: listwise_metrics(pred, ks=ks, cascade_k=cascade_k, cascade_ns=cascade_ns) for name, pred in preds.items()
+    }
+
+
+__all__ = [
+    "baseline_metrics",
+    "baseline_predictions",
+    "evaluate_listwise",
+    "hard_relevance",
+    "listwise_metrics",
+    "relevance",
+]

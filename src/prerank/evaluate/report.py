@@ -33,6 +33,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("score_flops_per_candidate", "FLOPs/candidate", ",.0f"),
     ("item_cache_bytes_per_item", "cache B/item", ",.0f"),
     ("latency_p50_ms", "p50 ms/request", ".3f"),
+    ("meta_mean_cosine", "FIT meta cosine", ".3f"),
+    ("meta_user_spread", "FIT user spread", ".4f"),
+    ("tuned", "tuned on valid", "s"),
 )
 
 #: The short table of ``prerank demo``: quality, served latency and item-cache size per model.
@@ -53,6 +56,8 @@ def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
 
 
 def _cell(values: list[Any], fmt: str) -> str:
+    if fmt == "s":  # a setting: the distinct values of the rows
+        return "; ".join(dict.fromkeys(str(v) for v in values if v is not None)) or "-"
     m, s, n = mean_std(values)
     if n == 0:
         return "-"

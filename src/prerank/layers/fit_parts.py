@@ -52,13 +52,34 @@ class MetaQuerySelector(nn.Module):
       Learning", NeurIPS 2017, Eq. 3) on the normalised vectors, which moves each chosen meta vector
       toward its items (online k-means on directions; the slides' "each row represents a clustered
       item embedding") and commits items to their meta vector so the choice stays stable between
-      steps. The meta vectors' norms stay free and are learnt by the task loss through the query.
+      steps. The meta vectors' norms stay free and are learnt by the task loss through the query;
+    * restarts dead clusters, as online k-means and VQ codebooks do (Dhariwal et al., "Jukebox", 2020, Sec. 2.3
+      "random restarts"): :meth:`observe` keeps an exponential moving average of the share of items that choose
+      each meta vector (decay ``usage_decay``), and :meth:`restart_dead` moves every vector whose share fell below
+      ``restart_threshold / M`` onto the direction of a random item key of the last observed batch (with the mean
+      norm of the live vectors). Without it the clustering loss let most items share one or two meta vectors and
+      the others drift together (mean pairwise cosine 0.91-0.97 on ML-100K): every meta query then gave almost the
+      same user state and FIT fell back to a two-tower model. ``restart_threshold = 0`` turns it off.
     """
 
-    def __init__(self, num_meta: int, dim: int, *, temperature: float, init_std: float = 0.01):
+    def __init__(
+        self,
+        num_meta: int,
+        dim: int,
+        *,
+        temperature: float,
+        init_std: float = 0.01,
+        restart_threshold: float = 0.1,
+        usage_decay: float = 0.99,
+    ):
         super().__init__()
         self.meta = nn.Parameter(torch.randn(num_meta, dim) * init_std)
         self.temperature = temperature
+        self.restart_threshold = restart_threshold
+        self.usage_decay = usage_decay
+        # training-time statistics, not part of the model: old checkpoints load, and a resumed run re-learns them
+        self.register_buffer("usage", torch.full((num_meta,), 1.0 / num_meta), persistent=False)
+        self._last_keys: Tensor | None = None
 
     @property
     def num_meta(self) -> int:
@@ -83,6 +104,39 @@ class MetaQuerySelector(nn.Module):
         soft = logits.softmax(-1)
         hard = F.one_hot(index, self.num_meta).to(soft.dtype)
         return (hard + (soft - soft.detach())) @ self.meta, index
+
+    @torch.no_grad()
+    def observe(self, key: Tensor, index: Tensor) -> None:
+        """Update the moving share of items per meta vector with a training batch's choices; keep its keys."""
+        share = torch.bincount(index, minlength=self.num_meta).to(self.usage.dtype) / max(len(index), 1)
+        self.usage.mul_(self.usage_decay).add_((1 - self.usage_decay) * share)
+        self._last_keys = key.detach()
+
+    @torch.no_grad()
+    def restart_dead(self) -> int:
+        """Move the meta vectors chosen by too few items onto random keys of the last batch; returns how many.
+
+        Call it before the meta matrix enters a step's graph (an in-place change of a tensor a graph holds would
+        break its backward pass).
+        """
+        if self.restart_threshold <= 0 or self._last_keys is None or not len(self._last_keys):
+            return 0
+        dead = self.usage < self.restart_threshold / self.num_meta
+        n_dead = int(dead.sum())
+        if n_dead == 0 or n_dead == self.num_meta:
+            return 0
+        norm = self.meta[~dead].norm(dim=-1).mean()
+        pick = torch.randint(len(self._last_keys), (n_dead,), device=self._last_keys.device)
+        self.meta[dead] = F.normalize(self._last_keys[pick], dim=-1) * norm
+        self.usage[dead] = 1.0 / self.num_meta
+        return n_dead
+
+    def mean_pairwise_cosine(self) -> float:
+        """Mean cosine similarity over the ``M (M - 1) / 2`` pairs of meta vectors (1.0: all point the same way)."""
+        m = F.normalize(self.meta.detach(), dim=-1)
+        cos = m @ m.T
+        pairs = torch.triu(torch.ones_like(cos, dtype=torch.bool), diagonal=1)
+        return float(cos[pairs].mean()) if pairs.any() else float("nan")
 
     def cluster_loss(self, key: Tensor, index: Tensor, commitment: float) -> Tensor:
         """``||sg(k) - m_idx||^2 + commitment * ||k - sg(m_idx)||^2`` on unit vectors, mean over N (scalar)."""

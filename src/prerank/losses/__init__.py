@@ -22,6 +22,8 @@ Names (``build_loss(name, **options)``; options are the keyword arguments of the
 - ``ranking:rankmax``: :func:`rankmax` (Eq. 12); ``margin``.
 - ``ranking:am_rankmax``: :func:`am_rankmax` (Eq. 13-14); ``alpha``, ``beta``, ``power``.
 - ``ranking:softsort``: :func:`softsort_loss` (Eq. 10-11); ``temperature``, ``power``, ``label_temperature``.
+- ``arf``: :class:`~prerank.losses.arf.ARFLoss` (ARF, RankTower Table 1's baseline: relaxed Recall@m@k + full order,
+  uncertainty-weighted); ``m``, ``k``, ``temperature``, ``label_temperature``, ``uncertainty``, ``feedback``.
 
 ``ranking:*`` losses rank the whole list by the hard label of RankTower Sec. 3.2.1
 (:func:`batch_relevance`; option ``feedback=binary|graded``, as for ``hybrid``). ``distill:*``
@@ -39,6 +41,7 @@ from typing import Any, ClassVar, Protocol
 from torch import Tensor
 
 from prerank.data.batch import Batch
+from prerank.losses.arf import ARFLoss
 from prerank.losses.distill import pairwise_distillation, softmax_distillation, weighted_logloss_distillation
 from prerank.losses.hybrid import (
     IMPRESSION,
@@ -153,6 +156,7 @@ LOSSES: dict[str, Callable[..., LossFn]] = {
     "ranking:rankmax": _ranking(rankmax),
     "ranking:am_rankmax": _ranking(am_rankmax),
     "ranking:softsort": _ranking(softsort_loss),
+    "arf": ARFLoss,
 }
 
 
@@ -165,6 +169,7 @@ def build_loss(name: str, **options: Any) -> LossFn:
 
 __all__ = [
     "LOSSES",
+    "ARFLoss",
     "DistillationLoss",
     "HybridLoss",
     "HybridLossConfig",

@@ -19,6 +19,7 @@ from prerank.losses.listwise import (
     mean_over_lists,
     ordered_pairs,
     pairwise_logistic,
+    reduce_list,
 )
 
 DISTILLATION_TARGETS = ("probability", "softmax")
@@ -31,6 +32,7 @@ def softmax_distillation(
     *,
     temperature: float = 1.0,
     target: str = "probability",
+    per_list: str = "sum",
 ) -> Tensor:
     """Listwise softmax distillation, RankTower Eq. 9: ``L = -sum_i p_i log softmax(z / T)_i`` per list.
 
@@ -44,8 +46,9 @@ def softmax_distillation(
       probability, and puts much more weight on the top items.
 
     ``T`` softens the student's softmax (and, with ``"softmax"``, the teacher's too, as in Hinton et al. 2015); no
-    ``T^2`` factor is applied. Reduction: the sum over a list's real items (Eq. 9), then the **mean over lists**
-    with >= 2 real items (a single item carries no ordering and is skipped).
+    ``T^2`` factor is applied. Reduction: the sum over a list's real items (Eq. 9; ``per_list="mean"``: divided by
+    their number), then the **mean over lists** with >= 2 real items (a single item carries no ordering and is
+    skipped).
     """
     check_positive(temperature=temperature)
     if target not in DISTILLATION_TARGETS:
@@ -57,7 +60,8 @@ def softmax_distillation(
     else:
         weight = masked_log_softmax(teacher / temperature, mask).exp() * mask
     logq = masked_log_softmax(logits.masked_fill(~mask, 0.0) / temperature, mask)
-    return mean_over_lists(-(weight * logq).sum(-1), mask.sum(-1) >= 2)
+    per_list_loss = reduce_list(-(weight * logq).sum(-1), mask.sum(-1), per_list)
+    return mean_over_lists(per_list_loss, mask.sum(-1) >= 2)
 
 
 def weighted_logloss_distillation(

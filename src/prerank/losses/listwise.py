@@ -98,6 +98,18 @@ def mean_over_lists(per_list: Tensor, keep: Tensor) -> Tensor:
     return kept.sum() / keep.sum().clamp_min(1).to(per_list.dtype)
 
 
+LIST_REDUCTIONS = ("sum", "mean")
+
+
+def reduce_list(total: Tensor, count: Tensor, per_list: str) -> Tensor:
+    """A list's loss from the sum of its terms ``total`` ``[R]``: that sum (``"sum"``, as the papers write the
+    equations) or its mean over the list's ``count`` ``[R]`` terms (``"mean"``, so lists of different lengths
+    weigh alike and a weight in a sum of losses means what it says)."""
+    if per_list not in LIST_REDUCTIONS:
+        raise ValueError(f"per_list must be one of {LIST_REDUCTIONS}, got {per_list!r}")
+    return total if per_list == "sum" else total / count.clamp_min(1).to(total.dtype)
+
+
 def ordered_pairs(target: Tensor, mask: Tensor, min_gap: float = 0.0) -> Tensor:
     """``[R, N, N]`` bool: ``pairs[r, i, j]`` when both items are real and ``target_i - target_j > min_gap``."""
     t = target.masked_fill(~mask, 0)
@@ -202,6 +214,7 @@ def am_rankmax(
     alpha: float = 1.0,
     beta: float = 1.0,
     power: float = 1.0,
+    per_list: str = "sum",
 ) -> Tensor:
     """Adaptive-Margin Rankmax, RankTower Eq. 13-14.
 
@@ -214,7 +227,8 @@ def am_rankmax(
     that through its ``i = j`` term ``(z_j - z_j + 1)_+ = 1``; we keep that term as the ``1 +``,
     so the loss is >= 0, is 0 exactly when every margin holds, and with ``alpha = 0, beta = 1,
     power = 0`` equals Eq. 12 restricted to pairs ``y_i < y_j`` (the first change the paper lists).
-    Summed over the positives of a list, averaged over lists with at least one ordered pair.
+    Summed over the positives of a list (``per_list="mean"``: averaged over the positives that have a lower
+    item), then averaged over lists with at least one ordered pair.
     """
     if alpha < 0 or beta < 0 or power < 0:
         raise ValueError(f"alpha, beta and power must be >= 0, got alpha={alpha}, beta={beta}, power={power}")
@@ -227,7 +241,8 @@ def am_rankmax(
     margin = alpha * (y == 0).unsqueeze(-1).to(z.dtype) + beta * gap**power
     hinge = F.relu(z.unsqueeze(-1) - z.unsqueeze(-2) + margin) * lower
     per_item = torch.log1p(hinge.sum(-2))  # [r, j]; 0 where j has no lower item or is not positive
-    return mean_over_lists(per_item.sum(-1), lower.flatten(1).any(-1))
+    per_list_loss = reduce_list(per_item.sum(-1), lower.any(-2).sum(-1), per_list)
+    return mean_over_lists(per_list_loss, lower.flatten(1).any(-1))
 
 
 def softsort_log_matrix(scores: Tensor, mask: Tensor, *, temperature: float, power: float) -> tuple[Tensor, Tensor]:
@@ -256,6 +271,7 @@ def softsort_loss(
     temperature: float = 1.0,
     power: float = 1.0,
     label_temperature: float | None = None,
+    per_list: str = "sum",
 ) -> Tensor:
     """SoftSort sorting loss, RankTower Eq. 11.
 
@@ -266,7 +282,7 @@ def softsort_loss(
     ``temperature`` as in Eq. 11 unless ``label_temperature`` is given. Tied labels give identical
     target rows, so ties are handled without an arbitrary order. Gradients flow through both the
     sorted scores and the scores, as in SoftSort. Lists whose labels are all equal give no order to
-    learn and are skipped.
+    learn and are skipped. ``per_list="mean"`` divides a list's sum by its number of rows (real items).
     """
     check_positive(temperature=temperature)
     if label_temperature is not None:
@@ -278,8 +294,8 @@ def softsort_loss(
     log_pz, cells = softsort_log_matrix(logits, mask, temperature=temperature, power=power)
     log_py, _ = softsort_log_matrix(y, mask, temperature=label_temperature or temperature, power=power)
     target = log_py.exp() * cells
-    per_list = -(target * log_pz).sum((-2, -1))
-    return mean_over_lists(per_list, ordered_pairs(relevance, mask).flatten(1).any(-1))
+    per_list_loss = reduce_list(-(target * log_pz).sum((-2, -1)), mask.sum(-1), per_list)
+    return mean_over_lists(per_list_loss, ordered_pairs(relevance, mask).flatten(1).any(-1))
 
 
 __all__ = [
@@ -288,6 +304,7 @@ __all__ = [
     "check_lists",
     "masked_log_softmax",
     "mean_over_lists",
+    "reduce_list",
     "rankmax",
     "ranknet",
     "softmax_cross_entropy",

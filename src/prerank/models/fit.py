@@ -51,6 +51,8 @@ class FITConfig:
         temperature: ``tau`` of the straight-through softmax over cosine similarities to the meta vectors.
         cluster_weight: weight of the clustering (VQ) loss added by ``auxiliary_loss``; 0 disables it.
         commitment: ``beta`` of the commitment term inside the clustering loss (VQ-VAE's 0.25).
+        restart_threshold: in training, a meta vector chosen by fewer than ``restart_threshold / num_meta`` of the
+            items (moving average) restarts at a random item key (:class:`MetaQuerySelector`); 0 disables it.
         dropout: dropout of the tower MLPs.
         features: restrict to these schema features (None = all user/context and item features).
     """
@@ -69,6 +71,7 @@ class FITConfig:
     temperature: float = 0.1
     cluster_weight: float = 0.1
     commitment: float = 0.25
+    restart_threshold: float = 0.1
     dropout: float = 0.0
     features: tuple[str, ...] | None = None
 
@@ -82,7 +85,7 @@ class FITConfig:
             raise ConfigError(f"fit option scorer must be one of {SCORERS}, got {self.scorer!r}")
         if not self.temperature > 0:
             raise ConfigError(f"fit option temperature must be > 0, got {self.temperature!r}")
-        for name in ("cluster_weight", "commitment"):
+        for name in ("cluster_weight", "commitment", "restart_threshold"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"fit option {name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.dropout < 1:
@@ -168,7 +171,9 @@ class FIT(PreRanker):
             ids = [i for i, n in enumerate(self.sel.item) if schema[n].kind != "dense"]
             self.register_buffer("key_fields", torch.tensor(ids or list(range(len(self.sel.item)))), persistent=False)
             self.key_proj = nn.Linear(len(self.key_fields) * d, d, bias=False)
-            self.selector = MetaQuerySelector(config.num_meta, d, temperature=config.temperature)
+            self.selector = MetaQuerySelector(
+                config.num_meta, d, temperature=config.temperature, restart_threshold=config.restart_threshold
+            )
             self.din = DINAttention(d, config.din_hidden)
             user_in += 2 * d
         self.user_tower = MLP(user_in, config.hidden, out_dim=rep, dropout=config.dropout)
@@ -228,10 +233,14 @@ class FIT(PreRanker):
         state = {"item": self.scorer.item_part(self.item_tower(fields.flatten(-2)))}
         if not self.config.use_mqm:
             return state
+        if with_query and self.training:
+            self.selector.restart_dead()  # before the meta matrix enters this step's graph
         key = self._item_key(fields)
         if with_query:
             state["query"], state["meta_index"] = self.selector.select(key)
             state["key"] = key
+            if self.training:
+                self.selector.observe(key, state["meta_index"])
         else:
             state["meta_index"] = self.selector.index(key)
         return state
@@ -273,6 +282,31 @@ class FIT(PreRanker):
         if not self.config.use_mqm:
             return super().forward(batch)
         return self.score(self.user_inputs(batch), self._encode_item(batch, with_query=True), batch)
+
+    @torch.no_grad()
+    def meta_report(self, batch: Batch) -> dict[str, float]:
+        """How distinct the meta queries are, on ``batch``'s users and items (eval mode; empty without MQM).
+
+        ``meta_mean_cosine``: mean pairwise cosine of the meta vectors; ``meta_used``: how many of them the batch's
+        items choose; ``meta_user_spread``: per user, the mean distance of its M user representations from their
+        mean, relative to the mean's norm, averaged over users (0: every meta query gives the same user state).
+        """
+        if not self.config.use_mqm:
+            return {}
+        was_training = self.training
+        self.eval()
+        try:
+            reps = self._interact_meta(self.user_inputs(batch))  # [B, M, D']
+            index = self.selector.index(self._item_key(self.emb.fields(batch, self.sel.item)))
+        finally:
+            self.train(was_training)
+        center = reps.mean(1, keepdim=True)
+        spread = (reps - center).norm(dim=-1).mean(1) / center.squeeze(1).norm(dim=-1).clamp_min(1e-12)
+        return {
+            "meta_mean_cosine": self.selector.mean_pairwise_cosine(),
+            "meta_used": float(index.unique().numel()),
+            "meta_user_spread": float(spread.mean()),
+        }
 
     def auxiliary_loss(self, batch: Batch, user: State, item: State) -> Tensor | None:
         """``cluster_weight`` x the meta matrix's clustering loss (see :class:`MetaQuerySelector`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -49,9 +50,11 @@ def _test_metrics(model, data_dir: Path, batch_size: int) -> dict[str, float]:  
 
 
 def _cost(model, data_dir: Path, rows: int = 256) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Cost per candidate on the first ``rows`` test rows; FIT also reports how distinct its meta queries are."""
     split = ParquetSplit(data_dir, "test", model.schema)
-    table = split.read_table(split.row_groups[0]).slice(0, rows)
-    return score_cost(model, split.to_batch(table, where="test"))
+    batch = split.to_batch(split.read_table(split.row_groups[0]).slice(0, rows), where="test")
+    report = model.meta_report(batch) if hasattr(model, "meta_report") else {}
+    return {**score_cost(model, batch), **report}
 
 
 def run_compare(
@@ -70,6 +73,7 @@ def run_compare(
     log: Callable[[str], None] = print,
     latency_candidates: int | None = 1000,
     on_step: Callable[[str], None] | None = None,
+    grid: dict[str, list[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every model for seeds ``config.seed .. config.seed + seeds - 1``; evaluate each on the test split.
 
@@ -86,6 +90,9 @@ def run_compare(
     checkpoint (:func:`measure_latencies`), and writes ``auc_vs_latency.png`` (AUC, mean over seeds, against p50
     latency). ``on_step(description)`` is called as each training run and each latency measurement starts (one outer
     progress display; pass ``config.progress=False`` then, so that the trainer shows none of its own).
+    ``grid`` (training options -> values, e.g. ``{"lr": [1e-3, 3e-3], "weight_decay": [0, 1e-5]}``) tunes every model
+    on the same grid first (:func:`tune`, valid split, first seed); each model's seeds then train with its chosen
+    point, which its records carry as ``tuned`` and the table prints beside its row.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = [m for m in models if m not in MODELS]
@@ -104,12 +111,24 @@ def run_compare(
         log(f"teacher {records[0]['model']}: test AUC {records[0]['auc']:.4f}")
     # the baseline first, so that every later record can carry its RelaImpr
     order = sorted(models, key=lambda m: m != BASELINE)
+    chosen = {
+        name: tune(name, data_dir, out_dir, grid, config, (model_overrides or {}).get(name), loss_fn, log=log)
+        for name in order
+        if grid
+    }
     for seed in range(config.seed, config.seed + seeds):
         for name in order:
             if (name, seed) in done:
                 log(f"skipping {name} seed {seed}: already in {results_path}")
                 continue
-            options = (train_overrides or {}).get(name) or MODEL_TRAIN_DEFAULTS.get(name, {})
+            if name in chosen:
+                options = {
+                    **MODEL_TRAIN_DEFAULTS.get(name, {}),
+                    **chosen[name],
+                    **(train_overrides or {}).get(name, {}),
+                }
+            else:
+                options = (train_overrides or {}).get(name) or MODEL_TRAIN_DEFAULTS.get(name, {})
             run_config = train_config({**options, "seed": seed}, config)
             run_dir = out_dir / "runs" / name / f"seed{seed}"
             if on_step:
@@ -146,6 +165,8 @@ def run_compare(
                 "valid_metric": config.metric,
                 "threads": run_config.threads,
                 "lr": run_config.lr,
+                "weight_decay": run_config.weight_decay,
+                **({"tuned": grid_label(chosen[name])} if name in chosen else {}),
                 "checkpoint": str(result.checkpoint),
                 **_cost(result.model, data_dir),
                 **{k: v for k, v in test.items() if k.startswith(LISTWISE_PREFIXES) or k == "list_len_mean"},
@@ -161,6 +182,63 @@ def run_compare(
         if plot:
             log(f"wrote {plot}")
     return records
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in a fixed order: ``{"lr": [1, 2], "x": [3]}`` -> 2 points."""
+    if not grid or any(not values for values in grid.values()):
+        raise ConfigError(f"a tuning grid needs at least one value per option, got {grid}")
+    keys = sorted(grid)
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+    for point in points:
+        train_config(point)  # unknown options and bad values fail here, before any training
+    return points
+
+
+def grid_label(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(point.items()))
+
+
+def tune(
+    name: str,
+    data_dir: Path,
+    out_dir: Path,
+    grid: dict[str, list[Any]],
+    config: TrainConfig,
+    model_overrides: dict | None,
+    loss: Loss,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``name`` once per grid point (first seed) and return the point with the best valid ``config.metric``.
+
+    Every model gets the same grid, so a comparison does not favour the model whose defaults happen to suit the
+    data. Runs land in ``out_dir/tune/NAME/POINT``; each point's best valid metric is kept in ``out_dir/tuning.json``
+    (rewritten atomically after each point), and a point already there is not trained again.
+    """
+    path = out_dir / "tuning.json"
+    tuning = json.loads(path.read_text()) if path.exists() else {}
+    runs = tuning.setdefault(name, {"metric": config.metric, "points": []})
+    best_point, best = None, None
+    for point in grid_points(grid):
+        label = grid_label(point)
+        row = next((r for r in runs["points"] if r["point"] == label), None)
+        if row is None:
+            run_config = train_config({**MODEL_TRAIN_DEFAULTS.get(name, {}), **point}, config)
+            run_dir = out_dir / "tune" / name / label.replace(", ", "_")
+            result = train_model(name, data_dir, run_dir, model_overrides, run_config, loss, log=log)
+            row = {"point": label, "options": point, "best_valid": result.best_metric, "epochs": result.epochs}
+            runs["points"].append(row)
+            atomic_write_text(path, json.dumps(tuning, indent=2))
+            log(f"{name} tuning {label}: valid {config.metric} {result.best_metric:.4f}")
+        value = row["best_valid"]
+        if best is None or (value < best if config.metric == "logloss" else value > best):
+            best_point, best = row["options"], value
+    assert best_point is not None
+    runs["chosen"] = grid_label(best_point)
+    atomic_write_text(path, json.dumps(tuning, indent=2))
+    log(f"{name}: chose {runs['chosen']} (valid {config.metric} {best:.4f})")
+    return best_point
 
 
 def measure_latencies(

@@ -28,7 +28,9 @@ class TrainConfig:
     (``logloss`` is minimised, the others maximised); an epoch counts as an improvement only when it
     beats the best by more than ``min_delta``, and training stops after ``patience`` epochs without one.
     ``batching="requests"`` trains on whole requests (listwise losses on cascade data);
-    ``requests_per_batch`` and ``max_list_len`` size them.
+    ``requests_per_batch`` and ``max_list_len`` size them; a list over the cap keeps the share of each
+    tier (clicked / unclicked impressions, rank and pre-rank candidates, random items) that ``stage_mix``
+    sets, or its own mix when None (:func:`prerank.data.requests.list_quotas`).
     """
 
     epochs: int | None = None
@@ -49,6 +51,7 @@ class TrainConfig:
     requests_per_batch: int = 64
     max_list_len: int | None = None
     stages: tuple[str, ...] | None = None
+    stage_mix: dict[str, float] | None = None
     device: str = "cpu"
     progress: bool = True
 
@@ -77,6 +80,13 @@ class TrainConfig:
             raise ConfigError(f"train option batching must be 'rows' or 'requests', got {self.batching!r}")
         if self.max_list_len is not None and self.max_list_len < 1:
             raise ConfigError("train option max_list_len must be >= 1")
+        if self.stage_mix is not None:
+            from prerank.data.requests import resolve_stage_mix
+
+            try:
+                resolve_stage_mix(self.stage_mix)
+            except ValueError as e:
+                raise ConfigError(f"train option {e}") from None
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("train option max_steps must be >= 1")
         if self.grad_clip is not None and self.grad_clip <= 0:

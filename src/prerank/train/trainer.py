@@ -8,6 +8,7 @@ atomically, so an interrupted run resumes with ``resume=True`` from its last com
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -122,6 +123,7 @@ def train_loader(data_dir: Path, config: TrainConfig, epoch: int, schema: Schema
             seed=config.seed + epoch,
             max_list_len=config.max_list_len,
             stages=config.stages,
+            stage_mix=config.stage_mix,
         )
     loader = make_loader(
         data_dir,
@@ -177,8 +179,9 @@ def train_model(
         model.load_state_dict(init_weights)
     device = torch.device(config.device)
     model.to(device)
-    optimizer = make_optimizer(model, config)
-    loss_fn = loss or bce_loss
+    # a loss with parameters (ARF's uncertainty weights) trains with the model; a copy per run, so runs never share it
+    loss_fn = copy.deepcopy(loss) if isinstance(loss, torch.nn.Module) else (loss or bce_loss)
+    optimizer = make_optimizer(model, config, loss_fn)
     if getattr(loss_fn, "requires_lists", False) and config.batching == "rows":
         log("this loss needs whole requests: training with batching=requests")
         config = replace(config, batching="requests")
@@ -204,6 +207,8 @@ def train_model(
         if changed:
             raise CheckpointError(f"{last_path} was trained with other options ({', '.join(changed)}); not resuming")
         model.load_state_dict(state["state_dict"])
+        if isinstance(loss_fn, torch.nn.Module):
+            loss_fn.load_state_dict(t["loss_state"])
         optimizer.load_state_dict(t["optimizer"])
         start_epoch, best, bad_epochs = t["epoch"] + 1, t["best"], t["bad_epochs"]
         history, steps = list(t["history"]), t["steps"]
@@ -279,6 +284,7 @@ def train_model(
                 "train_seconds": train_seconds,
                 "samples": samples,
                 "optimizer": optimizer.state_dict(),
+                "loss_state": loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None,
                 "rng": _rng_state(),
                 "config": config.to_dict(),
             }
@@ -316,8 +322,11 @@ def _changed_options(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     ]
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, loss: object = None) -> torch.optim.Optimizer:
+    """The optimizer of ``model``'s trainable parameters, and of ``loss``'s when it is a module."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(loss, torch.nn.Module):
+        params += [p for p in loss.parameters() if p.requires_grad]
     kind = config.optimizer
     if kind == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
