@@ -12,7 +12,7 @@ from prerank.models.lr import LR
 from prerank.models.ranker import CrossLayer, Ranker, RankerConfig
 from prerank.schema import Schema
 
-SMALL = RankerConfig(hidden=(32, 16))
+SMALL = RankerConfig(hidden=(32, 16), cross_layers=0)
 
 
 def test_uses_every_feature_and_attends_over_the_item_history(schema: Schema) -> None:
@@ -20,7 +20,7 @@ def test_uses_every_feature_and_attends_over_the_item_history(schema: Schema) ->
     assert set(model.sel.user + model.sel.item + model.sel.cross) == set(schema.names)
     assert model.attended == {"hist_item_id": model.sel.item.index("item_id")}
     assert "hist_item_id" not in model.user_fields and "genres" in model.sel.item
-    assert RankerConfig().hidden == (1024, 512, 256)
+    assert RankerConfig().hidden == (512, 256) and RankerConfig().cross_layers == 3
 
 
 def test_state_shapes(schema: Schema, batch: Batch) -> None:
@@ -56,6 +56,12 @@ def test_without_the_item_id_the_history_is_pooled(schema: Schema, batch: Batch)
     assert model(batch).shape == (len(batch),)
 
 
+def test_without_target_attention_the_history_is_pooled(schema: Schema, batch: Batch) -> None:
+    model = Ranker(schema, RankerConfig(hidden=(8,), target_attention=False)).eval()
+    assert model.attended == {} and "hist_item_id" in model.user_fields and not model.attention
+    assert "item_id" in model.sel.item and model(batch).shape == (len(batch),)
+
+
 def test_cross_features_are_required(schema: Schema, batch: Batch) -> None:
     model = Ranker(schema, SMALL).eval()
     with pytest.raises(ValueError, match="cross features"):
@@ -67,13 +73,15 @@ def test_bad_config(schema: Schema) -> None:
         Ranker(schema, RankerConfig(hidden=()))
 
 
-def test_score_cost_covers_attention_and_the_whole_mlp(schema: Schema, batch: Batch) -> None:
+def test_score_cost_covers_attention_the_cross_layers_and_the_whole_mlp(schema: Schema, batch: Batch) -> None:
     model = Ranker(schema)
     cost = score_cost(model, batch)
     n_fields = len(model.user_fields) + len(model.attended) + len(model.sel.item) + len(model.sel.cross)
-    mlp = 2 * (n_fields * 16 * 1024 + 1024 * 512 + 512 * 256 + 256)
+    k = n_fields * 16
+    mlp = 2 * (k * 512 + 512 * 256 + 256)
+    cross = 3 * 2 * k * k  # three full-rank [K, K] products
     din = 2 * 6 * (4 * 16 * 64 + 64 * 32 + 32)  # the activation unit over 6 behaviours
-    assert mlp + din <= cost["score_flops_per_candidate"] <= 1.2 * (mlp + din)
+    assert mlp + cross + din <= cost["score_flops_per_candidate"] <= 1.2 * (mlp + cross + din)
 
 
 def test_cross_layer_is_dcn_v2_eq_1_and_its_low_rank_form_eq_2() -> None:
@@ -102,7 +110,7 @@ def test_cross_layers_run_between_the_fields_and_the_mlp(schema: Schema, batch: 
         for layer in model.cross:
             layer.up.bias.normal_()
         model(batch)
-        plain = Ranker(schema, RankerConfig(hidden=(8,))).eval()
+        plain = Ranker(schema, RankerConfig(hidden=(8,), cross_layers=0)).eval()
         plain.load_state_dict(model.state_dict(), strict=False)
         plain.mlp.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
         plain(batch)
@@ -128,7 +136,7 @@ def test_wide_adds_the_logistic_regression_of_every_feature(schema: Schema, batc
 
 
 def test_embedding_dropout_drops_field_vectors_in_training_only(schema: Schema, batch: Batch) -> None:
-    model = Ranker(schema, RankerConfig(hidden=(8,), embedding_dropout=0.5))
+    model = Ranker(schema, RankerConfig(hidden=(8,), cross_layers=0, embedding_dropout=0.5))
     seen: list[torch.Tensor] = []
     model.mlp.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 It stands for the ranking stage of the cascade (DESIGN.md "The cascade"): it is trained on
 impressions with all features and its logit becomes ``teacher_logit`` for distillation. Architecture
 as the ranking model of the FSCD paper (Ma et al., SIGIR 2021, Sec. 3.1: every feature field
-embedded, hidden layers 1024-512-256, a sigmoid output), with DIN target attention (Zhou et al.,
+embedded, an MLP with a sigmoid output; there 1024-512-256), with DIN target attention (Zhou et al.,
 KDD 2018, Sec. 4.3) over behaviour sequences, since a ranker sees the candidate when it reads the
 user's history.
 
@@ -17,6 +17,8 @@ config and chosen on the valid split:
   regression of :class:`~prerank.models.lr.LR` over the same features, trained jointly. On a small log the
   strongest signals are first-order (a user's or item's base rate, the past-only cross counts), which an MLP
   over 16-dim embeddings learns slowly.
+- ``target_attention=False``: every behaviour sequence is pooled by its schema ``pooling`` (as COLD reads it)
+  instead of DIN; on a log whose behaviours are mostly items seen once, attention over their embeddings can fit noise.
 - ``embedding_dropout``: dropout on the embedded fields (every field vector), a regulariser for id embeddings
   most of whose rows are seen once or twice.
 """
@@ -39,20 +41,24 @@ from prerank.schema import Schema
 
 @dataclass(frozen=True)
 class RankerConfig:
-    """``hidden`` defaults to the FSCD paper's ranking model; ``attention_hidden`` is DIN's activation unit.
+    """``attention_hidden`` is DIN's activation unit. The defaults (``hidden`` 512-256, 3 full-rank cross layers)
+    were chosen on the valid split of ML-1M ``paper`` (docs/results.md, "Ranking teacher (issue 21, part 1)"); the
+    FSCD paper's ranking model is ``hidden=(1024, 512, 256), cross_layers=0``.
 
-    ``cross_layers``, ``cross_rank``, ``wide`` and ``embedding_dropout``: see the module docstring.
+    ``cross_layers``, ``cross_rank``, ``wide``, ``target_attention`` and ``embedding_dropout``: see the module
+    docstring.
     """
 
     embedding_dim: int = 16
-    hidden: tuple[int, ...] = (1024, 512, 256)
+    hidden: tuple[int, ...] = (512, 256)
     dropout: float = 0.0
     attention_hidden: tuple[int, ...] = (64, 32)
     features: tuple[str, ...] | None = None
     use_cross: bool = True
-    cross_layers: int = 0
+    cross_layers: int = 3
     cross_rank: int | None = None
     wide: bool = False
+    target_attention: bool = True
     embedding_dropout: float = 0.0
 
 
@@ -111,7 +117,7 @@ class Ranker(PreRanker):
         self.attended = {
             n: item_by_table[schema[n].table]
             for n in self.sel.user
-            if schema[n].kind == "sequence" and schema[n].table in item_by_table
+            if config.target_attention and schema[n].kind == "sequence" and schema[n].table in item_by_table
         }
         self.user_fields = tuple(n for n in self.sel.user if n not in self.attended)
         d = config.embedding_dim
