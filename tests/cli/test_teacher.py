@@ -49,6 +49,26 @@ def test_fit_trains_the_ranker_and_writes_the_checkpoint(tiny_dataset: Path, tmp
     assert (tmp_path / "teacher_run" / "best.pt").exists()
 
 
+def test_fit_ensemble_averages_independently_trained_members(tiny_dataset: Path, tmp_path: Path) -> None:
+    """``--ensemble 2``: two rankers trained one by one (seeds 5 and 6), one checkpoint whose logit is their mean."""
+    out = tmp_path / "teacher.pt"
+    args = ["teacher", "fit", "-d", str(tiny_dataset), "-o", str(out), "--epochs", "1", "--max-steps", "2"]
+    args += ["--threads", "1", "--no-progress", "--model-option", "hidden=[8]", "--seed", "5", "--ensemble", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert _json(result.stdout)["model"] == "ensemble"
+    name, model, _ = load_model(out)
+    assert name == "ensemble" and model.config.members == 2 and model.config.model_config["hidden"] == (8,)
+    members = [load_model(tmp_path / "teacher_run" / f"member-{k}" / "best.pt")[1] for k in range(2)]
+    batch = next(iter(make_loader(tiny_dataset, "test", 64)))
+    with torch.no_grad():
+        each = torch.stack([m(batch) for m in members])
+        assert not torch.allclose(each[0], each[1])
+        torch.testing.assert_close(model(batch), each.mean(0))
+    first = runner.invoke(app, [*args[:-2], "--ensemble", "0"])
+    assert first.exit_code != 0 and "--ensemble" in first.output
+
+
 def test_fit_refuses_cascade_data(tiny_dataset: Path, tmp_path: Path) -> None:
     Schema.load(tiny_dataset).with_reserved(has_stage=True).save(tiny_dataset / "schema.json")
     result = runner.invoke(app, ["teacher", "fit", "--data", str(tiny_dataset), "--out", str(tmp_path / "t.pt")])
@@ -174,3 +194,29 @@ def test_fold_assignment_and_bad_fold_counts(tiny_dataset: Path, tmp_path: Path)
     teacher = _teacher(tmp_path / "teacher.pt", Schema.load(tiny_dataset))
     result = runner.invoke(app, ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--out-of-fold", "1"])
     assert result.exit_code != 0 and "--out-of-fold" in result.output
+
+
+def test_out_of_fold_with_an_ensemble_teacher_trains_its_members_one_by_one(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fold teachers of an ``ensemble`` checkpoint are ensembles whose members were trained independently."""
+    import prerank.train.ensemble as ensemble_module
+
+    calls: list[int] = []
+    real = ensemble_module.train_ensemble
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ensemble_module, "train_ensemble", spy)
+    schema = Schema.load(tiny_dataset)
+    teacher = tmp_path / "teacher.pt"
+    config = {"members": 2, "model_config": {"hidden": [8]}}
+    save_checkpoint(teacher, "ensemble", build_model("ensemble", schema, config))
+    args = ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--threads", "1", "--out-of-fold", "2"]
+    result = runner.invoke(app, [*args, "--epochs", "1", "--max-steps", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert calls == [2, 2]  # one ensemble of 2 members per fold
+    for path in sorted((tiny_dataset / "train").glob("*.parquet")):
+        assert np.isfinite(pq.read_table(path).column("teacher_logit").to_numpy()).all()

@@ -67,9 +67,17 @@ def fit(
     max_steps: int = MaxStepsOpt,
     num_workers: int = WorkersOpt,
     progress: bool = ProgressOpt,
+    ensemble: int = typer.Option(
+        1,
+        "--ensemble",
+        help="K >= 2: train K rankers one by one (seeds SEED .. SEED+K-1, each early-stopped on valid) and write "
+        "one checkpoint of model `ensemble`, whose logit is the mean of the K members' logits.",
+    ),
 ) -> None:
     """Train the ranker on DATA, copy its best checkpoint to OUT, print valid and test AUC."""
+    from prerank.train.checkpoint import save_checkpoint
     from prerank.train.config import train_config
+    from prerank.train.ensemble import train_ensemble
     from prerank.train.trainer import evaluate_split, train_model
 
     schema = Schema.load(data)
@@ -78,19 +86,27 @@ def fit(
             f"{data} has a 'stage' column (cascade data): fit the teacher on the impressions-only dataset the "
             "cascade was built from, since its non-impression rows were labelled with a teacher's help"
         )
+    if ensemble < 1:
+        raise ValueError(f"--ensemble must be >= 1 (members), got {ensemble}")
     cfg = train_config(train_flags(locals()))
     run_dir = run_dir or out.with_name(out.stem + "_run")
     overrides = parse_options(model_option, "--model-option")
-    result = train_model(TEACHER_MODEL, data, run_dir, overrides, cfg, log=console.print)
-    with atomic_path(out) as tmp:
-        shutil.copyfile(result.checkpoint, tmp)
-    valid = evaluate_split(result.model, data, "valid", cfg.eval_batch_size)
-    test = evaluate_split(result.model, data, "test", cfg.eval_batch_size)
+    if ensemble == 1:
+        result = train_model(TEACHER_MODEL, data, run_dir, overrides, cfg, log=console.print)
+        name, model, epochs = TEACHER_MODEL, result.model, result.epochs
+        with atomic_path(out) as tmp:
+            shutil.copyfile(result.checkpoint, tmp)
+    else:
+        model, results = train_ensemble(TEACHER_MODEL, overrides, ensemble, data, run_dir, cfg, log=console.print)
+        name, epochs = "ensemble", [r.epochs for r in results]
+        save_checkpoint(out, name, model, {"members": [str(r.checkpoint) for r in results]})
+    valid = evaluate_split(model, data, "valid", cfg.eval_batch_size)
+    test = evaluate_split(model, data, "test", cfg.eval_batch_size)
     print_json(
         {
             "teacher": str(out),
-            "model": TEACHER_MODEL,
-            "epochs": result.epochs,
+            "model": name,
+            "epochs": epochs,
             "valid_auc": valid["auc"],
             "test_auc": test["auc"],
             "valid": valid,

@@ -9,6 +9,7 @@ from prerank.models.base import ConfigError, PreRanker, config_from_dict
 from prerank.models.cold import COLD, COLDConfig
 from prerank.models.dat import DAT, DATConfig
 from prerank.models.distilled_dssm import DistilledDSSM, DistilledDSSMConfig
+from prerank.models.ensemble import Ensemble, EnsembleConfig
 from prerank.models.fit import FIT, FITConfig
 from prerank.models.fscd import FSCDConfig, FSCDNet
 from prerank.models.int_tower import IntTower, IntTowerConfig
@@ -25,6 +26,8 @@ MODELS: dict[str, tuple[type[PreRanker], Any]] = {
     "cold": (COLD, COLDConfig()),
     "int_tower": (IntTower, IntTowerConfig()),
     "ranker": (Ranker, RankerConfig()),
+    # K rankers' logits averaged; `prerank teacher fit --ensemble K` trains the members independently
+    "ensemble": (Ensemble, EnsembleConfig()),
     "fit": (FIT, FITConfig()),
     "fit_no_mqm": (FIT, FITConfig(use_mqm=False)),
     "fit_no_lss": (FIT, FITConfig(scorer="dot")),

@@ -29,7 +29,7 @@ from prerank.io import atomic_path
 from prerank.models.base import PreRanker
 from prerank.schema import Schema
 from prerank.train.config import TrainConfig
-from prerank.train.trainer import train_model
+from prerank.train.ensemble import fit
 
 
 def fold_of_rows(n: int, folds: int, seed: int) -> np.ndarray:
@@ -65,8 +65,9 @@ def out_of_fold_logits(
     batch_size: int = 8192,
     log: Callable[[str], None] = print,
 ) -> tuple[list[Path], list[np.ndarray]]:
-    """Train ``folds`` teachers (registry ``model_name`` with ``model_config``, trainer ``config``) on the train
-    split of ``data_dir`` minus one fold each, and score each held-out fold.
+    """Train ``folds`` teachers (registry ``model_name`` with ``model_config``, trainer ``config``; an ``ensemble``
+    teacher's members one by one, as ``teacher fit --ensemble`` does) on the train split of ``data_dir`` minus one
+    fold each, and score each held-out fold.
 
     Returns the train split's Parquet parts and, for each part, the out-of-fold logits of its rows in file order.
     ``work_dir`` holds the fold datasets and runs (``fold-K/``), removed when done.
@@ -93,8 +94,8 @@ def out_of_fold_logits(
                 meta={"cross_fitting": {"fold": k, "folds": folds, "seed": seed, "source": str(data_dir)}},
             )
             log(f"fold {k + 1}/{folds}: training the teacher on {train.num_rows - len(held):,} rows")
-            result = train_model(model_name, fold_dir / "data", fold_dir / "run", model_config, config, log=log)
-            logits[held] = _logits(result.model, train.take(held), schema, batch_size)
+            model = fit(model_name, model_config, fold_dir / "data", fold_dir / "run", config, log=log)
+            logits[held] = _logits(model, train.take(held), schema, batch_size)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     bounds = np.cumsum([0] + [t.num_rows for t in tables])
