@@ -105,9 +105,10 @@ def test_the_joint_model_trains_and_the_student_comes_out_plain(tiny_dataset: Pa
     with torch.no_grad():
         torch.testing.assert_close(student(batch), result.joint.model(batch))
     # the extracted student owns a copy of the tables: training it further leaves the joint model alone
-    assert student.emb.tables["item_id"].weight.data_ptr() != result.joint.model.teacher.emb.tables[
-        "item_id"
-    ].weight.data_ptr()
+    assert (
+        student.emb.tables["item_id"].weight.data_ptr()
+        != result.joint.model.teacher.emb.tables["item_id"].weight.data_ptr()
+    )
 
 
 def test_a_warm_teacher_keeps_its_frozen_attention(tiny_dataset: Path, tmp_path: Path) -> None:
