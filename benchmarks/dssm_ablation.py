@@ -103,7 +103,7 @@ ROWS: dict[str, tuple[str, str, list[str], tuple[str, ...]]] = {
 BASE = "plain"
 
 
-def command(row: str, data: Path, out: Path, seed: int, threads: int, teacher: Path | None) -> list[str]:
+def command(row: str, data: Path, out: Path, seed: int | str, threads: int, teacher: Path | None) -> list[str]:
     _, run, args, _ = ROWS[row]
     cmd = ["prerank", *args, "--data", str(data), "--out", str(out / run / f"seed{seed}")]
     if args[:2] == ["distill", "sync"] and teacher is not None:
@@ -121,40 +121,49 @@ def run_one(cmd: list[str], log: Path, prerank: str) -> None:
     print(f"{'ok' if rc == 0 else f'FAILED ({rc})'} in {time.time() - t0:.0f}s: {shlex.join(cmd)}", flush=True)
 
 
-def metric(out: Path, row: str, seed: int, key: str = "gauc") -> float | None:
-    _, run, _, path = ROWS[row]
+def metric(out: Path, row: str, seed: int, key: str = "gauc", path: tuple[str, ...] | None = None) -> float | None:
+    """A test metric of a finished run (None if not run); ``path`` overrides the row's key path in test.json."""
+    _, run, _, where = ROWS[row]
     file = out / run / f"seed{seed}" / "test.json"
     if not file.exists():
         return None
     value = json.loads(file.read_text())
-    for k in path:
+    for k in path or where:
+        if k not in value:
+            return None
         value = value[k]
     return float(value[key])
 
 
 def table(out: Path, rows: list[str], seeds: list[int]) -> tuple[str, list[dict]]:
     base = {s: metric(out, BASE, s) for s in seeds}
-    lines = ["| row | seeds | test GAUC | Δ GAUC vs plain (‰) | test AUC |", "|---|---|---|---|---|"]
+    lines = ["| row | seeds | test GAUC | Δ GAUC vs plain (‰) | test AUC | its teacher's test AUC |"]
+    lines.append("|---|---|---|---|---|---|")
     records = []
     for row in rows:
         gauc = {s: metric(out, row, s) for s in seeds}
         done = [s for s in seeds if gauc[s] is not None]
         auc = [metric(out, row, s, "auc") for s in done]
+        # the synchronous rows train their own teacher: its test AUC beside the student's
+        teacher = [t for s in done if (t := metric(out, row, s, "auc", ("teacher_test",))) is not None]
         # per-seed differences: the same seed's plain DSSM is the baseline of each run
         delta = [1000 * (gauc[s] - base[s]) for s in done if base[s] is not None]
         g, gs, n = mean_std([gauc[s] for s in done])
         d, ds, nd = mean_std(delta)
         a, as_, _ = mean_std(auc)
         records.append({"row": row, "label": ROWS[row][0], "seeds": done, "gauc": [gauc[s] for s in done]})
-        records[-1] |= {"auc": auc, "delta_permille": delta}
+        records[-1] |= {"auc": auc, "delta_permille": delta, "teacher_auc": teacher}
         if not n:
-            lines.append(f"| {ROWS[row][0]} | 0 | not run | | |")
+            lines.append(f"| {ROWS[row][0]} | 0 | not run | | | |")
             continue
-        lines.append(
-            f"| {ROWS[row][0]} | {n} | {g:.4f} ± {gs:.4f} | {d:+.1f} ± {ds:.1f} | {a:.4f} ± {as_:.4f} |"
-            if nd
-            else f"| {ROWS[row][0]} | {n} | {g:.4f} ± {gs:.4f} | | {a:.4f} ± {as_:.4f} |"
-        )
+        t, ts, nt = mean_std(teacher)
+        cells = [
+            f"{g:.4f} ± {gs:.4f}",
+            f"{d:+.1f} ± {ds:.1f}" if nd else "",
+            f"{a:.4f} ± {as_:.4f}",
+            f"{t:.4f} ± {ts:.4f}" if nt else "",
+        ]
+        lines.append(f"| {ROWS[row][0]} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines), records
 
 
@@ -187,9 +196,7 @@ def main() -> None:
             for (run, seed), cmd in jobs.items():
                 pool.submit(run_one, cmd, args.out / "logs" / f"{run}-seed{seed}.log", args.prerank)
     text, records = table(args.out, rows, seeds)
-    commands = "\n".join(
-        shlex.join(command(r, args.data, args.out, 0, args.threads, args.teacher)) for r in rows
-    ).replace("--seed 0", "--seed S")
+    commands = "\n".join(shlex.join(command(r, args.data, args.out, "S", args.threads, args.teacher)) for r in rows)
     report = f"{text}\n\nCommands (S = 0..{args.seeds - 1}):\n\n```\n{commands}\n```\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(report)
