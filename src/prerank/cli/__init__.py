@@ -14,6 +14,6 @@ app = typer.Typer(
 
 
 def main() -> None:
-    from prerank.cli import cascade, data, select, serve, teacher, train  # noqa: F401  (registers commands)
+    from prerank.cli import cascade, data, distill, select, serve, teacher, train  # noqa: F401  (registers commands)
 
     app()

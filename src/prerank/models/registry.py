@@ -16,6 +16,7 @@ from prerank.models.int_tower import IntTower, IntTowerConfig
 from prerank.models.lr import LR, LRConfig
 from prerank.models.rank_tower import RankTower, RankTowerConfig
 from prerank.models.ranker import Ranker, RankerConfig
+from prerank.models.sync_distill import SyncDistill, SyncDistillConfig
 from prerank.models.two_tower import TwoTower, TwoTowerConfig
 from prerank.schema import Schema
 
@@ -43,6 +44,8 @@ MODELS: dict[str, tuple[type[PreRanker], Any]] = {
     ),
     "dssm_mlp": (DistilledDSSM, DistilledDSSMConfig(use_fm=False, use_nova=False, use_senet=False, use_bilinear=False)),
     "dssm_mlp_fm": (DistilledDSSM, DistilledDSSMConfig(use_nova=False, use_senet=False, use_bilinear=False)),
+    # the distilled DSSM trained jointly with a ranker teacher on shared embeddings (serves as the student)
+    "sync_distill": (SyncDistill, SyncDistillConfig()),
     "fscd_ranker": (FSCDNet, FSCDConfig(hidden=(1024, 512, 256))),
     "fscd_preranker": (FSCDNet, FSCDConfig(hidden=(1024, 256))),
 }

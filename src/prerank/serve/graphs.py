@@ -202,6 +202,13 @@ def export_program(model: PreRanker, sig: Signature, graph: str) -> torch.export
     with _quiet():
         program = torch.export.export(module, args, dynamic_shapes=shapes)
         unused = _unused_weights(program)
+        # a tensor shared by two modules (sync_distill's embedding tables) is listed under each name; keep it when
+        # any of its names is read
+        named = dict(module.named_parameters(remove_duplicate=False)) | dict(
+            module.named_buffers(remove_duplicate=False)
+        )
+        read = {id(t) for n, t in named.items() if n not in set(unused)}
+        unused = [n for n in unused if id(named.get(n)) not in read]
         if not unused:
             return program
         for name in unused:

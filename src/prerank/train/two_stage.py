@@ -20,9 +20,11 @@ from typing import ClassVar
 from torch import Tensor
 
 from prerank.data.batch import Batch
+from prerank.data.parquet import DataError
 from prerank.losses import DistillationLoss, PointwiseBCE, build_loss
 from prerank.losses.distill import weighted_logloss_distillation
 from prerank.models.base import ConfigError
+from prerank.schema import Schema
 from prerank.train.config import TrainConfig
 from prerank.train.trainer import TrainResult, train_model
 
@@ -53,6 +55,16 @@ class SoftHardLoss:
         return self.hard_weight * hard + (1.0 - self.hard_weight) * soft
 
 
+def require_teacher_logits(data_dir: str | Path) -> None:
+    """A clear error when ``data_dir`` has no ``teacher_logit`` column (the soft labels of both stages)."""
+    if not Schema.load(data_dir).has_teacher_logit:
+        raise DataError(
+            f"{data_dir} has no teacher_logit column: fit a teacher (`prerank teacher fit`) and write its logits "
+            "(`prerank teacher score --out-of-fold 5`, out of fold on train so the soft labels do not memorise the "
+            "hard ones) before two-stage distillation"
+        )
+
+
 @dataclass(frozen=True)
 class TwoStageResult:
     stage1: TrainResult
@@ -79,6 +91,7 @@ def two_stage_distillation(
     (``hard_weight``, ``temperature``), ``config``, starting from stage 1's best weights (the two
     models must have the same parameters). Needs a dataset with ``teacher_logit``.
     """
+    require_teacher_logits(data_dir)
     out_dir = Path(out_dir)
     base = dict(model_overrides or {})
     soft = build_loss("distill:logloss", temperature=temperature)
@@ -107,4 +120,4 @@ def two_stage_distillation(
     return TwoStageResult(stage1=first, stage2=second)
 
 
-__all__ = ["SoftHardLoss", "TwoStageResult", "two_stage_distillation"]
+__all__ = ["SoftHardLoss", "TwoStageResult", "require_teacher_logits", "two_stage_distillation"]
