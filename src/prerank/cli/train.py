@@ -63,7 +63,11 @@ def train(
     requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
 ) -> None:
-    """Train one model; early-stop on the valid split; report valid and test metrics."""
+    """Train one model; early-stop on the valid split; report valid and test metrics.
+
+    Under ``torchrun --nproc-per-node N -m prerank train ...`` the N processes train it data-parallel
+    (``--batch-size`` is the global batch); rank 0 writes the run directory."""
+    from prerank.train import distributed
     from prerank.train.compare import resolve_loss
     from prerank.train.trainer import evaluate_split, train_model
 
@@ -87,7 +91,10 @@ def train(
         resume=resume,
         log=console.print,
     )
-    test = evaluate_split(result.model, data, "test", cfg.eval_batch_size)
+    ctx = distributed.current()
+    test = evaluate_split(result.model, data, "test", cfg.eval_batch_size, ctx=ctx)
+    if not ctx.main:
+        return
     summary = {
         "model": run.model,
         "checkpoint": str(result.checkpoint),
@@ -169,7 +176,8 @@ def compare(
     ),
 ) -> None:
     """Train each model for each seed and write results.json, results.md (mean ± std per model) and
-    auc_vs_latency.png."""
+    auc_vs_latency.png. Under ``torchrun`` every run trains data-parallel; rank 0 evaluates and writes."""
+    from prerank.train import distributed
     from prerank.train.compare import run_compare
 
     run, cfg = run_config(
@@ -196,7 +204,8 @@ def compare(
         log=console.print,
         latency_candidates=latency_candidates or None,
     )
-    typer.echo((out / "results.md").read_text())
+    if distributed.current().main:
+        typer.echo((out / "results.md").read_text())
 
 
 def _per_model_overrides(

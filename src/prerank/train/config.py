@@ -28,12 +28,15 @@ class TrainConfig:
     (``logloss`` is minimised, the others maximised); an epoch counts as an improvement only when it
     beats the best by more than ``min_delta``, and training stops after ``patience`` epochs without one.
     ``batching="requests"`` trains on whole requests (listwise losses on cascade data);
-    ``requests_per_batch`` and ``max_list_len`` size them.
+    ``requests_per_batch`` and ``max_list_len`` size them. ``shuffle_buffer_rows`` bounds the rows held for
+    shuffling (training memory grows with it, not with the split). Under ``torchrun`` the batch sizes and the
+    buffer are global, split evenly over the ranks (:mod:`prerank.train.distributed`).
     """
 
     epochs: int | None = None
     batch_size: int | None = None
     eval_batch_size: int = 16384
+    shuffle_buffer_rows: int = 262_144
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
@@ -53,7 +56,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "eval_batch_size", "threads", "requests_per_batch")
+        positive = ("epochs", "batch_size", "eval_batch_size", "shuffle_buffer_rows", "threads", "requests_per_batch")
         for name in positive:
             if name in ("epochs", "batch_size") and getattr(self, name) is None:
                 continue  # chosen by auto_schedule
