@@ -254,7 +254,7 @@ def train_model(
             task = progress.add_task(
                 f"{name} epoch {epoch + 1}/{config.epochs}", total=n_train // ctx.world_size, info=""
             )
-            t0, seen, running = time.perf_counter(), 0, 0.0
+            t0, cpu0, seen, running = time.perf_counter(), time.process_time(), 0, 0.0
             for batch in distributed.lockstep(train_loader(data_dir, config, epoch, schema, ctx), ctx):
                 batch = batch.to(device)
                 loss_value, n = step(batch)
@@ -276,6 +276,8 @@ def train_model(
                     break
             seen = int(distributed.sum_float(seen, ctx))  # every rank's rows
             epoch_seconds = time.perf_counter() - t0
+            # CPU seconds of every rank's process (all its threads): the cost a shared machine's load does not blur
+            cpu_seconds = distributed.sum_float(time.process_time() - cpu0, ctx)
             train_seconds += epoch_seconds
             samples += seen
             progress.update(task, completed=n_train // ctx.world_size)
@@ -285,6 +287,7 @@ def train_model(
                 "train_loss": running,
                 "train_seconds": epoch_seconds,
                 "samples_per_second": seen / max(epoch_seconds, 1e-9),
+                "train_cpu_seconds": cpu_seconds,
                 **{f"valid_{k}": v for k, v in valid.items()},
             }
             history.append(record)
