@@ -22,7 +22,9 @@ def test_train_writes_checkpoints_and_metrics(tiny_dataset: Path, tmp_path: Path
     assert (out / "best.pt").exists() and (out / "last.pt").exists()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
-    assert {"valid_auc", "valid_logloss", "valid_gauc", "train_loss", "samples_per_second"} <= set(lines[0])
+    keys = {"valid_auc", "valid_logloss", "valid_gauc", "train_loss", "samples_per_second", "train_cpu_seconds"}
+    assert keys <= set(lines[0])
+    assert lines[0]["train_cpu_seconds"] > 0
     assert result.samples_per_second > 0
     name, model, _ = load_model(out / "best.pt")
     assert name == "two_tower"

@@ -15,5 +15,9 @@ app = typer.Typer(
 
 def main() -> None:
     from prerank.cli import cascade, data, distill, select, serve, teacher, train  # noqa: F401  (registers commands)
+    from prerank.train.distributed import teardown
 
-    app()
+    try:
+        app()
+    finally:
+        teardown()  # leave the process group of a torchrun process (nothing to do in a single process)

@@ -66,7 +66,11 @@ def train(
     requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
 ) -> None:
-    """Train one model; early-stop on the valid split; report valid and test metrics."""
+    """Train one model; early-stop on the valid split; report valid and test metrics.
+
+    Under ``torchrun --nproc-per-node N -m prerank train ...`` the N processes train it data-parallel
+    (``--batch-size`` is the global batch); rank 0 writes the run directory."""
+    from prerank.train import distributed
     from prerank.train.compare import resolve_loss
     from prerank.train.trainer import evaluate_split, train_model
 
@@ -90,7 +94,10 @@ def train(
         resume=resume,
         log=console.print,
     )
-    test = evaluate_split(result.model, data, "test", cfg.eval_batch_size)
+    ctx = distributed.current()
+    test = evaluate_split(result.model, data, "test", cfg.eval_batch_size, ctx=ctx)
+    if not ctx.main:
+        return
     summary = {
         "model": run.model,
         "checkpoint": str(result.checkpoint),
@@ -179,7 +186,8 @@ def compare(
     ),
 ) -> None:
     """Train each model for each seed and write results.json, results.md (mean ± std per model) and
-    auc_vs_latency.png."""
+    auc_vs_latency.png. Under ``torchrun`` every run trains data-parallel; rank 0 evaluates and writes."""
+    from prerank.train import distributed
     from prerank.train.compare import run_compare
 
     run, cfg = run_config(
@@ -207,7 +215,8 @@ def compare(
         latency_candidates=latency_candidates or None,
         grid=_grid(grid),
     )
-    typer.echo((out / "results.md").read_text())
+    if distributed.current().main:
+        typer.echo((out / "results.md").read_text())
 
 
 def _grid(pairs: list[str] | None) -> dict[str, list[Any]] | None:

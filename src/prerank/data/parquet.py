@@ -369,10 +369,17 @@ def make_loader(
     schema: Schema | None = None,
     rank: int = 0,
     world_size: int = 1,
+    buffer_rows: int = 262_144,
 ) -> DataLoader:
     """A DataLoader of :class:`Batch`es for ``root/split`` (batching happens in :class:`BatchStream`)."""
     stream = BatchStream(
-        ParquetSplit(root, split, schema), batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size
+        ParquetSplit(root, split, schema),
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        buffer_rows=buffer_rows,
     )
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, collate_fn=_identity)
 

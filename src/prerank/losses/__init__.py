@@ -8,6 +8,11 @@ Two layers:
   says whether the loss needs a request-level batch (``batch.mask`` ``[R, N]``, logits scattered back
   with :func:`to_lists`) or also takes a row batch.
 
+Under distributed training (``torchrun``) a loss sees each rank's *local* batch: rows, or whole requests
+(a request is read whole by the rank owning the row group it starts in, so lists never span ranks).
+The value is a mean over that batch's rows or requests and DDP averages the ranks' gradients, which equals
+the global batch's mean when the ranks' batches are of equal size (the last batch of an epoch may not be).
+
 Names (``build_loss(name, **options)``; options are the keyword arguments of the function named):
 
 - ``bce``: :func:`binary_cross_entropy` on ``label``, the trainer's default; no options.

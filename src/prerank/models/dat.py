@@ -84,6 +84,10 @@ class DAT(PreRanker):
     CAL uses every row's item representation, the category of a multi-valued feature (``genres``)
     is its first value, rows with category 0 (unknown) are left out, and categories with fewer
     than two rows in the batch (no covariance) are skipped.
+    Under distributed training (``torchrun``) "the batch" of both terms is each rank's *local* batch (B/N rows of
+    a global batch of B): the mimic means are over the rank's positives and CAL's covariances over the rank's rows,
+    and DDP averages the ranks' gradients. So N ranks match one process only approximately (exactly for the main
+    loss); IntTower's CIR, by contrast, gathers the global batch.
 
     Cached per user: ``p_u`` ``[D]``; per item: ``p_v`` ``[D]`` (D = ``out_dim``); per candidate: one
     D-dim dot product. Cross features are not used (no tower can see them).

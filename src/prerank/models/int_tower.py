@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.batch import Batch
+from prerank.layers.collective import gather_rows, rank_and_world, sum_over_ranks
 from prerank.layers.embedding import EmbeddingTables
 from prerank.layers.field import LightSE
 from prerank.models.base import ConfigError, FeatureSelection, PreRanker, State
@@ -65,6 +66,9 @@ class IntTower(PreRanker):
     ``cos(h_u^{L,i}, h_v^{L,j}) / tau`` with target ``j = i`` (the other rows' items are negatives),
     averaged over positives, on the last-layer tower outputs. As in a plain in-batch softmax, another
     row showing the same item counts as a negative (not masked: popular items make this happen).
+    Under distributed training (``torchrun``) the batch is the *global* batch: each rank's positives are
+    contrasted with the items of every rank (:func:`~prerank.layers.collective.gather_rows`) and the mean is over
+    all ranks' positives, so N ranks of B/N rows train as one process of B rows.
 
     Cached per user: ``heads`` ``[L, H_u, d]``; per item: ``heads`` ``[H_i, d]`` (the last-layer
     ``rep`` ``[hidden[-1]]`` is added to the states in training mode only, for CIR); per candidate:
@@ -127,12 +131,16 @@ class IntTower(PreRanker):
             raise ValueError("IntTower's CIR loss needs batch.label (positives are the contrastive pairs)")
         pos = batch.label > 0.5
         u = F.normalize(user["rep"].expand(len(batch), -1)[pos], dim=-1)  # [P, D]
-        v = F.normalize(item["rep"], dim=-1)  # [B, D]
-        if u.shape[0] == 0:
+        v, start = gather_rows(F.normalize(item["rep"], dim=-1))  # [B, D], every rank's items under torchrun
+        _, world = rank_and_world()
+        n_pos = sum_over_ranks(u.shape[0])
+        if n_pos == 0:
             return v.sum() * 0.0
         logits = u @ v.T / self.config.cir_temperature  # [P, B]
-        target = torch.nonzero(pos).squeeze(-1)
-        return F.cross_entropy(logits, target)
+        target = torch.nonzero(pos).squeeze(-1) + start
+        # the mean over the global batch's positives (DDP divides the sum of the ranks' gradients by ``world``);
+        # ``v.sum() * 0`` keeps the gather in the graph of a rank without positives, so its backward runs everywhere
+        return F.cross_entropy(logits, target, reduction="sum") * (world / n_pos) + v.sum() * 0.0
 
     def auxiliary_loss(self, batch: Batch, user: State, item: State) -> Tensor:
         return self.config.cir_weight * self.cir_loss(batch, user, item)

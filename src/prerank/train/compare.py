@@ -17,8 +17,9 @@ from prerank.io import atomic_write_text
 from prerank.models.base import ConfigError, num_params
 from prerank.models.registry import MODELS
 from prerank.schema import Schema
+from prerank.train import distributed
 from prerank.train.config import TrainConfig, train_config
-from prerank.train.trainer import Loss, bce_loss, evaluate_split, train_model
+from prerank.train.trainer import Loss, bce_loss, evaluate_split, quiet, train_model
 
 BASELINE = "two_tower"
 LISTWISE_PREFIXES = ("recall@", "ndcg@", "hard_recall@", "hard_ndcg@", "cascade_recall@")
@@ -106,7 +107,10 @@ def run_compare(
     if resume and results_path.exists():
         records = json.loads(results_path.read_text())
     done = {(r["model"], r["seed"]) for r in records}
-    if teacher is not None and not any(r.get("is_teacher") for r in records):
+    main = distributed.setup(config.device)[0].main  # under torchrun: rank 0 evaluates, writes and logs
+    if not main:
+        log = quiet
+    if teacher is not None and main and not any(r.get("is_teacher") for r in records):
         records.insert(0, _teacher_record(Path(teacher), data_dir, config.eval_batch_size))
         log(f"teacher {records[0]['model']}: test AUC {records[0]['auc']:.4f}")
     # the baseline first, so that every later record can carry its RelaImpr
@@ -143,6 +147,8 @@ def run_compare(
                 resume=resume,
                 log=log,
             )
+            if not main:
+                continue  # the other ranks only help train; rank 0 evaluates and writes
             test = _test_metrics(result.model, data_dir, config.eval_batch_size)
             record: dict[str, Any] = {
                 "model": name,
@@ -175,7 +181,7 @@ def run_compare(
             _fill_relaimpr(records)
             write_results(out_dir, records)
             log(f"{name} seed {seed}: test AUC {record['auc']:.4f}, logloss {record['logloss']:.4f}")
-    if latency_candidates:
+    if latency_candidates and main:
         measure_latencies(records, models, config.seed, out_dir, data_dir, latency_candidates, log=log, on_step=on_step)
         write_results(out_dir, records)
         plot = auc_latency_plot(records, out_dir / "auc_vs_latency.png", title=f"{data_dir.name}: AUC against latency")

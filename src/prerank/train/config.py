@@ -30,12 +30,15 @@ class TrainConfig:
     ``batching="requests"`` trains on whole requests (listwise losses on cascade data);
     ``requests_per_batch`` and ``max_list_len`` size them; a list over the cap keeps the share of each
     tier (clicked / unclicked impressions, rank and pre-rank candidates, random items) that ``stage_mix``
-    sets, or its own mix when None (:func:`prerank.data.requests.list_quotas`).
+    sets, or its own mix when None (:func:`prerank.data.requests.list_quotas`). ``shuffle_buffer_rows`` bounds the
+    rows held for shuffling (training memory grows with it, not with the split). Under ``torchrun`` the batch sizes
+    and the buffer are global, split evenly over the ranks (:mod:`prerank.train.distributed`).
     """
 
     epochs: int | None = None
     batch_size: int | None = None
     eval_batch_size: int = 16384
+    shuffle_buffer_rows: int = 262_144
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
@@ -56,7 +59,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "eval_batch_size", "threads", "requests_per_batch")
+        positive = ("epochs", "batch_size", "eval_batch_size", "shuffle_buffer_rows", "threads", "requests_per_batch")
         for name in positive:
             if name in ("epochs", "batch_size") and getattr(self, name) is None:
                 continue  # chosen by auto_schedule

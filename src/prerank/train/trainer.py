@@ -4,6 +4,7 @@ Models stay plain modules (DESIGN.md habits); everything stateful about training
 Per epoch it writes ``metrics.jsonl`` (one JSON object a line), ``last.pt`` (resumable: weights,
 optimizer, epoch, best metric, history, RNG states) and ``best.pt`` (best validation metric), each
 atomically, so an interrupted run resumes with ``resume=True`` from its last completed epoch.
+Under ``torchrun`` it trains data-parallel over the ranks (:mod:`prerank.train.distributed`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from prerank.losses.pointwise import PointwiseBCE
 from prerank.models.base import ConfigError, PreRanker
 from prerank.models.registry import build_model
 from prerank.schema import STAGES, Schema
+from prerank.train import distributed
 from prerank.train.checkpoint import read_checkpoint, save_checkpoint
 from prerank.train.config import METRICS, MIN_EPOCHS, POINTWISE_METRICS, TrainConfig, auto_schedule
 
@@ -110,29 +112,36 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
-def train_loader(data_dir: Path, config: TrainConfig, epoch: int, schema: Schema) -> Iterable[Batch]:
-    """Training batches for one epoch: rows, or whole requests for listwise losses."""
+def train_loader(
+    data_dir: Path, config: TrainConfig, epoch: int, schema: Schema, ctx: distributed.Context = distributed.Context()
+) -> Iterable[Batch]:
+    """Training batches for one epoch: rows, or whole requests for listwise losses; this rank's shard of them."""
+    shard = {"rank": ctx.rank, "world_size": ctx.world_size}
     if config.batching == "requests":
         from prerank.data.requests import make_request_loader
 
         return make_request_loader(
             data_dir,
             "train",
-            config.requests_per_batch,
+            distributed.local_share(config.requests_per_batch, ctx, "requests_per_batch"),
             shuffle=True,
             seed=config.seed + epoch,
             max_list_len=config.max_list_len,
             stages=config.stages,
             stage_mix=config.stage_mix,
+            **shard,
         )
+    assert config.batch_size is not None
     loader = make_loader(
         data_dir,
         "train",
-        config.batch_size,
+        distributed.local_share(config.batch_size, ctx, "batch_size"),
         shuffle=True,
         seed=config.seed,
         num_workers=config.num_workers,
         schema=schema,
+        buffer_rows=max(config.shuffle_buffer_rows // ctx.world_size, 1),
+        **shard,
     )
     loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
     return loader
@@ -147,6 +156,18 @@ def training_step(model: PreRanker, batch: Batch, loss_fn: Loss) -> tuple[Tensor
     loss = loss_fn(logits if batch.mask is None else to_lists(logits, batch.mask), batch)
     aux = model.auxiliary_loss(rows, user, item)
     return (loss if aux is None else loss + aux), len(rows)
+
+
+class TrainingStep(torch.nn.Module):
+    """:func:`training_step` as a module's ``forward``, the call DistributedDataParallel needs to see."""
+
+    def __init__(self, model: PreRanker, loss_fn: Loss):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Batch) -> tuple[Tensor, int]:
+        return training_step(self.model, batch, self.loss_fn)
 
 
 def train_model(
@@ -165,8 +186,12 @@ def train_model(
     Returns the model with its best weights loaded. ``out_dir`` receives ``metrics.jsonl``,
     ``last.pt`` and ``best.pt``. ``init_weights`` (a full state dict of the model) starts a fresh run
     from given weights instead of the initialisation (fine-tuning, FSCD Eq. 6); a resumed run ignores it.
+    Under ``torchrun`` every rank calls this with the same arguments (:mod:`prerank.train.distributed`).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    ctx, device = distributed.setup(config.device)
+    if not ctx.main:
+        log = quiet
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     # subnormal floats (tiny gradients and Adam moments early in training) run ~100x slower on x86 CPUs: the
@@ -177,10 +202,9 @@ def train_model(
     model = build_model(name, schema, model_overrides)
     if init_weights is not None:
         model.load_state_dict(init_weights)
-    device = torch.device(config.device)
     model.to(device)
     # a loss with parameters (ARF's uncertainty weights) trains with the model; a copy per run, so runs never share it
-    loss_fn = copy.deepcopy(loss) if isinstance(loss, torch.nn.Module) else (loss or bce_loss)
+    loss_fn = copy.deepcopy(loss).to(device) if isinstance(loss, torch.nn.Module) else (loss or bce_loss)
     optimizer = make_optimizer(model, config, loss_fn)
     if getattr(loss_fn, "requires_lists", False) and config.batching == "rows":
         log("this loss needs whole requests: training with batching=requests")
@@ -216,24 +240,29 @@ def train_model(
         torch.set_rng_state(t["rng"]["torch"])
         np.random.seed(t["rng"]["numpy_seed"])
         log(f"resuming {name} from {last_path} at epoch {start_epoch + 1}")
-    elif not resume:
+    elif not resume and ctx.main:
         log_path.unlink(missing_ok=True)
+    if ctx.enabled:  # same initial weights everywhere (DDP broadcasts rank 0's), but each rank its own dropout
+        torch.manual_seed(config.seed + 1_000_003 * ctx.rank + start_epoch)
+    step = distributed.wrap(TrainingStep(model, loss_fn), ctx)
 
     assert config.epochs is not None and config.batch_size is not None
 
     def finished() -> bool:
         return bad_epochs >= config.patience or bool(config.max_steps and steps >= config.max_steps)
 
-    with progress_bar(config.progress) as progress:
+    with progress_bar(config.progress and ctx.main) as progress:
         for epoch in range(start_epoch, config.epochs):
             if finished():
                 break
             model.train()
-            task = progress.add_task(f"{name} epoch {epoch + 1}/{config.epochs}", total=n_train, info="")
-            t0, seen, running = time.perf_counter(), 0, 0.0
-            for batch in train_loader(data_dir, config, epoch, schema):
+            task = progress.add_task(
+                f"{name} epoch {epoch + 1}/{config.epochs}", total=n_train // ctx.world_size, info=""
+            )
+            t0, cpu0, seen, running = time.perf_counter(), time.process_time(), 0, 0.0
+            for batch in distributed.lockstep(train_loader(data_dir, config, epoch, schema, ctx), ctx):
                 batch = batch.to(device)
-                loss_value, n = training_step(model, batch, loss_fn)
+                loss_value, n = step(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss_value.backward()
                 if config.grad_clip:
@@ -250,25 +279,31 @@ def train_model(
                     progress.update(task, completed=seen, info=f"loss {running:.4f}  {rate:,.0f} samples/s")
                 if config.max_steps and steps >= config.max_steps:
                     break
+            seen = int(distributed.sum_float(seen, ctx))  # every rank's rows
             epoch_seconds = time.perf_counter() - t0
+            # CPU seconds of every rank's process (all its threads): the cost a shared machine's load does not blur
+            cpu_seconds = distributed.sum_float(time.process_time() - cpu0, ctx)
             train_seconds += epoch_seconds
             samples += seen
-            progress.update(task, completed=n_train)
-            valid = evaluate_split(model, data_dir, "valid", config.eval_batch_size, device=device)
+            progress.update(task, completed=n_train // ctx.world_size)
+            valid = evaluate_split(model, data_dir, "valid", config.eval_batch_size, device=device, ctx=ctx)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": running,
                 "train_seconds": epoch_seconds,
                 "samples_per_second": seen / max(epoch_seconds, 1e-9),
+                "train_cpu_seconds": cpu_seconds,
                 **{f"valid_{k}": v for k, v in valid.items()},
             }
             history.append(record)
-            with log_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            if ctx.main:
+                with log_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             current = valid[config.metric]
             if _better(config.metric, current, best, config.min_delta):
                 best, bad_epochs = current, 0
-                save_checkpoint(best_path, name, model, {"epoch": epoch, "valid": valid})
+                if ctx.main:
+                    save_checkpoint(best_path, name, model, {"epoch": epoch, "valid": valid})
             else:
                 bad_epochs += 1
             log(
@@ -288,7 +323,9 @@ def train_model(
                 "rng": _rng_state(),
                 "config": config.to_dict(),
             }
-            save_checkpoint(last_path, name, model, trainer_state)
+            if ctx.main:
+                save_checkpoint(last_path, name, model, trainer_state)
+            distributed.barrier(ctx)  # the others read these files only after rank 0 has written them
 
     if best_path.exists():
         model.load_state_dict(read_checkpoint(best_path)["state_dict"])
@@ -345,11 +382,15 @@ def predict(
     batch_size: int = 16384,
     *,
     device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Logits for every row of a split, with the row's label, request_id, label_level, stage, teacher_logit."""
+    """Logits for every row of a split (of its shard ``rank`` of ``world_size``), with the row's label, request_id,
+    label_level, stage, teacher_logit. An empty shard (more ranks than row groups) gives only empty logits."""
     model.eval()
-    out: dict[str, list[np.ndarray]] = {"logits": []}
-    for batch in make_loader(data_dir, split, batch_size, schema=model.schema):
+    out: dict[str, list[np.ndarray]] = {"logits": [np.zeros(0, np.float32)]}
+    loader = make_loader(data_dir, split, batch_size, schema=model.schema, rank=rank, world_size=world_size)
+    for batch in loader:
         out["logits"].append(model(batch.to(device)).float().cpu().numpy())
         for key in ("label", "request_id", "label_level", "stage", "teacher_logit"):
             value = getattr(batch, key)
@@ -383,6 +424,24 @@ def evaluate_predictions(pred: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def evaluate_split(
-    model: PreRanker, data_dir: str | Path, split: str, batch_size: int = 16384, *, device: torch.device | str = "cpu"
+    model: PreRanker,
+    data_dir: str | Path,
+    split: str,
+    batch_size: int = 16384,
+    *,
+    device: torch.device | str = "cpu",
+    ctx: distributed.Context = distributed.Context(),
 ) -> dict[str, float]:
-    return evaluate_predictions(predict(model, data_dir, split, batch_size, device=device))
+    """:func:`evaluate_predictions` on a split; with several ranks each scores its shard, rank 0 computes the
+    metrics on all the predictions and every rank returns them."""
+    pred = predict(model, data_dir, split, batch_size, device=device, rank=ctx.rank, world_size=ctx.world_size)
+    shards = distributed.gather_to_main(pred, ctx)
+    result = None
+    if shards is not None:
+        scored = [p for p in shards if len(p["logits"])] or shards[:1]
+        result = evaluate_predictions({k: np.concatenate([p[k] for p in scored]) for k in scored[0]})
+    return distributed.from_main(result, ctx)  # type: ignore[return-value]
+
+
+def quiet(_: str) -> None:
+    """The log of ranks other than 0."""
