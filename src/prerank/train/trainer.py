@@ -25,7 +25,7 @@ from prerank.data.batch import Batch
 from prerank.data.parquet import ParquetSplit, make_loader
 from prerank.evaluate import metrics
 from prerank.evaluate.listwise import listwise_metrics
-from prerank.io import CheckpointError
+from prerank.io import CheckpointError, atomic_write_text
 from prerank.losses.listwise import to_lists
 from prerank.losses.pointwise import PointwiseBCE
 from prerank.models.base import ConfigError, PreRanker
@@ -211,8 +211,6 @@ def train_model(
         torch.set_rng_state(t["rng"]["torch"])
         np.random.seed(t["rng"]["numpy_seed"])
         log(f"resuming {name} from {last_path} at epoch {start_epoch + 1}")
-    elif not resume:
-        log_path.unlink(missing_ok=True)
 
     assert config.epochs is not None and config.batch_size is not None
 
@@ -258,8 +256,8 @@ def train_model(
                 **{f"valid_{k}": v for k, v in valid.items()},
             }
             history.append(record)
-            with log_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            # rewritten whole from the history: a failed run leaves the earlier run's log, a resumed one no duplicates
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
             current = valid[config.metric]
             if _better(config.metric, current, best, config.min_delta):
                 best, bad_epochs = current, 0
