@@ -27,16 +27,15 @@ from prerank.train.checkpoint import save_checkpoint
 from .cases import FAST, Workspace
 
 
-def write_tiny(root: Path, schema: Schema | None = None) -> Path:
-    """The tiny dataset of ``tests/conftest.py`` (512 / 128 / 128 rows, row groups of 100); the catalogue lists
+def write_tiny(root: Path, schema: Schema | None = None, rows: tuple[int, int, int] = (512, 128, 128)) -> Path:
+    """The tiny dataset of ``tests/conftest.py`` (train / valid / test rows, row groups of 100); the catalogue lists
     items 1..35 of the 40 ids, so 36..39 are valid ids that no item cache holds."""
     schema = schema or tiny_schema()
     items = tiny_table(35, 9, schema).select([f.name for f in schema.tower("item")])
     items = items.set_column(items.column_names.index("item_id"), "item_id", pa.array(np.arange(1, 36), pa.int64()))
     splits = {
-        "train": tiny_table(512, 1, schema),
-        "valid": tiny_table(128, 2, schema),
-        "test": tiny_table(128, 3, schema),
+        name: tiny_table(n, seed, schema)
+        for seed, (name, n) in enumerate(zip(("train", "valid", "test"), rows, strict=True), 1)
     }
     write_dataset(root, schema, splits, items=items, row_group_size=100)
     return root
