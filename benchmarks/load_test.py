@@ -188,7 +188,8 @@ def main() -> None:
     for n_workers in workers if args.artifact is not None else [None]:
         meta = run_server(args, rates, bodies, n_workers, results)
     if args.out is not None:
-        record = {"url": args.url, "candidates": args.candidates, "model": meta["model"], "threads": meta["threads"]}
+        record = {"url": args.url, "artifact": str(args.artifact) if args.artifact else None}
+        record |= {"candidates": args.candidates, "model": meta["model"], "threads": meta["threads"]}
         record["runtime"] = meta.get("runtime")
         atomic_write_text(args.out, json.dumps({**record, "results": results}, indent=2))
 

@@ -27,7 +27,8 @@ Service cases are requests to a running service (token `secret`, 50 candidates a
 each refusal the service must still answer a valid request with 200.
 
 The fault-injection tests (`tests/robustness/test_faults.py`: SIGKILL during `train`, `teacher score` and `export`)
-and the service's shutdown and auth tests (`tests/serve/test_service.py`) are described in
+and the service process tests (`tests/robustness/test_service.py`: readiness, the token, `--workers`, graceful
+SIGTERM) are described in
 [the README's reliability section](../README.md#reliability).
 """
 
