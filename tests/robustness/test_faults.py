@@ -37,8 +37,9 @@ pytestmark = pytest.mark.slow
 
 CLI = "from prerank.cli import main; main()"
 EPOCHS = 8
-TRAIN = ["--model", "two_tower", "--epochs", str(EPOCHS), "--batch-size", "64", "--lr", "0.003", "--patience"]
-TRAIN += [str(EPOCHS), "--threads", "1", "--seed", "7", "--no-progress"]
+#: Two-Tower with dropout, so that resuming must restore the torch RNG as well as the data order.
+TRAIN = ["--model", "two_tower", "--model-option", "dropout=0.2", "--epochs", str(EPOCHS), "--batch-size", "64"]
+TRAIN += ["--lr", "0.003", "--patience", str(EPOCHS), "--threads", "1", "--seed", "7", "--no-progress"]
 
 
 def prerank(*args: str) -> subprocess.Popen:
@@ -101,7 +102,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_training_killed_three_times_resumes_to_the_uninterrupted_weights(data: Path, tmp_path: Path) -> None:
     ref_dir = tmp_path / "reference"
     cfg = TrainConfig(epochs=EPOCHS, batch_size=64, lr=0.003, patience=EPOCHS, threads=1, seed=7, progress=False)
-    ref = train_model("two_tower", data, ref_dir, config=cfg, log=lambda _: None)
+    ref = train_model("two_tower", data, ref_dir, {"dropout": 0.2}, config=cfg, log=lambda _: None)
     assert ref.epochs == EPOCHS
     epoch_seconds = ref.train_seconds / EPOCHS
 
