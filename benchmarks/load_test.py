@@ -7,10 +7,12 @@ server (or this client) fell behind counts against it (no coordinated omission).
 and cross features from the dataset's rows and ``--candidates`` ids from its item catalogue.
 
 Either starts the server itself from ``--artifact`` (a subprocess on 127.0.0.1 and a free port,
-stopped at the end; ``--runtime`` picks what runs the graphs, as for `prerank serve`) or targets ``--url``, which
-must be a loopback address.
+stopped at the end; ``--runtime`` picks what runs the graphs and ``--workers`` how many worker processes serve, as for
+`prerank serve`; a comma list of worker counts runs every rate once per count, each on a fresh server) or targets
+``--url``, which must be a loopback address.
 
     python benchmarks/load_test.py --artifact ART --data DATA --rates 50,100,200 --duration 10 [--runtime native]
+    python benchmarks/load_test.py --artifact ART --data DATA --rates 100 --workers 1,2 --out load.json
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --data DATA --out load.json
 """
 
@@ -47,12 +49,13 @@ def free_port() -> int:
 
 
 def start_server(
-    artifact: Path, port: int, threads: int, max_candidates: int, log: Path, runtime: str = "onnx"
+    artifact: Path, port: int, threads: int, max_candidates: int, log: Path, runtime: str = "onnx", workers: int = 1
 ) -> subprocess.Popen:
-    """`prerank serve ARTIFACT --runtime RUNTIME` on 127.0.0.1:port in a subprocess; returns once /health answers."""
+    """`prerank serve ARTIFACT --runtime RUNTIME --workers WORKERS` on 127.0.0.1:port in a subprocess; returns once
+    /ready answers."""
     cmd = [sys.executable, "-c", SERVER, "serve", str(artifact), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--threads", str(threads), "--max-candidates", str(max_candidates), "--log-level", "warning"]
-    cmd += ["--runtime", runtime]
+    cmd += ["--runtime", runtime, "--workers", str(workers)]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -60,19 +63,22 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with status {proc.returncode}:\n{log.read_text()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
                 return proc
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     proc.terminate()
-    raise RuntimeError("the server did not answer /health within 120 s")
+    raise RuntimeError("the server did not answer /ready within 120 s")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    """User + system CPU seconds a process and its live descendants (the workers) have used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        total += sum(cpu_seconds(int(c)) for c in children.read_text().split())
+    return total
 
 
 def payloads(data: Path, n_candidates: int, n_requests: int, seed: int) -> list[bytes]:
@@ -151,7 +157,10 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="Seconds per rate.")
     p.add_argument("--max-requests", type=int, default=0, help="Cap on requests per rate (0: rate x duration).")
     p.add_argument("--candidates", type=int, default=1000, help="Candidates per request.")
-    p.add_argument("--threads", type=int, default=1, help="Server runtime threads (with --artifact).")
+    p.add_argument("--threads", type=int, default=1, help="Server runtime threads per worker (with --artifact).")
+    p.add_argument(
+        "--workers", default="1", help="Comma list of server worker-process counts (with --artifact), e.g. 1,2."
+    )
     p.add_argument(
         "--runtime",
         default="onnx",
@@ -170,7 +179,26 @@ def main() -> None:
         if not is_loopback(host):
             p.error(f"--url must point at a loopback address (127.0.0.1, ::1, localhost), not {host!r}")
 
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if not workers or min(workers) < 1:
+        p.error("--workers must list integers >= 1")
     bodies = payloads(args.data, args.candidates, 64, args.seed)
+    results: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {}
+    for n_workers in workers if args.artifact is not None else [None]:
+        meta = run_server(args, rates, bodies, n_workers, results)
+    if args.out is not None:
+        record = {"url": args.url, "artifact": str(args.artifact) if args.artifact else None}
+        record |= {"candidates": args.candidates, "model": meta["model"], "threads": meta["threads"]}
+        record["runtime"] = meta.get("runtime")
+        atomic_write_text(args.out, json.dumps({**record, "results": results}, indent=2))
+
+
+def run_server(
+    args: argparse.Namespace, rates: list[float], bodies: list[bytes], workers: int | None, results: list
+) -> dict[str, Any]:
+    """Every rate against one server (started here with ``workers`` processes unless ``--url``); appends a record per
+    rate to ``results`` and returns the server's metadata."""
     proc, url = None, args.url
     fd, name = tempfile.mkstemp(prefix="prerank-load-test-", suffix=".log")
     os.close(fd)
@@ -178,23 +206,24 @@ def main() -> None:
     try:
         if args.artifact is not None:
             port = free_port()
-            proc = start_server(args.artifact, port, args.threads, max(args.candidates, 10_000), log, args.runtime)
+            max_candidates = max(args.candidates, 10_000)
+            proc = start_server(args.artifact, port, args.threads, max_candidates, log, args.runtime, workers or 1)
             url = f"http://127.0.0.1:{port}"
         meta = httpx.get(f"{url}/metadata", timeout=10).json()
         print(
             f"server: {meta['model']} on {meta.get('runtime')} ({meta['num_items']:,} items, {meta['threads']} "
-            f"threads) at {url}"
+            f"threads, {workers or '?'} worker processes) at {url}"
         )
         print(
             f"{'rate':>6} {'sent':>6} {'ok':>6} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
             f"{'srv CPU ms/req':>14}  errors"
         )
-        results = []
         for rate in rates:
             cpu0 = cpu_seconds(proc.pid) if proc is not None else None
             r = asyncio.run(run_rate(url, bodies, rate, args.duration, args.max_requests, args.timeout))
+            r["workers"] = workers
             if cpu0 is not None and r["ok"]:
-                # the server's own CPU per answered request: what the service costs, whatever else runs here
+                # the server's own CPU (all its processes) per answered request: what the service costs
                 r["server_cpu_ms_per_request"] = (cpu_seconds(proc.pid) - cpu0) / r["ok"] * 1e3
             results.append(r)
             print(
@@ -205,12 +234,9 @@ def main() -> None:
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         log.unlink()
-    if args.out is not None:
-        record = {"url": url, "candidates": args.candidates, "model": meta["model"], "threads": meta["threads"]}
-        record["runtime"] = meta.get("runtime")
-        atomic_write_text(args.out, json.dumps({**record, "results": results}, indent=2))
+    return meta
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,5 +65,13 @@ def safe_torch_load(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message advises loading with weights_only=False: wrong advice for a file that would run code
+        found = re.search(r"WeightsUnpickler error: (.*?\.)(?:\s|$)", str(e), re.S)
+        detail = " ".join(found.group(1).split()) if found else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a prerank checkpoint: it holds Python objects other than tensors and "
+            f"plain data, refused without running them ({detail})"
+        ) from e
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or not a prerank checkpoint: {e}") from e

@@ -205,6 +205,8 @@ class Schema:
         path = Path(path)
         if path.is_dir():
             path = path / "schema.json"
+        elif path.is_file() and path.suffix != ".json":
+            raise SchemaError(f"{path} is a file, not a dataset directory (schema.json, train/, valid/, test/)")
         if not path.exists():
             raise SchemaError(f"no schema.json at {path}")
         try:

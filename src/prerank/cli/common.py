@@ -23,8 +23,9 @@ from prerank.train.config import RunConfig, TrainConfig, load_run_config, train_
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Errors a user can cause; the CLI prints them as one clear line and exits with status 2.
-USER_ERRORS = (SchemaError, DataError, ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError)
+#: Errors a user can cause; the CLI prints them as one clear line and exits with status 2. OSError covers paths
+#: that cannot be read or written (a folder that is a file, no permission, a full disk, a port in use).
+USER_ERRORS = (SchemaError, DataError, ConfigError, CheckpointError, OSError, ValueError, KeyError)
 
 
 def friendly_errors(fn: F) -> F:

@@ -85,27 +85,52 @@ def serve_cmd(
     log_level: str = typer.Option(
         "info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."
     ),
+    workers: int = typer.Option(
+        1, "--workers", min=1, help="Worker processes (each loads the artifact and scores one request at a time)."
+    ),
+    token: str = typer.Option(
+        None,
+        "--token",
+        envvar="PRERANK_TOKEN",
+        show_default=False,
+        help="Bearer token every request but /health and /ready must carry (401 otherwise); required to bind an "
+        "address beyond loopback. Prefer the environment variable: a flag shows in the process list.",
+    ),
 ) -> None:
-    """Serve an artifact over HTTP: POST /score, GET /health, GET /metadata."""
+    """Serve an artifact over HTTP: POST /score, GET /health, GET /ready, GET /metadata. SIGTERM finishes the
+    requests in flight, then exits."""
+    import json
+    import os
+
     import uvicorn
 
-    from prerank.serve.app import create_app, is_loopback
+    from prerank.serve.app import SERVE_OPTIONS_ENV, TOKEN_ENV, create_app, is_loopback
     from prerank.serve.scorer import Scorer
 
     if unknown_items not in ("fail", "skip"):
         raise typer.BadParameter("--unknown-items must be 'fail' or 'skip'")
-    scorer = Scorer.load(
-        artifact,
-        runtime=runtime,
-        threads=threads,
-        unknown_items=unknown_items,  # type: ignore[arg-type]
-        max_candidates=max_candidates,
-    )
-    if not is_loopback(host):
-        console.print(f"[yellow]warning:[/yellow] binding {host}, reachable from other machines", highlight=False)
-    uvicorn.run(
-        create_app(scorer, max_body_bytes=max_body_bytes), host=host, port=port, log_level=log_level, access_log=False
-    )
+    if not is_loopback(host) and not token:
+        raise ValueError(
+            f"binding {host} makes the service reachable from other machines: give it a bearer token with --token "
+            f"or the {TOKEN_ENV} environment variable (or bind 127.0.0.1)"
+        )
+    options = {
+        "artifact": str(artifact),
+        "runtime": runtime,
+        "threads": threads,
+        "unknown_items": unknown_items,
+        "max_candidates": max_candidates,
+    }
+    scorer = Scorer.load(**options)  # type: ignore[arg-type]  (also checks the artifact before workers start)
+    serve = {"host": host, "port": port, "log_level": log_level, "access_log": False}
+    if workers == 1:
+        uvicorn.run(create_app(scorer, max_body_bytes=max_body_bytes, token=token or None), **serve)
+        return
+    del scorer
+    os.environ[SERVE_OPTIONS_ENV] = json.dumps({**options, "max_body_bytes": max_body_bytes})
+    if token:
+        os.environ[TOKEN_ENV] = token
+    uvicorn.run("prerank.serve.app:app_from_env", factory=True, workers=workers, **serve)
 
 
 @app.command("bench")

@@ -8,6 +8,7 @@ column of every row of every split, which the cascade builder and the distillati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from prerank.cli.common import (
     print_json,
     train_flags,
 )
-from prerank.data.parquet import ParquetSplit, read_meta, table_to_batch
+from prerank.data.parquet import ParquetSplit, read_meta, read_row_group, table_to_batch
 from prerank.io import atomic_path, atomic_write_text
 from prerank.models.base import PreRanker
 from prerank.schema import Schema, SchemaError
@@ -199,9 +200,10 @@ def add_teacher_logits(
     logits were written otherwise, e.g. out of fold); returns rows per split scored.
 
     Each Parquet part is rewritten row group by row group (memory bounded by one row group) into a
-    temporary file that replaces the part only when complete. An existing ``teacher_logit`` column
-    is replaced. ``schema.json`` gets ``has_teacher_logit=True`` once every part is done, so an
-    interrupted run leaves the schema unchanged; running the command again completes it.
+    temporary file next to it; only when every part of every split is written do the temporary files replace the
+    parts, so bad data anywhere (found while scoring) leaves every file as it was. An existing ``teacher_logit``
+    column is replaced. ``schema.json`` gets ``has_teacher_logit=True`` once every part is in place, so a run
+    killed while the parts are being renamed leaves the schema unchanged; running the command again completes it.
     """
     data_dir = Path(data_dir)
     schema = Schema.load(data_dir)
@@ -213,11 +215,13 @@ def add_teacher_logits(
         ParquetSplit(data_dir, split, schema)  # validate every split before rewriting any file
     model.eval()
     rows: dict[str, int] = {}
-    for split in [s for s in splits if s not in skip]:
-        rows[split] = sum(
-            _score_file(model, path, schema, batch_size) for path in sorted((data_dir / split).glob("*.parquet"))
-        )
-        log(f"teacher_logit written for {rows[split]:,} rows of {split}")
+    with contextlib.ExitStack() as commit:  # on a clean exit every temporary part replaces its part
+        for split in [s for s in splits if s not in skip]:
+            parts = sorted((data_dir / split).glob("*.parquet"))
+            rows[split] = sum(
+                _score_file(model, p, commit.enter_context(atomic_path(p)), schema, batch_size) for p in parts
+            )
+            log(f"teacher_logit scored for {rows[split]:,} rows of {split}")
     schema.with_reserved(has_teacher_logit=True).save(data_dir / "schema.json")
     return rows
 
@@ -237,14 +241,15 @@ def check_teacher_schema(teacher: Schema, data: Schema, where: str) -> None:
 
 
 @torch.no_grad()
-def _score_file(model: PreRanker, path: Path, schema: Schema, batch_size: int) -> int:
+def _score_file(model: PreRanker, path: Path, tmp: Path, schema: Schema, batch_size: int) -> int:
+    """Write ``path`` with ``model``'s logits as its ``teacher_logit`` column to ``tmp``; returns the rows."""
     source = pq.ParquetFile(path)
     fields = [f for f in source.schema_arrow if f.name != "teacher_logit"]
     out_schema = pa.schema([*fields, pa.field("teacher_logit", pa.float32())])
     n = 0
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, out_schema) as writer:
+    with pq.ParquetWriter(tmp, out_schema) as writer:
         for i in range(source.num_row_groups):
-            table = source.read_row_group(i)
+            table = read_row_group(path, i)
             batch = table_to_batch(table, schema, where=f"{path} (row group {i})")
             chunks = [model(batch.select(slice(s, s + batch_size))) for s in range(0, table.num_rows, batch_size)]
             logits = torch.cat(chunks).float().numpy() if chunks else np.zeros(0, np.float32)

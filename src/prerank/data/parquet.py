@@ -200,11 +200,20 @@ class ParquetSplit:
                     raise SchemaError(f"{path}: reserved column {r!r} must be numeric, got {t}")
 
     def read_table(self, group: RowGroup) -> pa.Table:
-        return pq.ParquetFile(group.path).read_row_group(group.index, columns=self.columns)
+        return read_row_group(group.path, group.index, self.columns)
 
     def to_batch(self, table: pa.Table, where: str = "") -> Batch:
         """Convert an Arrow table to a :class:`Batch`, validating every column."""
         return table_to_batch(table, self.schema, where=where)
+
+
+def read_row_group(path: Path, index: int, columns: list[str] | None = None) -> pa.Table:
+    """Row group ``index`` of ``path``; a :class:`DataError` naming the file and row group if it cannot be decoded
+    (garbage in a data page, a file truncated after its footer was read)."""
+    try:
+        return pq.ParquetFile(path).read_row_group(index, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path} (row group {index}) is corrupt: {' '.join(str(e).split())}") from e
 
 
 def _padded_sequence(col: pa.ChunkedArray | pa.Array, max_len: int) -> np.ndarray:

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prerank.data.batch import Batch
-from prerank.data.parquet import DataError, ParquetSplit, RowGroup
+from prerank.data.parquet import DataError, ParquetSplit, RowGroup, read_row_group
 from prerank.schema import STAGES, Schema
 
 #: RankTower Table 2: full-stage sampling and its ablations, as the stages each keeps.
@@ -154,7 +154,7 @@ class RequestStream(IterableDataset):
         """First and last request id of every row group, and the number of requests in the split."""
         first, last, runs = [], [], 0
         for g in self.split.row_groups:
-            rid = pq.ParquetFile(g.path).read_row_group(g.index, columns=["request_id"]).column(0).to_numpy()
+            rid = read_row_group(g.path, g.index, ["request_id"]).column(0).to_numpy()
             first.append(rid[0])
             last.append(rid[-1])
             runs += 1 + int(np.count_nonzero(rid[1:] != rid[:-1]))

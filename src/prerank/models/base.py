@@ -14,7 +14,10 @@ Models return logits; sigmoid/softmax live in losses and metrics.
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +103,41 @@ def config_from_dict(cls: type, values: dict) -> object:
     if unknown:
         raise ConfigError(f"{cls.__name__} has no options {sorted(unknown)} (known: {sorted(names)})")
     coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    hints = typing.get_type_hints(cls)
+    for key, value in coerced.items():
+        if not _fits(value, hints[key]):
+            raise ConfigError(f"{cls.__name__} option {key} must be {_describe(hints[key])}, got {value!r}")
     return cls(**coerced)
+
+
+def _fits(value: object, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (the kinds config dataclasses use: scalars, Literal,
+    ``X | None`` and homogeneous tuples); ints are accepted for floats."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    return "null" if hint is type(None) else str(getattr(hint, "__name__", hint))
 
 
 def broadcast_rows(a: Tensor, n: int) -> Tensor:

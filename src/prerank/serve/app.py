@@ -3,8 +3,15 @@
 Endpoints:
     ``POST /score``    ``{"user": {...}, "candidates": [ids], "k": 10, "cross": {name: [values]}}``
                        -> ``{"ids": [...], "scores": [...], "skipped": [...]}`` (scores are logits)
-    ``GET /health``    ``{"status": "ok"}``
+    ``GET /health``    ``{"status": "ok"}``: liveness (the process answers)
+    ``GET /ready``     ``{"status": "ready", ...}``: readiness; the app exists only once its artifact is loaded,
+                       every file checked against the manifest's sha256, and a warm-up request scored
     ``GET /metadata``  model name, weights sha256, cache size, limits and the schema
+
+With a bearer token (``create_app(..., token=...)``, ``prerank serve --token`` or ``PRERANK_TOKEN``) every endpoint
+but ``/health`` and ``/ready`` answers 401 to a request without ``Authorization: Bearer <token>``; ``prerank serve``
+requires one to bind beyond loopback. On SIGTERM uvicorn stops accepting connections and finishes the requests in
+flight before it exits.
 
 Errors are JSON ``{"detail": [{"field": "user.age", "message": "..."}]}``: 422 for a malformed request
 (structure checked by pydantic, values by the scorer), 413 for a body over ``max_body_bytes`` or more
@@ -16,7 +23,10 @@ run more processes to use more cores.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import ipaddress
+import json
+import os
 import socket
 import threading
 import time
@@ -111,14 +121,41 @@ class BodyLimit:
         await _error(413, [{"field": "body", "message": BodyTooLarge(self.max_bytes).detail}])(scope, receive, send)
 
 
-def create_app(scorer: Scorer, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI application serving ``scorer``."""
+class BearerToken:
+    """ASGI middleware answering 401 to a request without ``Authorization: Bearer <token>`` (compared in constant
+    time), except on the probes ``/health`` and ``/ready``. Outermost, so an unauthenticated body is never read."""
+
+    OPEN = frozenset({"/health", "/ready"})
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "missing or wrong bearer token (send 'Authorization: Bearer <token>')"
+                response = _error(401, [{"field": "authorization", "message": message}])
+                response.headers["www-authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(scorer: Scorer, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, token: str | None = None) -> FastAPI:
+    """The FastAPI application serving ``scorer``; with ``token``, requests must carry it as a bearer token."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if token is not None and not token.strip():
+        raise ValueError("the bearer token must not be empty")
     app = FastAPI(title="prerank", summary="Pre-ranking scorer", version=str(scorer.manifest.get("prerank_version")))
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if token is not None:
+        app.add_middleware(BearerToken, token=token)  # added last: runs first
     lock = threading.Lock()
-    metadata = {**scorer.metadata(), "max_body_bytes": max_body_bytes}
+    metadata = {**scorer.metadata(), "max_body_bytes": max_body_bytes, "auth": "bearer" if token else None}
+    ready = {"status": "ready", **{k: metadata[k] for k in ("model", "runtime", "weights_sha256", "num_items")}}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -143,6 +180,10 @@ def create_app(scorer: Scorer, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/ready")
+    def get_ready() -> dict[str, Any]:
+        return ready
 
     @app.get("/metadata")
     def get_metadata() -> dict[str, Any]:
@@ -173,6 +214,26 @@ def create_app(scorer: Scorer, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
         return await run_in_threadpool(run, body)
 
     return app
+
+
+#: How ``prerank serve --workers N`` hands its options (JSON) to the worker processes; the token goes in PRERANK_TOKEN.
+SERVE_OPTIONS_ENV = "PRERANK_SERVE_OPTIONS"
+TOKEN_ENV = "PRERANK_TOKEN"
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process of ``prerank serve --workers N`` (a uvicorn factory: each worker loads and
+    verifies the artifact itself). Options: ``artifact``, ``runtime``, ``threads``, ``unknown_items``,
+    ``max_candidates`` and ``max_body_bytes`` as JSON in :data:`SERVE_OPTIONS_ENV`; the token in :data:`TOKEN_ENV`."""
+    opts = json.loads(os.environ[SERVE_OPTIONS_ENV])
+    scorer = Scorer.load(
+        opts["artifact"],
+        runtime=opts["runtime"],
+        threads=opts["threads"],
+        unknown_items=opts["unknown_items"],
+        max_candidates=opts["max_candidates"],
+    )
+    return create_app(scorer, max_body_bytes=opts["max_body_bytes"], token=os.environ.get(TOKEN_ENV) or None)
 
 
 def is_loopback(host: str) -> bool:

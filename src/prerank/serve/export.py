@@ -49,7 +49,7 @@ from torch import Tensor
 
 import prerank
 from prerank.data.batch import Batch
-from prerank.data.parquet import BatchStream, ParquetSplit
+from prerank.data.parquet import BatchStream, ParquetSplit, read_row_group
 from prerank.io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
 from prerank.models.base import PreRanker, State, gather_rows
 from prerank.schema import Schema
@@ -175,7 +175,8 @@ def build_item_cache(
     ``(shape, dtype)`` of each (a state key, or None for the id -> row map): in memory by default, memory maps on disk
     in :func:`export`. ``cache_dtype`` (a key of :data:`CACHE_DTYPES`) is how float32 states are stored:
     ``"bfloat16"`` rounds them to nearest even (the arrays then hold int16 bits, the returned cache bfloat16 views).
-    Raises ``ValueError`` for an unknown ``cache_dtype``, a catalogue without ``id_feature``, with id 0 or an id twice.
+    Raises ``ValueError`` for an unknown ``cache_dtype``, a catalogue without ``id_feature``, with id 0 or an id twice
+    (:func:`check_catalogue`).
     """
     _check_cache_dtype(cache_dtype)
     if isinstance(encoder, PreRanker):
@@ -191,7 +192,7 @@ def build_item_cache(
     def encode(batch: Batch) -> State:
         return dict(zip(sig.item_state, encoder.item([batch.features[n] for n in sig.item_features]), strict=True))
 
-    split = ParquetSplit(data_dir, "items", schema)
+    split = check_catalogue(data_dir, schema, id_feature)
     m = split.num_rows
     unknown = encode(unknown_item(schema))
     rounded = {k for k, t in unknown.items() if halve and t.dtype == torch.float32}
@@ -215,14 +216,7 @@ def build_item_cache(
     start = 1
     for batch in BatchStream(split, chunk_rows, shuffle=False, buffer_rows=chunk_rows):
         ids = batch.features[id_feature].numpy()
-        if (ids == 0).any():
-            raise ValueError(f"items.parquet has {id_feature} 0, which is reserved for unknown items")
-        rows = np.arange(start, start + len(ids))
-        uniq, counts = np.unique(ids, return_counts=True)
-        dup = np.concatenate([ids[row_of_id[ids] != 0], uniq[counts > 1]])
-        if dup.size:
-            raise ValueError(f"items.parquet lists {id_feature} {int(dup[0])} more than once")
-        row_of_id[ids] = rows
+        row_of_id[ids] = np.arange(start, start + len(ids))
         for key, t in encode(batch).items():
             if key not in arrays or tuple(t.shape[1:]) != arrays[key].shape[1:]:
                 raise ValueError(f"item state {key!r} changed keys or shape between batches")
@@ -233,6 +227,28 @@ def build_item_cache(
         states={k: _as_state(torch.from_numpy(np.asarray(v)), k in rounded) for k, v in arrays.items()},
         id_feature=id_feature,
     )
+
+
+def check_catalogue(data_dir: str | Path, schema: Schema, id_feature: str = ID_FEATURE) -> ParquetSplit:
+    """The catalogue ``data_dir/items.parquet`` checked before anything is encoded: every item feature present with
+    a fitting type, and ``id_feature`` ids in the vocabulary, never 0 (reserved for unknown items) and each listed
+    once. Reads only the id column, row group by row group (memory: one byte per id of the vocabulary).
+    Raises ``ValueError`` (:class:`~prerank.data.parquet.DataError` / :class:`~prerank.schema.SchemaError`)."""
+    split = ParquetSplit(data_dir, "items", schema)
+    vocab = schema.vocab(id_feature)
+    seen = np.zeros(vocab, dtype=bool)
+    for g in split.row_groups:
+        ids = read_row_group(g.path, g.index, [id_feature]).column(0).to_numpy()
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"items.parquet has {id_feature} ids outside its vocabulary [0, {vocab})")
+        if (ids == 0).any():
+            raise ValueError(f"items.parquet has {id_feature} 0, which is reserved for unknown items")
+        uniq, counts = np.unique(ids, return_counts=True)
+        dup = np.concatenate([uniq[seen[uniq]], uniq[counts > 1]])
+        if dup.size:
+            raise ValueError(f"items.parquet lists {id_feature} {int(dup[0])} more than once")
+        seen[uniq] = True
+    return split
 
 
 def _as_state(t: Tensor, bfloat16: bool) -> Tensor:
@@ -317,6 +333,7 @@ def export_model(
     data_schema = Schema.load(data_dir)
     if data_schema.features != model.schema.features:
         raise ValueError(_schema_diff(model.schema, data_schema, f"model {name}", f"data {data_dir}"))
+    check_catalogue(data_dir, model.schema)  # before the graphs, which take a while to export
     model.eval()
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     digest = weights_sha256(state_dict)

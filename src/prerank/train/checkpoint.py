@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prerank.io import CheckpointError, atomic_torch_save, safe_torch_load
-from prerank.models.base import PreRanker
+from prerank.models.base import ConfigError, PreRanker
 from prerank.models.registry import MODELS, build_model
 from prerank.schema import Schema
 
@@ -47,7 +47,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_payload(ckpt: dict[str, Any], source: str = "checkpoint") -> tuple[str, PreRanker]:
     schema = Schema.from_dict(ckpt["schema"])
     name = ckpt["model_name"]
-    model = build_model(name, schema, ckpt["model_config"])
+    try:
+        model = build_model(name, schema, ckpt["model_config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: model {name!r} cannot be built from its stored config: {e}") from e
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -27,7 +27,7 @@ from prerank.data.batch import Batch
 from prerank.data.parquet import ParquetSplit, make_loader
 from prerank.evaluate import metrics
 from prerank.evaluate.listwise import listwise_metrics
-from prerank.io import CheckpointError
+from prerank.io import CheckpointError, atomic_write_text
 from prerank.losses.listwise import to_lists
 from prerank.losses.pointwise import PointwiseBCE
 from prerank.models.base import ConfigError, PreRanker
@@ -240,8 +240,6 @@ def train_model(
         torch.set_rng_state(t["rng"]["torch"])
         np.random.seed(t["rng"]["numpy_seed"])
         log(f"resuming {name} from {last_path} at epoch {start_epoch + 1}")
-    elif not resume and ctx.main:
-        log_path.unlink(missing_ok=True)
     if ctx.enabled:  # same initial weights everywhere (DDP broadcasts rank 0's), but each rank its own dropout
         torch.manual_seed(config.seed + 1_000_003 * ctx.rank + start_epoch)
     step = distributed.wrap(TrainingStep(model, loss_fn), ctx)
@@ -296,9 +294,10 @@ def train_model(
                 **{f"valid_{k}": v for k, v in valid.items()},
             }
             history.append(record)
-            if ctx.main:
-                with log_path.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+            if (
+                ctx.main
+            ):  # rewritten from the history: a failed run keeps the earlier log, a resumed one has no duplicates
+                atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
             current = valid[config.metric]
             if _better(config.metric, current, best, config.min_delta):
                 best, bad_epochs = current, 0
