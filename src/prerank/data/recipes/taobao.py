@@ -69,6 +69,7 @@ from prerank.data.recipes.common import (
     SplitStats,
     Vocab,
     balanced_folds,
+    check_feature_set,
     count_before,
     fscd_cost,
     history,
@@ -207,10 +208,14 @@ def prepare_taobao(
     seed: int,
     *,
     config: TaobaoConfig | None = None,
+    features: str = "default",
     progress: Progress = no_progress,
 ) -> Path:
-    """Prepare Taobao UserBehavior from ``raw`` into the dataset folder ``out``; returns ``out``."""
+    """Prepare Taobao UserBehavior from ``raw`` into the dataset folder ``out``; returns ``out``.
+
+    ``features="wide"`` adds the fields of :mod:`.taobao_wide`."""
     cfg = config or TaobaoConfig()
+    check_feature_set(features)
     if protocol not in PROTOCOLS:
         raise RecipeError(f"recipe 'taobao-user-behavior' has no protocol {protocol!r}; choose one of {PROTOCOLS}")
     if cfg.valid_days < 1 or cfg.test_days < 1 or cfg.valid_days + cfg.test_days >= N_DAYS:
