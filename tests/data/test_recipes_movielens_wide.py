@@ -105,9 +105,7 @@ def test_no_field_reads_its_own_rows_label(tmp_path: Path, ratings) -> None:
         if not train.column(f.name).equals(train2.column(f.name)):
             moved.append(f.name)
     # the flip reaches other rows through out-of-fold, past-only and co-occurrence statistics
-    assert {"user_mean_rating", "item_past_rate", "user_genre_past_rate", "hist_cooc", "hist_neg_item_id"} <= set(
-        moved
-    )
+    assert {"user_mean_rating", "item_past_rate", "user_genre_past_rate", "hist_cooc", "hist_neg_item_id"} <= set(moved)
 
 
 def test_test_labels_are_never_used_by_the_wide_set(tmp_path: Path, ratings) -> None:

@@ -72,9 +72,9 @@ def test_no_field_reads_its_own_rows_label(tmp_path: Path, events: list[tuple]) 
     target = next(i for i, r in enumerate(a) if r["label"] == 1 and 2 <= r["request_id"] % 100 <= 4)
     row = a[target]
     user, day = row["request_id"] // 100, row["request_id"] % 100
-    raw_item = dict(
-        zip(*(ds.dataset(tmp_path / "a" / "items.parquet").to_table().column(c).to_pylist() for c in ("item_id", "raw_item_id")), strict=True)
-    )[row["item_id"]]  # fmt: skip
+    items = ds.dataset(tmp_path / "a" / "items.parquet").to_table()
+    raw_item = dict(zip(items.column("item_id").to_pylist(), items.column("raw_item_id").to_pylist(), strict=True))
+    raw_item = raw_item[row["item_id"]]
     muted = [
         (u, i, c, "pv" if (u, i, (t - DAY0) // DAY) == (user, raw_item, day) else b, t) for u, i, c, b, t in events
     ]

@@ -193,7 +193,7 @@ def build_schema(vocab: dict[str, int], hist_len: int, wide: list[FeatureSpec] |
     )  # fmt: skip
     wide = wide or []
     order = ("user", "context", "item", "cross")
-    features = tuple(f for t in order for f in (*[f for f in features if f.tower == t], *[w for w in wide if w.tower == t]))
+    features = tuple(f for t in order for f in (*features, *wide) if f.tower == t)  # default fields first per tower
     return Schema(
         features=features,
         has_label_level=True,
