@@ -37,7 +37,7 @@ from prerank.io import atomic_write_text
 from prerank.schema import Schema
 
 METHODS = ("fscd", "dropout_fr", "dfs")
-LABELS = {"fscd": "FSCD", "dropout_fr": "Dropout-FR", "dfs": "DFS"}
+LABELS = {"fscd": "FSCD", "dropout_fr": "Dropout-FR", "dfs": "DFS", "all": "all fields"}
 COST_TYPES = ("I", "II", "III", "IV")
 PRERANKER = "fscd_preranker"
 
