@@ -69,9 +69,9 @@ def select_cmd(args: argparse.Namespace, method: str, seed: int, out: Path) -> l
     return cmd
 
 
-def finetune_cmd(args: argparse.Namespace, selection: Path, k: int, out: Path) -> list[str]:
+def finetune_cmd(args: argparse.Namespace, selection: Path, k: int, out: Path, seed: int) -> list[str]:
     cmd = prerank() + ["select-finetune", "--selection", str(selection), "--k", str(k), "--data", str(args.data)]
-    cmd += ["--out", str(out), "--epochs", str(args.finetune_epochs), "--threads", "1", "--seed", "0"]
+    cmd += ["--out", str(out), "--epochs", str(args.finetune_epochs), "--threads", "1", "--seed", str(seed)]
     return cmd + ["--no-progress"]
 
 
@@ -135,14 +135,35 @@ def _relative(value: float, base: float) -> str:
     return f"{value:.2f}({100 * (value / base - 1):+.1f}%)"
 
 
-def table3(rows: list[dict]) -> str:
+MEASURES = ("auc", "latency_p50_ms", "cpu_ms_per_request", "n_cross")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std over fine-tune seeds per (method, K), in first-seen order."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["k"]), []).append(r)
+    out = []
+    for (method, k), rs in groups.items():
+        agg = {"method": method, "k": k, "k_label": rs[0]["k_label"], "seeds": len(rs)}
+        for key in MEASURES:
+            values = [float(r[key]) for r in rs]
+            agg[key] = statistics.fmean(values)
+            agg[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def table3(agg: list[dict]) -> str:
     lines = [
-        "| K | method | test AUC | latency p50 (ms) | CPU per request (ms) | FSCD vs Dropout-FR |",
-        "|---|---|---:|---:|---:|---|",
+        "| K | method | seeds | cross fields | test AUC | latency p50 (ms) | CPU per request (ms) "
+        "| FSCD vs Dropout-FR |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     by_k: dict[str, dict[str, dict]] = {}
-    for r in rows:
+    for r in agg:
         by_k.setdefault(r["k_label"], {})[r["method"]] = r
+    pm = lambda r, key, f: f"{r[key]:{f}}" + (f" ± {r[key + '_std']:{f}}" if r["seeds"] > 1 else "")  # noqa: E731
     for k, methods in by_k.items():
         base = methods.get("dropout_fr")
         for m, r in methods.items():
@@ -151,8 +172,11 @@ def table3(rows: list[dict]) -> str:
                 diff = f"{r['auc']:.4f}({r['auc'] - base['auc']:+.4f}) " + " ".join(
                     _relative(r[key], base[key]) for key in ("latency_p50_ms", "cpu_ms_per_request")
                 )
-            cells = f"{r['auc']:.4f} | {r['latency_p50_ms']:.2f} | {r['cpu_ms_per_request']:.2f}"
-            lines.append(f"| {k} | {LABELS.get(m, m)} | {cells} | {diff} |")
+            cells = " | ".join(
+                [pm(r, "n_cross", ".1f"), pm(r, "auc", ".4f"), pm(r, "latency_p50_ms", ".2f")]
+                + [pm(r, "cpu_ms_per_request", ".2f")]
+            )
+            lines.append(f"| {k} | {LABELS.get(m, m)} | {r['seeds']} | {cells} | {diff} |")
     return "\n".join(lines)
 
 
@@ -192,6 +216,9 @@ def main() -> None:
     p.add_argument("--select-batch-size", type=int, default=512, help="Small batches: more steps for the gates.")
     p.add_argument("--select-lr", type=float, default=2e-3)
     p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument(
+        "--finetune-seeds", default="0", help="Fine-tune seed s starts from selection seed s (each in --seeds)."
+    )
     p.add_argument("--prior-scale", type=float, default=1e-2, help="FSCD's prior weight per step (see selection.fscd).")
     p.add_argument("--reg", type=float, default=1e-2, help="Dropout-FR's lambda (the same weight, uniform prior).")
     p.add_argument("--candidates", type=int, default=1000)
@@ -203,7 +230,8 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    n_fields = len(Schema.load(args.data).names)
+    schema = Schema.load(args.data)
+    n_fields = len(schema.names)
     ks = [n_fields if k == "all" else int(k) for k in args.ks.split(",")]
     commands: list[str] = []
 
@@ -221,20 +249,24 @@ def main() -> None:
     }
     t2, t2_stats = table2(selections)
 
+    ft_seeds = [int(s) for s in args.finetune_seeds.split(",")]
+    if not set(ft_seeds) <= set(seeds):
+        p.error(f"--finetune-seeds {ft_seeds} must be among --seeds {seeds}")
     jobs, runs = [], []
-    for k in ks:
-        for method in METHODS if k < n_fields else ("all",):
-            sel = out / "select" / f"{'fscd' if method == 'all' else method}-s{seeds[0]}"
-            d = out / "finetune" / f"{method}-k{k}"
-            runs.append((method, k, d))
-            if not (d / "test.json").exists():
-                d.mkdir(parents=True, exist_ok=True)
-                jobs.append((finetune_cmd(args, sel, k, d), d.parent / f"{d.name}.log"))
+    for seed in ft_seeds:
+        for k in ks:
+            for method in METHODS if k < n_fields else ("all",):
+                sel = out / "select" / f"{'fscd' if method == 'all' else method}-s{seed}"
+                d = out / "finetune" / (f"{method}-k{k}" + (f"-s{seed}" if seed else ""))
+                runs.append((method, k, d, seed))
+                if not (d / "test.json").exists():
+                    d.mkdir(parents=True, exist_ok=True)
+                    jobs.append((finetune_cmd(args, sel, k, d, seed), d.parent / f"{d.name}.log"))
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda j: run(*j, commands), jobs))
 
     rows = []
-    for method, k, d in runs:
+    for method, k, d, seed in runs:
         summary = json.loads((d / "test.json").read_text())
         lat = measure(args, d)
         rows.append(
@@ -242,7 +274,9 @@ def main() -> None:
                 "method": method,
                 "k": k,
                 "k_label": "all" if k == n_fields else str(k),
+                "seed": seed,
                 "features": summary["features"],
+                "n_cross": sum(schema[f].tower == "cross" for f in summary["features"]),
                 "auc": summary["test"]["auc"],
                 "gauc": summary["test"].get("gauc"),
                 "epochs": summary["epochs"],
@@ -251,13 +285,17 @@ def main() -> None:
             }
         )
         print(f"{method} K={k}: AUC {rows[-1]['auc']:.4f} p50 {lat['latency_p50_ms']:.2f} ms", flush=True)
-    t3 = table3(rows)
+    agg = aggregate(rows)
+    t3 = table3(agg)
     png = args.plot or out / "auc_latency.png"
-    plot(rows, png, f"{Schema.load(args.data).name}: pre-ranker on the top K fields of each selector")
+    plot(agg, png, f"{Schema.load(args.data).name}: pre-ranker on the top K fields of each selector")
     atomic_write_text(out / "tables.md", f"### Table 2 analog\n\n{t2}\n\n### Table 3 analog\n\n{t3}\n")
     atomic_write_text(
         out / "results.json",
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "table2": t2_stats, "table3": rows}, indent=2),
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "table2": t2_stats, "table3": agg, "runs": rows},
+            indent=2,
+        ),
     )
     with (out / "commands.txt").open("a") as fh:
         fh.writelines(c + "\n" for c in commands)
