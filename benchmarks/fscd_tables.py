@@ -51,7 +51,7 @@ def run(cmd: list[str], log: Path, commands: list[str]) -> None:
         code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if code:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}); see {log}")
-    print(f"{time.perf_counter() - t0:7.0f} s  {' '.join(cmd[1:5])} ... -> {log.parent.name}", flush=True)
+    print(f"{time.perf_counter() - t0:7.0f} s  {cmd[3]} -> {log}", flush=True)
 
 
 def prerank() -> list[str]:
