@@ -202,3 +202,16 @@ def test_cli_bench_writes_the_report(targets: list[BenchTarget], data_dir: Path,
 def test_cli_bench_rejects_bad_options(data_dir: Path, extra: list[str], message: str) -> None:
     r = CliRunner().invoke(app, ["bench", "--data", str(data_dir), *extra])
     assert r.exit_code != 0 and message in " ".join(r.output.split()), r.output
+
+
+def test_served_latency_reports_cpu_per_request_at_a_fixed_rate(data_dir: Path, tmp_path: Path) -> None:
+    from prerank.bench.efficiency import served_latency
+
+    torch.manual_seed(0)
+    model = build_model("cold", Schema.load(data_dir))
+    got = served_latency("cold", model, data_dir, tmp_path / "art", candidates=20, requests=10, warmup=1, rate=50.0)
+    assert got["latency_p50_ms"] > 0 and got["latency_candidates"] == 20
+    assert 0 < got["cpu_ms_per_request"] < 1e3 and got["cpu_rate"] == 50.0
+    assert 0 < got["cpu_rate_achieved"] <= 10 / (9 / 50.0)  # request i is never sent before t0 + i / rate
+    plain = served_latency("cold", model, data_dir, tmp_path / "art2", candidates=20, requests=4, warmup=1)
+    assert "cpu_ms_per_request" not in plain

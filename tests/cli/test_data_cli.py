@@ -86,3 +86,21 @@ def test_synth_wraps_the_generator(tmp_path: Path) -> None:
     assert sum(ParquetSplit(out, s).num_rows for s in ("train", "valid", "test")) == 300
     res = runner.invoke(app, ["data", "synth", "--rows", "10", "--out", str(out), "--option", "n_planets=3"])
     assert res.exit_code == 2 and "n_planets" in " ".join(res.output.split())
+
+
+def test_prepare_features_option(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "users.dat").write_text("".join(f"{u}::{'MF'[u % 2]}::25::{u % 3}::4800{u}\n" for u in range(1, 9)))
+    (raw / "movies.dat").write_text("".join(f"{m}::Movie {m} (1990)::Drama|Comedy\n" for m in range(1, 11)))
+    pairs = [(u, m) for u in range(1, 9) for m in range(1, 11)]
+    ratings = [f"{u}::{m}::{1 + (u * m) % 5}::{900_000_000 + 60 * (10 * u + m)}" for u, m in pairs]
+    (raw / "ratings.dat").write_text("\n".join(ratings) + "\n")
+    base = ["data", "prepare", "ml-1m", "--raw", str(raw), "--no-progress"]
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "w"), "--protocol", "temporal", "--features", "wide"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "w" / "meta.json").read_text())["features"] == "wide"
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "p"), "--features", "wide"])  # protocol paper
+    assert res.exit_code == 2 and "temporal" in res.output
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "x"), "--features", "huge"])
+    assert res.exit_code == 2 and "feature set" in res.output

@@ -63,8 +63,11 @@ def test_select_baselines(method: str, wide: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "selection.json").read_text())["method"] == method
 
 
-def test_select_finetune_trains_the_preranker_on_top_k(selection: Path, wide: Path, tmp_path: Path) -> None:
-    args = ["select-finetune", "--selection", str(selection), "--k", "3", "--data", str(wide), "--out", str(tmp_path)]
+@pytest.mark.parametrize("command", [["select", "finetune"], ["select-finetune"]])  # the spelling, the old one
+def test_select_finetune_trains_the_preranker_on_top_k(
+    command: list[str], selection: Path, wide: Path, tmp_path: Path
+) -> None:
+    args = [*command, "--selection", str(selection), "--k", "3", "--data", str(wide), "--out", str(tmp_path)]
     res = runner.invoke(app, [*args, "--hidden", "16,8", "--epochs", "1", "--batch-size", "256", "--no-progress"])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "test.json").read_text())
@@ -120,3 +123,8 @@ def test_select_finetune_errors(wide: Path, selection: Path, tmp_path: Path) -> 
     assert res.exit_code == 2 and "not_a_field" in res.output
     res = runner.invoke(app, [*base, "--selection", str(tmp_path / "missing.json"), "--k", "2"])
     assert res.exit_code == 2 and "no selection file" in res.output
+
+
+def test_select_without_data_or_out_is_a_clear_error(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["select", "--method", "fscd", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "needs --data and --out" in res.output

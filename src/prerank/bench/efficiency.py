@@ -539,12 +539,18 @@ def served_latency(
     warmup: int = 5,
     runtime: str = "onnx",
     seed: int = 0,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """Export a trained ``model`` (registered as ``name``) to ``artifact`` with ONNX graphs only and time the served
     request on it: :meth:`Scorer.logits` (user graph, item-cache gather, score graph) for one user and ``candidates``
     items drawn from the catalogue, on ``runtime`` with ``threads`` threads, ``requests`` timed requests after
     ``warmup`` untimed ones (request parsing and validation excluded, as the ``onnx`` column of ``prerank bench``).
-    Returns p50 / p99 ms and the item cache's bytes per item. Restores torch's thread count."""
+    Returns p50 / p99 ms and the item cache's bytes per item. Restores torch's thread count.
+
+    ``rate`` (requests per second) also sends ``requests`` requests on a fixed schedule (request ``i`` at
+    ``t0 + i / rate``, in this thread, so at most one in flight) and reports the process CPU time per request
+    (``cpu_ms_per_request``, :func:`time.process_time` around each call): the cost of serving at that rate,
+    which unlike latency does not fall when more threads share the work."""
     before = torch.get_num_threads()
     try:
         export_model(name, model, data_dir, artifact, formats=("onnx",), source={"latency": str(data_dir)})  # type: ignore[arg-type]
@@ -557,9 +563,10 @@ def served_latency(
             for s in samples
         ]
         times = time_calls(lambda x: scorer.logits(*x), prepared, requests, warmup)
+        paced = _paced_cpu(lambda x: scorer.logits(*x), prepared, requests, rate) if rate else {}
     finally:
         torch.set_num_threads(before)
-    return {
+    return paced | {
         "latency_p50_ms": float(np.percentile(times, 50)),
         "latency_p99_ms": float(np.percentile(times, 99)),
         "latency_candidates": candidates,
@@ -568,4 +575,24 @@ def served_latency(
         "latency_requests": requests,
         "item_cache_bytes_per_item": float(state_bytes_per_row(cache.states)),
         "artifact": str(artifact),
+    }
+
+
+def _paced_cpu(fn: Callable[[Any], object], inputs: list[Any], requests: int, rate: float) -> dict[str, float]:
+    """Call ``fn`` ``requests`` times at ``rate`` per second; process CPU ms per call and the rate achieved."""
+    cpu = np.empty(requests)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(requests):
+            wait = t0 + i / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            c0 = time.process_time()
+            fn(inputs[i % len(inputs)])
+            cpu[i] = time.process_time() - c0
+    elapsed = time.perf_counter() - t0
+    return {
+        "cpu_ms_per_request": float(cpu.mean() * 1e3),
+        "cpu_rate": rate,
+        "cpu_rate_achieved": requests / elapsed if elapsed > 0 else float("nan"),
     }

@@ -76,6 +76,12 @@ def prepare_cmd(
         "'temporal' (per-user time split, behaviour history). Taobao: 'temporal' (by day; the only one).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of random splits and out-of-fold assignment."),
+    features: str = typer.Option(
+        "default",
+        "--features",
+        help="Feature set of a recipe: 'default', or 'wide' (40+ fields of all four FSCD cost types, for "
+        "`prerank select`; MovieLens needs --protocol temporal).",
+    ),
     progress: bool = ProgressOpt,
     interactions: Path = typer.Option(None, "--interactions", help="table: interaction log (.csv/.tsv/.parquet)."),
     users: Path = typer.Option(None, "--users", help="table: one row per user; its columns become user features."),
@@ -105,6 +111,8 @@ def prepare_cmd(
     --item-col I --label-col L --out D` infers features from column types and also writes report.json.
     """
     if name == "table":
+        if features != "default":
+            raise ValueError("--features applies to the recipes, not to 'prepare table'")
         _prepare_table(
             out, seed, progress, interactions=interactions, users=users, items=items, user_col=user_col,
             item_col=item_col, label_col=label_col, implicit=implicit, time_col=time_col, split=split,
@@ -114,7 +122,7 @@ def prepare_cmd(
     if raw is None:
         raise ValueError(f"recipe {name!r} needs --raw (the folder or archive of its raw files)")
     with _bar(progress) as bar:
-        path = prepare(name, raw, out, protocol, seed, progress=bar)
+        path = prepare(name, raw, out, protocol, seed, features=features, progress=bar)
     meta = json.loads((path / "meta.json").read_text())
     rows = ", ".join(f"{k} {v:,}" for k, v in meta["rows"].items())
     console.print(f"[green]wrote[/] {path}: {rows} rows in {meta['prepare_seconds']} s")

@@ -1,5 +1,5 @@
-"""``prerank select``: rank feature fields (FSCD, Dropout-FR, DFS); ``prerank select-finetune``: train the
-pre-ranker on the top K (FSCD Algorithm 1, steps 3-4)."""
+"""``prerank select``: rank feature fields (FSCD, Dropout-FR, DFS); ``prerank select finetune`` (also spelled
+``prerank select-finetune``): train the pre-ranker on the top K (FSCD Algorithm 1, steps 3-4)."""
 
 from __future__ import annotations
 
@@ -41,12 +41,21 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
-@app.command("select")
+#: ``prerank select [OPTIONS]`` runs a selection; ``prerank select finetune [OPTIONS]`` (the issue's spelling)
+#: fine-tunes on its top K, as ``prerank select-finetune`` does.
+select_app = typer.Typer(invoke_without_command=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(select_app, name="select")
+
+
+@select_app.callback()
 @friendly_errors
 def select_cmd(
+    ctx: typer.Context,
     method: str = typer.Option("fscd", "--method", help="fscd | dropout_fr | dfs."),
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset directory (schema.json with cost types + train)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for selection.json and selection.pt."),
+    data: Path = typer.Option(
+        None, "--data", "-d", help="Dataset directory (schema.json with cost types + train). Required."
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="Folder for selection.json and selection.pt. Required."),
     k: int = typer.Option(10, "--k", help="How many fields to select (the top K by importance)."),
     epochs: int = typer.Option(1, "--epochs", help="Epochs of the selection run."),
     batch_size: int = typer.Option(2048, "--batch-size", help="Rows per batch."),
@@ -65,7 +74,13 @@ def select_cmd(
     max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps (smoke tests)."),
     progress: bool = ProgressOpt,
 ) -> None:
-    """Train the gated network over every field and write one entry per field to OUT/selection.json."""
+    """Train the gated network over every field and write one entry per field to OUT/selection.json.
+
+    `prerank select finetune ...` then trains the pre-ranker on the top K fields (see its --help)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if data is None or out is None:
+        raise ConfigError("prerank select needs --data and --out (or a subcommand: finetune)")
     from prerank.schema import Schema
     from prerank.selection import SELECTORS
     from prerank.selection.fscd import require_cost_types
@@ -146,6 +161,7 @@ def top_fields(report: dict, k: int, schema_names: list[str]) -> tuple[str, ...]
     return tuple(f["name"] for f in sorted(fields, key=lambda f: f["rank"])[:k])
 
 
+@select_app.command("finetune")
 @app.command("select-finetune")
 @friendly_errors
 def select_finetune_cmd(

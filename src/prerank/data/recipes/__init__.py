@@ -13,6 +13,9 @@ ml-100k                paper, temporal        u.data/u.user/u.item, ml-100k.zip,
                                               ml-100k.inter[.gz]/.user/.item
 taobao-user-behavior   temporal               UserBehavior*.csv[.gz]
 =====================  =====================  ====================================================
+
+Feature sets: ``default`` (each recipe's documented columns) and ``wide`` (40+ fields of all four FSCD
+cost types for feature selection: :mod:`.movielens_wide`, temporal protocol only; :mod:`.taobao_wide`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from prerank.data.recipes.common import Progress, RecipeError, no_progress
+from prerank.data.recipes.common import FEATURE_SETS, Progress, RecipeError, check_feature_set, no_progress
 from prerank.data.recipes.movielens import PROTOCOLS as MOVIELENS_PROTOCOLS
 from prerank.data.recipes.movielens import prepare_movielens
 from prerank.data.recipes.taobao import PROTOCOLS as TAOBAO_PROTOCOLS
@@ -52,20 +55,23 @@ def prepare(
     protocol: str | None = None,
     seed: int = 0,
     *,
+    features: str = "default",
     progress: Progress = no_progress,
 ) -> Path:
     """Run recipe ``name`` on the raw files at ``raw`` and write the dataset to ``out``.
 
-    ``protocol=None`` picks the recipe's first protocol. Raises :class:`RecipeError` for an
-    unknown name or protocol and for missing or malformed raw files.
+    ``protocol=None`` picks the recipe's first protocol; ``features`` is ``default`` or ``wide`` (40+ fields of
+    all four FSCD cost types, for feature selection). Raises :class:`RecipeError` for an unknown name,
+    protocol or feature set and for missing or malformed raw files.
     """
+    check_feature_set(features)
     recipe = RECIPES.get(name)
     if recipe is None:
         raise RecipeError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     protocol = protocol or recipe.protocols[0]
     if protocol not in recipe.protocols:
         raise RecipeError(f"recipe {name!r} has no protocol {protocol!r}; choose one of {recipe.protocols}")
-    return recipe.run(Path(raw), Path(out), protocol, seed, progress=progress)
+    return recipe.run(Path(raw), Path(out), protocol, seed, features=features, progress=progress)
 
 
-__all__ = ["RECIPES", "Progress", "Recipe", "RecipeError", "prepare"]
+__all__ = ["FEATURE_SETS", "RECIPES", "Progress", "Recipe", "RecipeError", "prepare"]

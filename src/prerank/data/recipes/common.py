@@ -334,3 +334,87 @@ def staging_dir(out: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+# ------------------------------------------------------------------------- wide feature sets (FSCD, issue 22)
+
+#: Feature sets a recipe can build: ``default`` (the documented columns) or ``wide`` (40+ fields of all four
+#: FSCD cost types, for feature selection).
+FEATURE_SETS: tuple[str, ...] = ("default", "wide")
+
+
+def check_feature_set(features: str) -> None:
+    if features not in FEATURE_SETS:
+        raise RecipeError(f"unknown feature set {features!r}; choose one of {FEATURE_SETS}")
+
+
+def fold_prior(label: np.ndarray, fold: np.ndarray, n_folds: int) -> tuple[np.ndarray, float]:
+    """Mean training label without each training row's fold (``[n_train]``), and over all training rows.
+
+    The prior of a smoothed rate: a training row's prior excludes its own fold, so even the prior does not
+    depend on the row's own label (as in :func:`target_mean`); eval rows use the whole training mean.
+    """
+    label = np.asarray(label, dtype=np.float64)
+    y_f = np.bincount(fold, weights=label, minlength=n_folds)
+    n_f = np.bincount(fold, minlength=n_folds).astype(np.float64)
+    prior_f = (y_f.sum() - y_f) / np.maximum(n_f.sum() - n_f, 1.0)
+    return prior_f[fold], float(y_f.sum() / max(n_f.sum(), 1.0))
+
+
+def smoothed_rate(positives: np.ndarray, count: np.ndarray, prior: np.ndarray | float, smoothing: float) -> np.ndarray:
+    """``(positives + m * prior) / (count + m)`` as float32 (the recipes' smoothed rate, ``m = smoothing``)."""
+    return ((positives + smoothing * np.asarray(prior)) / (count + smoothing)).astype(np.float32)
+
+
+def last_before(
+    query_group: np.ndarray, query_time: np.ndarray, event_group: np.ndarray, event_time: np.ndarray
+) -> np.ndarray:
+    """Per query: the time of its group's last event strictly before the query's time; -1 when there is none."""
+    if len(event_group) == 0:
+        return np.full(len(query_group), -1, dtype=np.int64)
+    order, start, end, _ = _time_keys(query_group, query_time, event_group, event_time)
+    times = np.asarray(event_time, dtype=np.int64)[order]
+    return np.where(end > start, times[np.maximum(end - 1, 0)], -1).astype(np.int64)
+
+
+def list_to_padded(values: pa.ListArray, width: int) -> np.ndarray:
+    """An Arrow ``list<int>`` (at most ``width`` per row) as a left-aligned, 0-padded ``[n, width]`` int64 matrix."""
+    offsets = np.asarray(values.offsets.to_numpy(), dtype=np.int64)
+    flat = np.asarray(values.values.to_numpy(), dtype=np.int64)
+    lengths = np.diff(offsets)
+    if len(lengths) and lengths.max() > width:
+        raise RecipeError(f"a list holds {lengths.max()} values, more than the width {width}")
+    out = np.zeros((len(lengths), width), dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    out[rows, np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)] = flat
+    return out
+
+
+def cooccurrence(user: np.ndarray, item: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item-item co-occurrence over users: ``C[a, b]`` = users who have both ``a`` and ``b``.
+
+    ``user``/``item`` are the (training) events counted, ``item`` in ``[0, n_items)``. Returns ``C``
+    ``[n_items, n_items]`` float32, the binary user x item matrix ``B`` and the sorted user ids its rows stand for,
+    so a caller can remove a user's own contribution ``B[u, a] B[u, b]`` (leave-own-user-out).
+    """
+    users, row = np.unique(user, return_inverse=True)
+    b = np.zeros((len(users), n_items), dtype=np.float32)
+    b[row.reshape(-1), item] = 1.0
+    return b.T @ b, b, users
+
+
+def history_cooccurrence(
+    c: np.ndarray, b: np.ndarray, b_users: np.ndarray, user: np.ndarray, hist: np.ndarray, target: np.ndarray
+) -> np.ndarray:
+    """Mean co-occurrence of the target with each history item, counting other users only: ``[n]`` float64.
+
+    ``mean_h (C[h, t] - B[u, h] B[u, t])`` over the non-zero ``h`` of ``hist`` ``[n, L]`` (0 when empty). Removing
+    the user's own contribution keeps a training row's label out of its own feature: whether ``u`` liked ``t`` is
+    exactly ``B[u, t]``.
+    """
+    pos = np.clip(np.searchsorted(b_users, user), 0, max(len(b_users) - 1, 0))
+    known = b_users[pos] == user if len(b_users) else np.zeros(len(user), dtype=bool)
+    own = np.where(known[:, None], b[pos[:, None], hist] * b[pos, target][:, None], 0.0)
+    mask = hist > 0
+    values = (c[hist, target[:, None]] - own) * mask
+    return values.sum(1) / np.maximum(mask.sum(1), 1)

@@ -77,6 +77,7 @@ from prerank.data.recipes.common import (
     SplitStats,
     Vocab,
     balanced_folds,
+    check_feature_set,
     fscd_cost,
     history,
     label_rate,
@@ -84,6 +85,7 @@ from prerank.data.recipes.common import (
     padded_to_list,
     staging_dir,
 )
+from prerank.data.recipes.movielens_wide import wide_features
 from prerank.data.recipes.rawfiles import Source, read_delimited
 from prerank.schema import FeatureSpec, Schema, Tower
 
@@ -368,8 +370,17 @@ def _cat(name: str, tower: Tower, vocab: int, description: str) -> FeatureSpec:
     )  # fmt: skip
 
 
-def build_schema(name: str, protocol: str, vocab: dict[str, int], genre_len: int, hist_len: int) -> Schema:
-    """The MovieLens schema; see the module docstring for every feature."""
+def build_schema(
+    name: str,
+    protocol: str,
+    vocab: dict[str, int],
+    genre_len: int,
+    hist_len: int,
+    wide: dict[str, list[FeatureSpec]] | None = None,
+) -> Schema:
+    """The MovieLens schema; see the module docstring for every feature (``wide``: extra fields per tower,
+    :mod:`.movielens_wide`)."""
+    wide = wide or {}
     user = [
         _cat("user_id", "user", vocab["user_id"], "user id, vocabulary fitted on training rows"),
         _cat("gender", "user", vocab["gender"], "gender M/F"),
@@ -432,11 +443,13 @@ def build_schema(name: str, protocol: str, vocab: dict[str, int], genre_len: int
             "(movie year - mean year of the user's training movies) / 10 in [-5, 5]; 0 if unknown",
         ),
     ]
+    features = user + wide.get("user", []) + wide.get("context", []) + item + wide.get("item", [])
     return Schema(
-        features=tuple(user + item + cross),
+        features=tuple(features + cross + wide.get("cross", [])),
         has_label_level=True,
-        name=f"{name}-{protocol}",
-        extra={"recipe": name, "protocol": protocol, "label": "rating > 3 (rating 3 dropped)"},
+        name=f"{name}-{protocol}" + ("-wide" if wide else ""),
+        extra={"recipe": name, "protocol": protocol, "label": "rating > 3 (rating 3 dropped)"}
+        | ({"features": "wide"} if wide else {}),
     )
 
 
@@ -497,6 +510,7 @@ class _Encoded:
     row_year: np.ndarray
     catalogue_genres: np.ndarray
     catalogue_year_bucket: np.ndarray
+    catalogue_year: np.ndarray
 
 
 def encode(data: RawMovieLens, rows: _Rows) -> _Encoded:
@@ -510,6 +524,7 @@ def encode(data: RawMovieLens, rows: _Rows) -> _Encoded:
         "age": data.age.astype(str),
         "occupation": data.occupation,
         "zip_prefix": data.zip_code.astype("<U2"),
+        "zip_region": data.zip_code.astype("<U1"),  # the wide feature set's coarser zip
     }
     attrs = {k: np.concatenate([v, missing])[u_at] for k, v in attrs.items()}
     vocabs = {"user_id": Vocab.fit(rows.user[tr]), "item_id": Vocab.fit(rows.item[tr])}
@@ -535,18 +550,24 @@ def encode(data: RawMovieLens, rows: _Rows) -> _Encoded:
         row_year=years[m_at],
         catalogue_genres=movie_genres[catalogue_at],
         catalogue_year_bucket=year_bucket[catalogue_at],
+        catalogue_year=years[catalogue_at],
     )
 
 
-def statistics(rows: _Rows, enc: _Encoded, cfg: MovieLensConfig, rng: np.random.Generator) -> dict[str, list]:
-    """Dense statistics and cross features per split (train, valid, test[, catalogue]); see the module docstring."""
+def split_stats(rows: _Rows, enc: _Encoded, cfg: MovieLensConfig, rng: np.random.Generator) -> SplitStats:
+    """The training split's statistics helper: out-of-fold folds over the training rows, the item catalogue."""
     parts = rows.parts
     # Rows are the fold unit in both protocols: paper test rows are random rows of training
     # sessions, and temporal test rows mostly share their day with training rows (MovieLens users
     # rate in long sign-up sessions); folding by (user, day) would hide whole users from themselves.
     folds = balanced_folds(len(parts[0]), cfg.n_folds, rng)
     catalogue = Entries.single(np.arange(1, enc.item_vocab.size))
-    stats = SplitStats(parts, rows.label[parts[0]], folds, cfg.n_folds, cfg.smoothing, catalogue)
+    return SplitStats(parts, rows.label[parts[0]], folds, cfg.n_folds, cfg.smoothing, catalogue)
+
+
+def statistics(rows: _Rows, enc: _Encoded, stats: SplitStats) -> dict[str, list]:
+    """Dense statistics and cross features per split (train, valid, test[, catalogue]); see the module docstring."""
+    parts = rows.parts
     c = enc.codes
     u_code, i_code, genres = c["user_id"], c["item_id"], c["genres"]
     n_genres = enc.vocab_sizes["genres"]
@@ -600,12 +621,18 @@ def prepare_movielens(
     seed: int,
     *,
     config: MovieLensConfig | None = None,
+    features: str = "default",
     progress: Progress = no_progress,
 ) -> Path:
-    """Prepare ``ml-1m`` or ``ml-100k`` from ``raw`` into the dataset folder ``out``; returns ``out``."""
+    """Prepare ``ml-1m`` or ``ml-100k`` from ``raw`` into the dataset folder ``out``; returns ``out``.
+
+    ``features="wide"`` adds the fields of :mod:`.movielens_wide` (``temporal`` protocol only)."""
     cfg = config or MovieLensConfig()
     if protocol not in PROTOCOLS:
         raise RecipeError(f"recipe {name!r} has no protocol {protocol!r}; choose one of {PROTOCOLS}")
+    check_feature_set(features)
+    if features == "wide" and protocol != "temporal":
+        raise RecipeError("the wide feature set needs --protocol temporal (its past-only features need timestamps)")
     t_start = time.perf_counter()
     steps = 5
     progress(f"reading {name} raw files", 0, steps)
@@ -615,13 +642,19 @@ def prepare_movielens(
     rows = select_rows(data, protocol, cfg, rng)
     enc = encode(data, rows)
     progress("statistics and cross features (out-of-fold for training rows)", 2, steps)
-    feats = statistics(rows, enc, cfg, rng)
+    stats = split_stats(rows, enc, cfg, rng)
+    feats = statistics(rows, enc, stats)
+    wide, catalogue_extra = None, {}
     if protocol == "temporal":
         progress("behaviour histories", 3, steps)
         feats["hist_item_id"] = histories(rows, enc.codes["item_id"], cfg.hist_len)
+    if features == "wide":
+        progress("wide feature set (past-only and out-of-fold statistics)", 3, steps)
+        wide, extra, catalogue_extra = wide_features(rows, enc, stats, cfg, feats["hist_item_id"])
+        feats |= extra
 
     progress("writing Parquet", 4, steps)
-    schema = build_schema(name, protocol, enc.vocab_sizes, enc.codes["genres"].shape[1], cfg.hist_len)
+    schema = build_schema(name, protocol, enc.vocab_sizes, enc.codes["genres"].shape[1], cfg.hist_len, wide)
     tables = {}
     for s, (split_name, p) in enumerate(zip(("train", "valid", "test"), rows.parts, strict=True)):
         cols: dict[str, pa.Array] = {
@@ -631,7 +664,7 @@ def prepare_movielens(
             "ts": pa.array(rows.ts[p], pa.int64(), mask=~rows.has_ts[p]),
         }
         for f in schema.features:
-            if f.name == "hist_item_id":
+            if f.kind == "sequence" and f.name in feats:
                 cols[f.name] = feats[f.name][s]
             elif f.kind == "dense":
                 cols[f.name] = pa.array(feats[f.name][s], pa.float32())
@@ -651,9 +684,13 @@ def prepare_movielens(
             "item_count": pa.array(feats["item_count"][3], pa.float32()),
         }
     )
+    for col, values in catalogue_extra.items():
+        dtype = pa.float32() if schema[col].kind == "dense" else pa.int64()
+        items = items.append_column(col, pa.array(values, dtype))
     meta = {
         "recipe": name,
         "protocol": protocol,
+        "features": features,
         "seed": seed,
         "config": asdict(cfg),
         "layout": data.layout,

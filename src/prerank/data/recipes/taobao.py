@@ -69,6 +69,7 @@ from prerank.data.recipes.common import (
     SplitStats,
     Vocab,
     balanced_folds,
+    check_feature_set,
     count_before,
     fscd_cost,
     history,
@@ -77,6 +78,7 @@ from prerank.data.recipes.common import (
     no_progress,
     staging_dir,
 )
+from prerank.data.recipes.taobao_wide import wide_features
 from prerank.schema import FeatureSpec, Schema, Tower
 
 PROTOCOLS: tuple[str, ...] = ("temporal",)
@@ -155,8 +157,9 @@ def aggregate(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return rows
 
 
-def build_schema(vocab: dict[str, int], hist_len: int) -> Schema:
-    """The Taobao schema; see the module docstring for every feature."""
+def build_schema(vocab: dict[str, int], hist_len: int, wide: list[FeatureSpec] | None = None) -> Schema:
+    """The Taobao schema; see the module docstring for every feature (``wide``: extra fields,
+    :mod:`.taobao_wide`, placed after the default fields of their tower)."""
 
     def cat(name: str, tower: Tower, description: str) -> FeatureSpec:
         cost = fscd_cost(tower, complex_=False)
@@ -188,15 +191,19 @@ def build_schema(vocab: dict[str, int], hist_len: int) -> Schema:
         dense("user_cat_pos_before", "cross", "as user_cat_before, counting fav/cart/buy rows only"),
         dense("user_item_before", "cross", "log-scaled number of earlier days the user saw the item"),
     )  # fmt: skip
+    wide = wide or []
+    order = ("user", "context", "item", "cross")
+    features = tuple(f for t in order for f in (*features, *wide) if f.tower == t)  # default fields first per tower
     return Schema(
         features=features,
         has_label_level=True,
-        name="taobao-user-behavior-temporal",
+        name="taobao-user-behavior-temporal" + ("-wide" if wide else ""),
         extra={
             "recipe": "taobao-user-behavior",
             "protocol": "temporal",
             "label": "any of fav/cart/buy; label_level buy 4 > cart 3 > fav 2 > pv 1",
-        },
+        }
+        | ({"features": "wide"} if wide else {}),
     )
 
 
@@ -207,10 +214,14 @@ def prepare_taobao(
     seed: int,
     *,
     config: TaobaoConfig | None = None,
+    features: str = "default",
     progress: Progress = no_progress,
 ) -> Path:
-    """Prepare Taobao UserBehavior from ``raw`` into the dataset folder ``out``; returns ``out``."""
+    """Prepare Taobao UserBehavior from ``raw`` into the dataset folder ``out``; returns ``out``.
+
+    ``features="wide"`` adds the fields of :mod:`.taobao_wide`."""
     cfg = config or TaobaoConfig()
+    check_feature_set(features)
     if protocol not in PROTOCOLS:
         raise RecipeError(f"recipe 'taobao-user-behavior' has no protocol {protocol!r}; choose one of {PROTOCOLS}")
     if cfg.valid_days < 1 or cfg.test_days < 1 or cfg.valid_days + cfg.test_days >= N_DAYS:
@@ -274,9 +285,22 @@ def prepare_taobao(
         reference = float(values[0].max(initial=0))  # scale fitted on training rows
         feats[name] = [log_scale(v, reference) for v in values]
 
-    progress("writing Parquet", 4, steps)
-    schema = build_schema({k: v.size for k, v in vocabs.items()}, cfg.hist_len)
     codes = {"user_id": u_code, "item_id": i_code, "category_id": c_code}
+    first_row = np.unique(i_code[tr], return_index=True)[1]  # rows sorted by user, day: an item's first train row
+    catalogue_category = c_code[tr][first_row]
+    wide, catalogue_extra = [], {}
+    if features == "wide":
+        progress("wide feature set (past-only and out-of-fold statistics)", 3, steps)
+        sizes = {k: v.size for k, v in vocabs.items()}
+        wide, extra, catalogue_extra = wide_features(
+            r, label, split, codes, sizes, stats, day_start, hist, cfg.hist_len, cfg.smoothing, catalogue_category
+        )
+        sequences = {f.name for f in wide if f.kind == "sequence"}
+        hist |= {k: v for k, v in extra.items() if k in sequences}
+        feats |= {k: v for k, v in extra.items() if k not in sequences}
+
+    progress("writing Parquet", 4, steps)
+    schema = build_schema({k: v.size for k, v in vocabs.items()}, cfg.hist_len, wide)
     tables = {}
     for s, split_name in enumerate(("train", "valid", "test")):
         p = parts[s]
@@ -295,19 +319,20 @@ def prepare_taobao(
                 cols[f.name] = pa.array(codes[f.name][p], pa.int64())
         order = np.lexsort((r["ts"][p], r["day"][p], r["user"][p]))
         tables[split_name] = pa.table(cols).take(pa.array(order))
-    first_row = np.unique(i_code[tr], return_index=True)[1]  # rows sorted by user, day: an item's first train row
     items = pa.table(
         {
             "item_id": pa.array(catalogue, pa.int64()),
             "raw_item_id": pa.array(vocabs["item_id"].values, pa.int64()),
-            "category_id": pa.array(c_code[tr][first_row], pa.int64()),
+            "category_id": pa.array(catalogue_category, pa.int64()),
             "item_mean_label": pa.array(feats["item_mean_label"][3], pa.float32()),
             "item_count": pa.array(feats["item_count"][3], pa.float32()),
         }
+        | {k: pa.array(v, pa.float32()) for k, v in catalogue_extra.items()}
     )
     meta = {
         "recipe": "taobao-user-behavior",
         "protocol": protocol,
+        "features": features,
         "seed": seed,
         "config": cfg.__dict__,
         "raw_files": [str(path)],

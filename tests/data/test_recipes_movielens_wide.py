@@ -1,0 +1,152 @@
+"""The wide MovieLens feature set (FSCD, issue 22): size, cost types, leak-freeness, every model on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+from test_recipes_movielens import _unique_ts, check_loadable, load_all, make_ratings, write_ml1m
+
+from conftest import SHARED_DATA
+from prerank.data.parquet import make_loader
+from prerank.data.recipes import RecipeError, prepare
+from prerank.models.registry import MODELS, build_model
+from prerank.schema import Schema
+
+PAST_ONLY_EMPTY = {  # value of each past-only field on a user's first training row
+    "user_past_count": 0.0,
+    "user_genre_past_count": 0.0,
+    "user_since_last": 1.0,
+    "hist_cooc": 0.0,
+    "hist_genre_sim": 0.0,
+}
+
+
+@pytest.fixture(scope="module")
+def ratings():
+    return _unique_ts(make_ratings(n_users=16, n_movies=30, per_user=25))
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory, ratings) -> Path:
+    tmp = tmp_path_factory.mktemp("wide")
+    return prepare("ml-1m", write_ml1m(tmp / "raw", ratings, n_users=16, n_movies=30), tmp / "out", "temporal",
+                   seed=3, features="wide")  # fmt: skip
+
+
+def test_wide_set_has_40_fields_of_every_cost_type(wide: Path) -> None:
+    schema = check_loadable(wide)
+    assert len(schema.features) >= 40
+    assert {f.cost_type for f in schema.features} == {"I", "II", "III", "IV"}
+    assert all(f.description for f in schema.features)
+    default = Schema.load(wide.parent / "default") if (wide.parent / "default").exists() else None
+    assert default is None or set(default.names) < set(schema.names)
+    items = ds.dataset(wide / "items.parquet").to_table()
+    assert {f.name for f in schema.tower("item")} <= set(items.column_names)  # the catalogue serves every item field
+    meta = json.loads((wide / "meta.json").read_text())
+    assert meta["features"] == "wide" and schema.name.endswith("-wide")
+
+
+def test_default_set_is_unchanged_by_the_option(tmp_path: Path, ratings) -> None:
+    raw = write_ml1m(tmp_path / "raw", ratings, n_users=16, n_movies=30)
+    a = prepare("ml-1m", raw, tmp_path / "a", "temporal", seed=3)
+    b = prepare("ml-1m", raw, tmp_path / "b", "temporal", seed=3, features="default")
+    assert len(Schema.load(a).features) == 17
+    for split in ("train", "valid", "test"):
+        assert ds.dataset(a / split).to_table().equals(ds.dataset(b / split).to_table())
+
+
+def test_wide_needs_temporal_and_a_known_set(tmp_path: Path, ratings) -> None:
+    raw = write_ml1m(tmp_path / "raw", ratings, n_users=16, n_movies=30)
+    with pytest.raises(RecipeError, match="temporal"):
+        prepare("ml-1m", raw, tmp_path / "a", "paper", features="wide")
+    with pytest.raises(RecipeError, match="feature set"):
+        prepare("ml-1m", raw, tmp_path / "b", "temporal", features="huge")
+
+
+def test_past_only_fields_are_empty_on_a_users_first_row(wide: Path) -> None:
+    train = ds.dataset(wide / "train").to_table()  # rows sorted by user, then time
+    users = np.asarray(train.column("request_id"))
+    first = np.r_[0, np.nonzero(np.diff(users))[0] + 1]
+    for name, value in PAST_ONLY_EMPTY.items():
+        np.testing.assert_array_equal(np.asarray(train.column(name))[first], value, err_msg=name)
+    for name in ("hist_item_id", "hist_neg_item_id", "hist_genres"):
+        assert all(len(train.column(name)[int(i)].as_py()) == 0 for i in first), name
+    later = np.setdiff1d(np.arange(train.num_rows), first)
+    assert (np.asarray(train.column("user_past_count"))[later] > 0).all()  # so the check above can fail
+
+
+def test_no_field_reads_its_own_rows_label(tmp_path: Path, ratings) -> None:
+    """Flip one training row's rating: none of its own fields may move, while other rows' fields do."""
+    base = prepare("ml-1m", write_ml1m(tmp_path / "a", ratings, n_users=16, n_movies=30), tmp_path / "da",
+                   "temporal", seed=3, features="wide")  # fmt: skip
+    train = ds.dataset(base / "train").to_table()
+    level = np.asarray(train.column("label_level"))
+    users = np.asarray(train.column("request_id"))
+    # a positive training row in the middle of its user's history: its fields are non-trivial, and later rows
+    # of the user see it in their past-only fields
+    before = np.array([(users[:i] == u).sum() for i, u in enumerate(users)])
+    after = np.array([(users[i + 1 :] == u).sum() for i, u in enumerate(users)])
+    target = int(np.nonzero((level >= 4) & (before >= 5) & (after >= 5))[0][0])
+    key = (train.column("request_id")[target].as_py(), train.column("ts")[target].as_py())
+    raw_row = next(i for i, k in enumerate(zip(ratings.user, ratings.ts, strict=True)) if k == key)
+    flipped = prepare("ml-1m", write_ml1m(tmp_path / "b", ratings.with_rating(raw_row, 1), n_users=16, n_movies=30),
+                      tmp_path / "db", "temporal", seed=3, features="wide")  # fmt: skip
+    train2 = ds.dataset(flipped / "train").to_table()
+    assert train2.column("label")[target].as_py() == 0.0
+    schema = Schema.load(base)
+    moved = []
+    for f in schema.features:
+        assert train.column(f.name)[target] == train2.column(f.name)[target], f.name
+        if not train.column(f.name).equals(train2.column(f.name)):
+            moved.append(f.name)
+    # the flip reaches other rows through out-of-fold, past-only and co-occurrence statistics
+    assert {"user_mean_rating", "item_past_rate", "user_genre_past_rate", "hist_cooc", "hist_neg_item_id"} <= set(moved)
+
+
+def test_test_labels_are_never_used_by_the_wide_set(tmp_path: Path, ratings) -> None:
+    raw_a = write_ml1m(tmp_path / "a", ratings, n_users=16, n_movies=30)
+    t = load_all(prepare("ml-1m", raw_a, tmp_path / "da", "temporal", seed=3, features="wide"))
+    test = t["test"]
+    lookup = {k: i for i, k in enumerate(zip(ratings.user, ratings.ts, strict=True))}
+    r2 = ratings
+    for i in range(test.num_rows):
+        r2 = r2.with_rating(lookup[(test.column("request_id")[i].as_py(), test.column("ts")[i].as_py())], 5)
+    raw_b = write_ml1m(tmp_path / "b", r2, n_users=16, n_movies=30)
+    flipped = load_all(prepare("ml-1m", raw_b, tmp_path / "db", "temporal", seed=3, features="wide"))
+    assert float(np.asarray(flipped["test"].column("label")).mean()) == 1.0
+    for split in ("train", "valid", "test"):
+        feats = [c for c in t[split].column_names if c not in ("label", "label_level")]
+        assert t[split].select(feats).equals(flipped[split].select(feats)), split
+
+
+def test_every_registered_model_trains_on_the_wide_set(wide: Path) -> None:
+    schema = Schema.load(wide)
+    batch = next(iter(make_loader(wide, "train", batch_size=32)))
+    for name in MODELS:
+        torch.manual_seed(0)
+        model = build_model(name, schema)
+        logits = model(batch)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
+        loss.backward()
+        assert logits.shape == (32,) and torch.isfinite(loss), name
+
+
+@pytest.mark.realdata
+def test_real_ml100k_wide(tmp_path: Path) -> None:
+    raw = SHARED_DATA / "ml-100k"
+    if not (raw / "ml-100k.inter.gz").exists():
+        pytest.skip(f"real ML-100K not found at {raw} (see ../shared/data/ml-100k/PROVENANCE.md)")
+    root = prepare("ml-100k", raw, tmp_path / "wide", "temporal", seed=0, features="wide")
+    schema = check_loadable(root, batch_size=8192)
+    assert len(schema.features) >= 40
+    assert {f.cost_type for f in schema.features} == {"I", "II", "III", "IV"}
+    t = load_all(root)
+    for f in schema.features:
+        if f.kind == "dense":
+            for split in ("train", "test"):
+                assert np.isfinite(np.asarray(t[split].column(f.name))).all(), (f.name, split)
