@@ -151,6 +151,11 @@ def barrier(ctx: Context) -> None:
 
 
 def teardown() -> None:
-    """Leave the process group (at the end of a ``torchrun`` process)."""
+    """Leave the process group (at the end of a ``torchrun`` process), once every rank has reached this point.
+
+    Without the barrier a rank that finishes first (the others still evaluating or writing) tears its connections
+    down while a peer may still use them, and the peer's communication thread can abort the process at exit.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
