@@ -17,7 +17,13 @@ def main() -> None:
     from prerank.cli import cascade, data, distill, select, serve, teacher, train  # noqa: F401  (registers commands)
     from prerank.train.distributed import teardown
 
+    # leave the process group of a torchrun process (nothing to do in a single process); wait for the others on success
     try:
         app()
-    finally:
-        teardown()  # leave the process group of a torchrun process (nothing to do in a single process)
+    except SystemExit as e:
+        teardown(wait=not e.code)
+        raise
+    except BaseException:
+        teardown(wait=False)
+        raise
+    teardown()

@@ -150,12 +150,15 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def teardown() -> None:
-    """Leave the process group (at the end of a ``torchrun`` process), once every rank has reached this point.
+def teardown(wait: bool = True) -> None:
+    """Leave the process group (at the end of a ``torchrun`` process).
 
-    Without the barrier a rank that finishes first (the others still evaluating or writing) tears its connections
-    down while a peer may still use them, and the peer's communication thread can abort the process at exit.
+    ``wait``: first wait until every rank gets here. A rank that finishes first (the others still evaluating or
+    writing) would otherwise tear its connections down while a peer may still use them, and the peer's
+    communication thread can abort that process at exit. A failing rank leaves without waiting, since its peers
+    may never arrive.
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
