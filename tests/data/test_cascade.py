@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -359,6 +361,52 @@ def test_default_cascade_agrees_with_the_log(tiny_dataset: Path, teacher: Path, 
         dropped += summary["splits"][split]["retrieved_above_impressions"]
         kept += int(np.isin(stage, [RANK, PRE]).sum())
     assert dropped > 0 and kept > 0  # the cut removed some items and kept others: the check is not vacuous
+
+
+def test_the_unknown_id_may_recur_and_ignores_taken() -> None:
+    """Cold items share the unknown id 0: drawing it twice in a request, or beside an unknown impression, is fine."""
+    catalogue = np.array([0, 1, 2, 3])
+    taken = np.array([0 * 100 + 0, 0 * 100 + 1])
+    req, item = _sample_random(0, np.array([5]), catalogue, taken, 6, 100, np.array([8.0, 1, 1, 0]))
+    assert len(item) == 6 and 1 not in item
+    assert (item == 0).sum() >= 3  # 80% of the weight; distinct known items would cap it at one
+
+
+def _with_unknown_impressions(root: Path, out: Path, share: float) -> Path:
+    """A copy of ``root`` whose valid and test items are the unknown id 0 with probability ``share``."""
+    shutil.copytree(root, out)
+    rng = np.random.default_rng(0)
+    for split in ("valid", "test"):
+        for path in sorted((out / split).glob("part-*.parquet")):
+            t = pq.read_table(path)
+            item = col(t, "item_id").copy()
+            item[rng.random(len(item)) < share] = 0
+            pq.write_table(t.set_column(t.column_names.index("item_id"), "item_id", pa.array(item)), path)
+    return out
+
+
+def test_cold_items_are_sampled_like_unknown_impressions(tiny_dataset: Path, teacher: Path, tmp_path: Path) -> None:
+    """unknown_items="sample": unexposed rows are the unknown id about as often as impressions are, and take the
+    item features of logged unknown-id rows; "skip" never draws it (the Taobao shortcut of issue 24)."""
+    data = _with_unknown_impressions(tiny_dataset, tmp_path / "cold", 0.6)
+    config = CascadeConfig(retrieve=8, rank_candidates=3, prerank_candidates=4, random=4)
+    shares = {}
+    for mode in ("sample", "skip"):
+        out = tmp_path / mode
+        summary = build_cascade(data, teacher, out, replace(config, unknown_items=mode))
+        t = read_split(out, "test")
+        stage, item = col(t, "stage"), col(t, "item_id")
+        shares[mode] = (item[stage == IMP] == 0).mean(), (item[stage == RND] == 0).mean()
+        assert summary["splits"]["test"]["unknown_item_rows"] == int(((stage != IMP) & (item == 0)).sum())
+        if mode == "sample":
+            logged = {_side(r, ITEM_SIDE) for r in read_split(data, "test").to_pylist() if r["item_id"] == 0}
+            cold = [_side(r, ITEM_SIDE) for r, s in zip(t.to_pylist(), stage, strict=True) if s != IMP]
+            cold = [c for c, i in zip(cold, item[stage != IMP], strict=True) if i == 0]
+            assert cold and set(cold) <= logged and len(set(cold)) > 1
+    assert shares["skip"][1] == 0
+    assert abs(shares["sample"][1] - shares["sample"][0]) < 0.1, shares
+    train = read_split(tmp_path / "sample", "train")  # the training split has no unknown impressions to follow
+    assert (col(train, "item_id")[col(train, "stage") != IMP] > 0).all()
 
 
 def test_request_uniforms_look_uniform() -> None:

@@ -159,3 +159,19 @@ def test_embedding_dropout_drops_field_vectors_in_training_only(schema: Schema, 
 def test_bad_switches(schema: Schema, bad: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         Ranker(schema, RankerConfig(hidden=(8,), **bad))
+
+
+def test_a_checkpoint_from_before_cross_layers_loads_without_them(schema: Schema, tmp_path) -> None:
+    """Its stored config has no ``cross_layers`` key; today's default (3) would not fit its weights."""
+    from dataclasses import asdict
+
+    from prerank.train.checkpoint import load_model, save_checkpoint
+
+    old = Ranker(schema, RankerConfig(hidden=(16,), cross_layers=0))
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, "ranker", old)
+    ckpt = torch.load(path, weights_only=True)
+    legacy = {k: v for k, v in asdict(old.config).items() if k not in ("cross_layers", "cross_rank", "wide")}
+    torch.save({**ckpt, "model_config": legacy}, path)
+    _, model, _ = load_model(path)
+    assert model.config.cross_layers == 0 and model.config.hidden == (16,)

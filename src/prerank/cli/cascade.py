@@ -47,6 +47,12 @@ def build(
         help="'matched': random items and retrieval fill-in drawn by the split's impressions, so popularity cannot"
         " tell the stages apart; 'paper': random items uniform over items.parquet, fill-in the top training items.",
     ),
+    unknown_items: str = typer.Option(
+        "sample",
+        "--unknown-items",
+        help="'sample': with matched popularity, the unknown item id (items first seen after training) is drawn like"
+        " the split's unknown impressions, so 'unknown' does not mark impressions; 'skip': candidates are known items.",
+    ),
     rank_cut: str = typer.Option(
         "below_impressions",
         "--rank-cut",
@@ -100,6 +106,7 @@ def build(
         random=random,
         popularity=popularity,  # type: ignore[arg-type]
         rank_cut=rank_cut,  # type: ignore[arg-type]
+        unknown_items=unknown_items,  # type: ignore[arg-type]
         item_field=item_field,
         seed_from=seed_from,  # type: ignore[arg-type]
         history_field=history_field,

@@ -159,7 +159,8 @@ def compare(
         None,
         "--grid",
         help="Tune every model on the same grid first (valid split, first seed), e.g. --grid lr=1e-3,3e-3"
-        " --grid weight_decay=0,1e-5 (repeatable; training options); the table prints each model's choice.",
+        " --grid weight_decay=0,1e-5 (repeatable; training options, or loss options as loss.NAME, e.g."
+        " --grid loss.distillation_weight=0.5,1,2); the table prints each model's choice.",
     ),
     loss: str = LossOpt,
     loss_option: list[str] = LossOptOpt,

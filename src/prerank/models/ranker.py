@@ -26,6 +26,7 @@ config and chosen on the valid split:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,10 @@ class RankerConfig:
     wide: bool = False
     target_attention: bool = True
     embedding_dropout: float = 0.0
+
+    #: Values of options added after a release, for checkpoints that predate them (their stored config lacks the
+    #: key, and today's default would change the model): rankers saved before cross layers existed had none.
+    LEGACY: ClassVar[dict[str, Any]] = {"cross_layers": 0}
 
 
 class CrossLayer(nn.Module):

@@ -47,8 +47,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_payload(ckpt: dict[str, Any], source: str = "checkpoint") -> tuple[str, PreRanker]:
     schema = Schema.from_dict(ckpt["schema"])
     name = ckpt["model_name"]
+    stored = ckpt["model_config"]
+    legacy = getattr(type(MODELS[name][1]), "LEGACY", {})
     try:
-        model = build_model(name, schema, ckpt["model_config"])
+        model = build_model(name, schema, {**{k: v for k, v in legacy.items() if k not in stored}, **stored})
     except ConfigError as e:
         raise CheckpointError(f"{source}: model {name!r} cannot be built from its stored config: {e}") from e
     try:

@@ -91,9 +91,10 @@ def run_compare(
     checkpoint (:func:`measure_latencies`), and writes ``auc_vs_latency.png`` (AUC, mean over seeds, against p50
     latency). ``on_step(description)`` is called as each training run and each latency measurement starts (one outer
     progress display; pass ``config.progress=False`` then, so that the trainer shows none of its own).
-    ``grid`` (training options -> values, e.g. ``{"lr": [1e-3, 3e-3], "weight_decay": [0, 1e-5]}``) tunes every model
-    on the same grid first (:func:`tune`, valid split, first seed); each model's seeds then train with its chosen
-    point, which its records carry as ``tuned`` and the table prints beside its row.
+    ``grid`` (training options -> values, e.g. ``{"lr": [1e-3, 3e-3], "weight_decay": [0, 1e-5]}``; ``loss.NAME``
+    keys are options of ``loss``, e.g. ``{"loss.distillation_weight": [0.5, 1, 2]}``) tunes every model on the same
+    grid first (:func:`tune`, valid split, first seed); each model's seeds then train with its chosen point, which
+    its records carry as ``tuned`` and the table prints beside its row.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = [m for m in models if m not in MODELS]
@@ -102,6 +103,9 @@ def run_compare(
     if seeds < 1:
         raise ConfigError("seeds must be >= 1")
     loss_fn = resolve_loss(loss, loss_options)
+    if grid:
+        for point in grid_points(grid):  # bad loss options fail here, before any training
+            resolve_loss(loss, {**(loss_options or {}), **_loss_part(point)})
     results_path = out_dir / "results.json"
     records: list[dict[str, Any]] = []
     if resume and results_path.exists():
@@ -116,7 +120,9 @@ def run_compare(
     # the baseline first, so that every later record can carry its RelaImpr
     order = sorted(models, key=lambda m: m != BASELINE)
     chosen = {
-        name: tune(name, data_dir, out_dir, grid, config, (model_overrides or {}).get(name), loss_fn, log=log)
+        name: tune(
+            name, data_dir, out_dir, grid, config, (model_overrides or {}).get(name), loss, loss_options, log=log
+        )
         for name in order
         if grid
     }
@@ -125,12 +131,15 @@ def run_compare(
             if (name, seed) in done:
                 log(f"skipping {name} seed {seed}: already in {results_path}")
                 continue
+            model_loss = loss_fn
             if name in chosen:
                 options = {
                     **MODEL_TRAIN_DEFAULTS.get(name, {}),
-                    **chosen[name],
+                    **_train_part(chosen[name]),
                     **(train_overrides or {}).get(name, {}),
                 }
+                if _loss_part(chosen[name]):
+                    model_loss = resolve_loss(loss, {**(loss_options or {}), **_loss_part(chosen[name])})
             else:
                 options = (train_overrides or {}).get(name) or MODEL_TRAIN_DEFAULTS.get(name, {})
             run_config = train_config({**options, "seed": seed}, config)
@@ -143,7 +152,7 @@ def run_compare(
                 run_dir,
                 (model_overrides or {}).get(name),
                 run_config,
-                loss_fn,
+                model_loss,
                 resume=resume,
                 log=log,
             )
@@ -197,8 +206,20 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     keys = sorted(grid)
     points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
     for point in points:
-        train_config(point)  # unknown options and bad values fail here, before any training
+        train_config(_train_part(point))  # unknown options and bad values fail here, before any training
     return points
+
+
+#: Grid keys with this prefix are options of the loss (``loss.distillation_weight``), the others training options.
+LOSS_PREFIX = "loss."
+
+
+def _train_part(point: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in point.items() if not k.startswith(LOSS_PREFIX)}
+
+
+def _loss_part(point: dict[str, Any]) -> dict[str, Any]:
+    return {k.removeprefix(LOSS_PREFIX): v for k, v in point.items() if k.startswith(LOSS_PREFIX)}
 
 
 def grid_label(point: dict[str, Any]) -> str:
@@ -212,7 +233,8 @@ def tune(
     grid: dict[str, list[Any]],
     config: TrainConfig,
     model_overrides: dict | None,
-    loss: Loss,
+    loss: str = "bce",
+    loss_options: dict[str, Any] | None = None,
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -230,9 +252,10 @@ def tune(
         label = grid_label(point)
         row = next((r for r in runs["points"] if r["point"] == label), None)
         if row is None:
-            run_config = train_config({**MODEL_TRAIN_DEFAULTS.get(name, {}), **point}, config)
+            run_config = train_config({**MODEL_TRAIN_DEFAULTS.get(name, {}), **_train_part(point)}, config)
             run_dir = out_dir / "tune" / name / label.replace(", ", "_")
-            result = train_model(name, data_dir, run_dir, model_overrides, run_config, loss, log=log)
+            point_loss = resolve_loss(loss, {**(loss_options or {}), **_loss_part(point)})
+            result = train_model(name, data_dir, run_dir, model_overrides, run_config, point_loss, log=log)
             row = {"point": label, "options": point, "best_valid": result.best_metric, "epochs": result.epochs}
             runs["points"].append(row)
             atomic_write_text(path, json.dumps(tuning, indent=2))

@@ -1,0 +1,223 @@
+"""Regenerate RankTower's Tables 1-4 (Sec. 4.2-4.3) on a simulated cascade, from a clean checkout, in one command.
+
+    python benchmarks/ranktower_tables.py --dataset taobao --work /tmp/rt-taobao --out docs/ranktower/taobao.md
+    python benchmarks/ranktower_tables.py --dataset ml-1m --work /tmp/rt-ml1m --out docs/ranktower/ml1m.md
+
+Every step is a ``prerank`` command (listed in ``WORK/commands.txt`` as it runs) and is skipped when its output
+exists, so a run stopped at any point resumes where it stopped (``compare --resume`` keeps finished seeds and grid
+points):
+
+1. data: ``prerank data prepare`` (Taobao UserBehavior, or ML-1M ``temporal``) from ``--raw``;
+2. teacher: ``prerank teacher fit`` with ``--teacher-option`` (the ranking teacher of issue 21);
+3. cascade: ``prerank cascade build`` with the revised defaults (rank cut below the impressions, popularity
+   matched to impressions, cold items sampled like unknown impressions) and ``prerank cascade baselines``;
+4. tables, one ``prerank compare`` per group of rows, every row with the same budget: the same ``--grid`` tuned on
+   valid (first seed; hybrid-loss rows add ``--hybrid-grid``, the loss weight and temperatures), early stopping
+   on the valid listwise metric ``--metric`` with patience ``--patience``, then seeds ``0 .. S-1`` on test:
+
+   * Table 1: every pre-ranker with the pointwise loss (``bce`` over all cascade rows) and with the hybrid loss
+     (Eq. 15) on full-stage request lists; ARF = Two-Tower with the ARF loss;
+   * Table 2: RankTower + hybrid loss with the training stages of Sec. 4.3.1;
+   * Table 3: RankTower with each ranking loss of Sec. 4.3.2;
+   * Table 4: RankTower + hybrid loss with each distillation part of Sec. 4.3.3, and none;
+
+5. assemble: one Markdown file, the scorers that learn nothing first (item popularity, the teacher itself), then
+   every row with its seeds, its tuned setting and Recall / NDCG at 10, 50 and 100 (relevance: the hard label, our
+   reading of the paper's), cascade recall, GAUC and exposure AUC, mean +- std over seeds.
+
+``--tables 1`` or ``--models`` restrict what is run; ``--dry-run`` prints the commands only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from prerank.evaluate.report import mean_std
+from prerank.io import atomic_write_text
+
+RECIPES = {
+    "taobao": ("taobao-user-behavior", "../shared/data/taobao-user-behavior", []),
+    "ml-1m": ("ml-1m", "../shared/data/ml-1m", ["--protocol", "temporal"]),
+}
+MODELS = ("lr", "two_tower", "dat", "cold", "int_tower", "fit", "rank_tower")
+STAGES = {"full-stage sampling": "full", "w/o random samples": "no_random", "w/o candidate samples": "no_candidates"}
+STAGES["w/o candidate & random samples"] = "no_candidates_random"
+LOSSES = {
+    "hybrid loss": "hybrid",
+    "sorting (SoftSort)": "ranking:softsort",
+    "AM-Rankmax": "ranking:am_rankmax",
+    "Rankmax": "ranking:rankmax",
+    "softmax": "ranking:softmax",
+    "ApproxNDCG": "ranking:approx_ndcg",
+    "RankNet": "ranking:ranknet",
+}
+DISTILLATION = {
+    "softmax (Eq. 9)": ["--loss-option", "distillation=softmax"],
+    "weighted logloss": ["--loss-option", "distillation=logloss"],
+    "pairwise logloss": ["--loss-option", "distillation=pairwise"],
+    "no distillation": ["--loss-option", "distillation_weight=0"],
+}
+COLUMNS = (
+    "hard_recall@10",
+    "hard_recall@50",
+    "hard_recall@100",
+    "hard_ndcg@10",
+    "hard_ndcg@50",
+    "hard_ndcg@100",
+    "cascade_recall@5/10",
+    "gauc",
+    "exposure_auc",
+)
+
+
+def _rows(args: argparse.Namespace) -> list[tuple[str, str, str, list[str], list[str]]]:
+    """(table, label, compare folder, models, extra compare arguments) of every row group."""
+    lists = ["--batching", "requests", "--max-list-len", str(args.max_list_len)]
+    lists += ["--requests-per-batch", str(args.requests_per_batch)]
+    untuned_hybrid = [*lists, "--loss", "hybrid"]
+    hybrid = [*untuned_hybrid, *[a for g in args.hybrid_grid for a in ("--grid", g)]]
+    models = [m for m in MODELS if m in args.models]
+    rows = [
+        ("1", "bce", "t1-bce", models, ["--loss", "bce", "--batching", "rows"]),
+        ("1", "hybrid", "t1-hybrid", models, hybrid),
+        ("1", "ARF (two_tower + ARF loss)", "t1-arf", ["two_tower"], [*lists, "--loss", "arf"]),
+    ]
+    for label, stages in STAGES.items():
+        folder = "t1-hybrid" if stages == "full" else f"t2-{stages}"
+        rows.append(("2", label, folder, ["rank_tower"], [*hybrid, "--stages", stages]))
+    for label, loss in LOSSES.items():
+        folder = "t1-hybrid" if loss == "hybrid" else f"t3-{loss.split(':')[-1]}"
+        rows.append(("3", label, folder, ["rank_tower"], hybrid if loss == "hybrid" else [*lists, "--loss", loss]))
+    for label, options in DISTILLATION.items():
+        folder = "t1-hybrid" if "softmax" in label else f"t4-{options[1].replace('=', '-')}"
+        tuned = untuned_hybrid if "weight=0" in options[1] else hybrid  # the grid would overwrite the weight 0
+        rows.append(("4", label, folder, ["rank_tower"], [*tuned, *options]))
+    tables = set(args.tables.split(","))
+    return [r for r in rows if r[0] in tables and r[3]]
+
+
+class Runner:
+    def __init__(self, work: Path, dry_run: bool):
+        self.work, self.dry_run = work, dry_run
+        self.log = work / "commands.txt"
+
+    def __call__(self, *args: str, stdout: Path | None = None) -> None:
+        cmd = ["prerank", *args]
+        line = shlex.join(cmd) + (f" > {stdout}" if stdout else "")
+        print(line, flush=True)
+        if self.dry_run:
+            return
+        with self.log.open("a") as f:
+            f.write(line + "\n")
+        exe = [sys.executable, "-m", "prerank", *args]
+        if stdout is None:
+            subprocess.run(exe, check=True)
+        else:
+            out = subprocess.run(exe, check=True, capture_output=True, text=True).stdout
+            atomic_write_text(stdout, out)
+
+
+def _cell(values: list) -> str:
+    m, s, n = mean_std([v for v in values if v is not None])
+    if n == 0:
+        return "-"
+    return f"{m:.4f} ± {s:.4f}" if n > 1 else f"{m:.4f}"
+
+
+def assemble(work: Path, rows: list, baselines: dict) -> str:
+    head = "| row | seeds | tuned on valid | " + " | ".join(COLUMNS) + " |\n|---|---|---|" + "---|" * len(COLUMNS)
+    out = []
+    for table in sorted({r[0] for r in rows}):
+        lines = [f"### Table {table}", "", head]
+        for name, m in baselines.items():
+            cells = " | ".join(_cell([m.get(c)]) for c in COLUMNS)
+            lines.append(f"| {name} (learns nothing) | - | - | {cells} |")
+        for t, label, folder, models, _ in rows:
+            if t != table:
+                continue
+            path = work / folder / "results.json"
+            records = json.loads(path.read_text()) if path.exists() else []
+            for model in models:
+                mine = [r for r in records if r["model"] == model and not r.get("is_teacher")]
+                name = f"{label} / {model}" if len(models) > 1 else label
+                tuned = ", ".join(sorted({r.get("tuned", "-") for r in mine})) or "not run"
+                cells = " | ".join(_cell([r.get(c) for r in mine]) for c in COLUMNS)
+                lines.append(f"| {name} | {len(mine)} | {tuned} | {cells} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=sorted(RECIPES), required=True)
+    p.add_argument("--raw", help="Raw files (default: the dataset's folder under ../shared/data).")
+    p.add_argument("--work", type=Path, required=True, help="Data, teacher, cascade and runs go here.")
+    p.add_argument("--out", type=Path, help="Markdown file of the tables (default: WORK/tables.md).")
+    p.add_argument("--tables", default="1,2,3,4")
+    p.add_argument("--models", default=",".join(MODELS), help="Table 1's pre-rankers.")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--grid", action="append", default=None, help="Every row's grid (default lr x weight_decay).")
+    p.add_argument("--hybrid-grid", action="append", default=None, help="Added for hybrid-loss rows.")
+    p.add_argument("--metric", default="hard_ndcg@10", help="Valid metric for tuning and early stopping.")
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=20, help="Maximum epochs (early stopping ends most runs first).")
+    p.add_argument("--max-list-len", type=int, default=100)
+    p.add_argument("--requests-per-batch", type=int, default=64)
+    p.add_argument("--teacher-option", action="append", default=[], help="`prerank teacher fit` options, KEY=VALUE.")
+    p.add_argument("--cascade-option", action="append", default=[], help="`cascade build` flag, e.g. --cascade-option=--random=100.")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    args.grid = args.grid or ["lr=1e-3,3e-3", "weight_decay=0,1e-5"]
+    args.hybrid_grid = args.hybrid_grid or ["loss.distillation_weight=0.5,2"]
+    args.models = set(args.models.split(","))
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    run = Runner(work, args.dry_run)
+    recipe, raw, recipe_args = RECIPES[args.dataset]
+    common = ["--threads", str(args.threads), "--no-progress"]
+
+    data, teacher, cascade = work / "data", work / "teacher.pt", work / "cascade"
+    if not (data / "schema.json").exists():
+        run("data", "prepare", recipe, "--raw", args.raw or raw, "--out", str(data), *recipe_args)
+    if not teacher.exists():
+        options = [a for o in args.teacher_option for a in ("--model-option", o)]
+        run("teacher", "fit", "--data", str(data), "--out", str(teacher), *options, *common)
+    if not (cascade / "schema.json").exists():
+        flags = [f.replace("=", " ", 1).split(" ") if "=" in f else [f] for f in args.cascade_option]
+        flat = [a for f in flags for a in f]
+        run("cascade", "build", "--data", str(data), "--teacher", str(teacher), "--out", str(cascade), *flat, *common)
+    baselines_path = work / "baselines.json"
+    if not baselines_path.exists():
+        run("cascade", "baselines", "--data", str(cascade), stdout=baselines_path)
+
+    rows = _rows(args)
+    done: set[str] = set()
+    budget = ["--metric", args.metric, "--patience", str(args.patience), "--epochs", str(args.epochs)]
+    budget += ["--seeds", str(args.seeds), "--latency-candidates", "0", "--resume"]
+    for _, _, folder, _, extra in rows:
+        if folder in done:
+            continue
+        done.add(folder)
+        every = [m for t, _, f, ms, _ in rows if f == folder for m in ms]
+        grid = [a for g in args.grid for a in ("--grid", g)]
+        run(
+            "compare", "--data", str(cascade), "--models", ",".join(dict.fromkeys(every)), "--out", str(work / folder),
+            *extra, *grid, *budget, *common,
+        )  # fmt: skip
+    if args.dry_run:
+        return
+    baselines = {k: v for k, v in json.loads(baselines_path.read_text()).items() if isinstance(v, dict)}
+    text = assemble(work, rows, baselines)
+    out = args.out or work / "tables.md"
+    atomic_write_text(out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
