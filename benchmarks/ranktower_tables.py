@@ -7,7 +7,8 @@ Every step is a ``prerank`` command (listed in ``WORK/commands.txt`` as it runs)
 exists, so a run stopped at any point resumes where it stopped (``compare --resume`` keeps finished seeds and grid
 points):
 
-1. data: ``prerank data prepare`` (Taobao UserBehavior, or ML-1M ``temporal``) from ``--raw``;
+1. data: ``prerank data prepare`` (Taobao UserBehavior, or ML-1M ``temporal``; ML-100K ``temporal`` checks the
+   whole script in minutes) from ``--raw``;
 2. teacher: ``prerank teacher fit`` with ``--teacher-option`` (the ranking teacher of issue 21);
 3. cascade: ``prerank cascade build`` with the revised defaults (rank cut below the impressions, popularity
    matched to impressions, cold items sampled like unknown impressions) and ``prerank cascade baselines``;
@@ -43,6 +44,7 @@ from prerank.io import atomic_write_text
 RECIPES = {
     "taobao": ("taobao-user-behavior", "../shared/data/taobao-user-behavior", []),
     "ml-1m": ("ml-1m", "../shared/data/ml-1m", ["--protocol", "temporal"]),
+    "ml-100k": ("ml-100k", "../shared/data/ml-100k", ["--protocol", "temporal"]),  # a check of the script in minutes
 }
 MODELS = ("lr", "two_tower", "dat", "cold", "int_tower", "fit", "rank_tower")
 STAGES = {"full-stage sampling": "full", "w/o random samples": "no_random", "w/o candidate samples": "no_candidates"}
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-list-len", type=int, default=100)
     p.add_argument("--requests-per-batch", type=int, default=64)
     p.add_argument("--teacher-option", action="append", default=[], help="`prerank teacher fit` options, KEY=VALUE.")
-    p.add_argument("--cascade-option", action="append", default=[], help="`cascade build` flag, e.g. --cascade-option=--random=100.")
+    p.add_argument("--cascade-option", action="append", default=[], help="e.g. --cascade-option=--random=100")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
