@@ -38,7 +38,7 @@ def friendly_errors(fn: F) -> F:
         except USER_ERRORS as e:
             if os.environ.get("PRERANK_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] {e}")
+            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # one line, whatever the width
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
