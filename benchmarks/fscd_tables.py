@@ -72,7 +72,10 @@ def select_cmd(args: argparse.Namespace, method: str, seed: int, out: Path) -> l
 def finetune_cmd(args: argparse.Namespace, selection: Path, k: int, out: Path, seed: int) -> list[str]:
     cmd = prerank() + ["select-finetune", "--selection", str(selection), "--k", str(k), "--data", str(args.data)]
     cmd += ["--out", str(out), "--epochs", str(args.finetune_epochs), "--threads", "1", "--seed", str(seed)]
-    return cmd + ["--no-progress"]
+    for flag in ("weight_decay", "dropout", "patience"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return cmd + (["--scratch"] if args.scratch else []) + ["--no-progress"]
 
 
 def table2(selections: dict[str, list[dict]]) -> tuple[str, dict]:
@@ -222,6 +225,14 @@ def main() -> None:
     p.add_argument(
         "--finetune-seeds", default="0", help="Fine-tune seed s starts from selection seed s (each in --seeds)."
     )
+    p.add_argument(
+        "--seed-ks", default=None, help="K values (subset of --ks) fine-tuned with every --finetune-seeds; others with"
+        " the first only (default: every K)."
+    )  # fmt: skip
+    p.add_argument("--scratch", action="store_true", help="Fine-tune from scratch, not from the selection weights.")
+    p.add_argument("--weight-decay", type=float, default=None, help="Fine-tuning weight decay (select finetune's).")
+    p.add_argument("--dropout", type=float, default=None, help="Fine-tuning dropout (select finetune's).")
+    p.add_argument("--patience", type=int, default=None, help="Fine-tuning early-stopping patience (on valid AUC).")
     p.add_argument("--prior-scale", type=float, default=1e-2, help="FSCD's prior weight per step (see selection.fscd).")
     p.add_argument("--reg", type=float, default=1e-2, help="Dropout-FR's lambda (the same weight, uniform prior).")
     p.add_argument("--candidates", type=int, default=1000)
@@ -256,9 +267,12 @@ def main() -> None:
     ft_seeds = [int(s) for s in args.finetune_seeds.split(",")]
     if not set(ft_seeds) <= set(seeds):
         p.error(f"--finetune-seeds {ft_seeds} must be among --seeds {seeds}")
+    seed_ks = ks if args.seed_ks is None else [n_fields if k == "all" else int(k) for k in args.seed_ks.split(",")]
+    if not set(seed_ks) <= set(ks):
+        p.error(f"--seed-ks {seed_ks} must be among --ks {ks}")
     jobs, runs = [], []
     for seed in ft_seeds:
-        for k in ks:
+        for k in ks if seed == ft_seeds[0] else seed_ks:
             for method in METHODS if k < n_fields else ("all",):
                 sel = out / "select" / f"{'fscd' if method == 'all' else method}-s{seed}"
                 d = out / "finetune" / (f"{method}-k{k}" + (f"-s{seed}" if seed else ""))
