@@ -6,9 +6,11 @@ Steps (each skipped when its output exists, so an interrupted run resumes):
    ``--jobs`` at a time, 1 thread each;
 2. Table 2 analog: per method and FSCD cost type, the minimum, median and maximum rank of the type's
    fields (1 = most important), mean over the seeds;
-3. ``prerank select-finetune`` of the FSCD pre-ranker on each method's top K (first seed's selection),
-   for every K of ``--ks`` (``all``: every field; the same fields for every method, so it is trained once,
-   from FSCD's selection weights);
+3. ``prerank select-finetune`` of the FSCD pre-ranker on each method's top K, for every K of ``--ks``
+   (``all``: every field; the same fields for every method, so it is trained once, from FSCD's selection
+   weights); fine-tune seed s starts from selection seed s. ``--finetune-seeds 0,1,2`` repeats it per seed,
+   at the K of ``--seed-ks`` and for the methods of ``--seed-methods`` only (the other K: first seed only).
+   ``--scratch``, ``--weight-decay``, ``--dropout`` and ``--patience`` pass on to ``select finetune``;
 4. per fine-tuned pre-ranker, alone (no training running): the served request's latency at ``--candidates``
    candidates on 1 thread (ONNX runtime; :func:`prerank.bench.efficiency.served_latency`, as `prerank compare`),
    and the process CPU time per request under a fixed request rate (``--rate``);
@@ -229,6 +231,10 @@ def main() -> None:
         "--seed-ks", default=None, help="K values (subset of --ks) fine-tuned with every --finetune-seeds; others with"
         " the first only (default: every K)."
     )  # fmt: skip
+    p.add_argument(
+        "--seed-methods", default=",".join(METHODS), help="Methods fine-tuned with every --finetune-seeds at --seed-ks"
+        " (K = all always is)."
+    )  # fmt: skip
     p.add_argument("--scratch", action="store_true", help="Fine-tune from scratch, not from the selection weights.")
     p.add_argument("--weight-decay", type=float, default=None, help="Fine-tuning weight decay (select finetune's).")
     p.add_argument("--dropout", type=float, default=None, help="Fine-tuning dropout (select finetune's).")
@@ -270,10 +276,13 @@ def main() -> None:
     seed_ks = ks if args.seed_ks is None else [n_fields if k == "all" else int(k) for k in args.seed_ks.split(",")]
     if not set(seed_ks) <= set(ks):
         p.error(f"--seed-ks {seed_ks} must be among --ks {ks}")
+    seed_methods = ("all", *args.seed_methods.split(","))
     jobs, runs = [], []
     for seed in ft_seeds:
         for k in ks if seed == ft_seeds[0] else seed_ks:
             for method in METHODS if k < n_fields else ("all",):
+                if seed != ft_seeds[0] and method not in seed_methods:
+                    continue
                 sel = out / "select" / f"{'fscd' if method == 'all' else method}-s{seed}"
                 d = out / "finetune" / (f"{method}-k{k}" + (f"-s{seed}" if seed else ""))
                 runs.append((method, k, d, seed))
