@@ -152,9 +152,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (method, k), rs in groups.items():
         agg = {"method": method, "k": k, "k_label": rs[0]["k_label"], "seeds": len(rs)}
         for key in MEASURES:
-            values = [float(r[key]) for r in rs]
+            values = [float(r[key]) for r in rs if key in r]
             agg[key] = statistics.fmean(values)
             agg[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            agg[f"{key}_n"] = len(values)
         out.append(agg)
     return out
 
@@ -168,7 +169,7 @@ def table3(agg: list[dict]) -> str:
     by_k: dict[str, dict[str, dict]] = {}
     for r in agg:
         by_k.setdefault(r["k_label"], {})[r["method"]] = r
-    pm = lambda r, key, f: f"{r[key]:{f}}" + (f" ± {r[key + '_std']:{f}}" if r["seeds"] > 1 else "")  # noqa: E731
+    pm = lambda r, key, f: f"{r[key]:{f}}" + (f" ± {r[key + '_std']:{f}}" if r[key + "_n"] > 1 else "")  # noqa: E731
     for k, methods in by_k.items():
         base = methods.get("dropout_fr")
         for m, r in methods.items():
@@ -235,6 +236,9 @@ def main() -> None:
         "--seed-methods", default=",".join(METHODS), help="Methods fine-tuned with every --finetune-seeds at --seed-ks"
         " (K = all always is)."
     )  # fmt: skip
+    p.add_argument(
+        "--cost-first-seed", action="store_true", help="Time (latency, CPU) only the first fine-tune seed's runs."
+    )
     p.add_argument("--scratch", action="store_true", help="Fine-tune from scratch, not from the selection weights.")
     p.add_argument("--weight-decay", type=float, default=None, help="Fine-tuning weight decay (select finetune's).")
     p.add_argument("--dropout", type=float, default=None, help="Fine-tuning dropout (select finetune's).")
@@ -293,14 +297,19 @@ def main() -> None:
         list(pool.map(lambda j: run(*j, commands), jobs))
 
     # latency passes alternate the order of the runs; each run keeps its fastest pass (a shared machine's load
-    # only ever slows a pass down)
-    passes = [[measure(args, d, n) for _, _, d, _ in runs[:: 1 if n % 2 == 0 else -1]] for n in range(args.passes)]
-    passes = [p if n % 2 == 0 else p[::-1] for n, p in enumerate(passes)]
+    # only ever slows a pass down). --cost-first-seed: only the first fine-tune seed's runs are timed.
+    timed = [r for r in runs if not args.cost_first_seed or r[3] == ft_seeds[0]]
+    passes = [[measure(args, d, n) for _, _, d, _ in timed[:: 1 if n % 2 == 0 else -1]] for n in range(args.passes)]
+    cost = {d: [p[i] if n % 2 == 0 else p[-1 - i] for n, p in enumerate(passes)] for i, (*_, d, _) in enumerate(timed)}
     rows = []
-    for i, (method, k, d, seed) in enumerate(runs):
+    for method, k, d, seed in runs:
         summary = json.loads((d / "test.json").read_text())
-        lat = {key: min(p[i][key] for p in passes) for key in ("latency_p50_ms", "latency_p99_ms")}
-        lat["cpu_ms_per_request"] = min(p[i]["cpu_ms_per_request"] for p in passes)
+        lat: dict = {}
+        if d in cost:
+            got = cost[d]
+            lat = {key: min(g[key] for g in got) for key in ("latency_p50_ms", "latency_p99_ms", "cpu_ms_per_request")}
+            lat["latency_p50_ms_passes"] = [g["latency_p50_ms"] for g in got]
+            lat["cpu_rate_achieved"] = min(g["cpu_rate_achieved"] for g in got)
         rows.append(
             {
                 "method": method,
@@ -313,11 +322,9 @@ def main() -> None:
                 "gauc": summary["test"].get("gauc"),
                 "epochs": summary["epochs"],
                 **lat,
-                "latency_p50_ms_passes": [p[i]["latency_p50_ms"] for p in passes],
-                "cpu_rate_achieved": min(p[i]["cpu_rate_achieved"] for p in passes),
             }
         )
-        print(f"{method} K={k}: AUC {rows[-1]['auc']:.4f} p50 {lat['latency_p50_ms']:.2f} ms", flush=True)
+        print(f"{method} K={k} seed {seed}: AUC {rows[-1]['auc']:.4f}", flush=True)
     agg = aggregate(rows)
     t3 = table3(agg)
     png = args.plot or out / "auc_latency.png"
