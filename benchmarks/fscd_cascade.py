@@ -147,7 +147,9 @@ def main() -> None:
     floor = {n: random_floor(groups, n) for n in ns}
     lines.append("| random order | - | - | 0.5 | " + " | ".join(f"{floor[n]:.4f}" for n in ns) + " |")
     for a in agg:
-        name = BASELINES.get(a["method"]) or f"FSCD pre-ranker, {LABELS.get(a['method'], a['method'])} top K"
+        name = BASELINES.get(a["method"]) or "FSCD pre-ranker, " + (
+            "all fields" if a["method"] == "all" else f"{LABELS[a['method']]} top K"
+        )
         fields = "all" if a["method"] in BASELINES or a["k"] == n_fields else str(a["k"])
         lines.append(
             f"| {name} | {fields} | {a['seeds']} | {cell(a, 'auc')} | " + " | ".join(cell(a, f"recall@{n}") for n in ns)
