@@ -6,9 +6,11 @@ Steps (each skipped when its output exists, so an interrupted run resumes):
    ``--jobs`` at a time, 1 thread each;
 2. Table 2 analog: per method and FSCD cost type, the minimum, median and maximum rank of the type's
    fields (1 = most important), mean over the seeds;
-3. ``prerank select-finetune`` of the FSCD pre-ranker on each method's top K (first seed's selection),
-   for every K of ``--ks`` (``all``: every field; the same fields for every method, so it is trained once,
-   from FSCD's selection weights);
+3. ``prerank select-finetune`` of the FSCD pre-ranker on each method's top K, for every K of ``--ks``
+   (``all``: every field; the same fields for every method, so it is trained once, from FSCD's selection
+   weights); fine-tune seed s starts from selection seed s. ``--finetune-seeds 0,1,2`` repeats it per seed,
+   at the K of ``--seed-ks`` and for the methods of ``--seed-methods`` only (the other K: first seed only).
+   ``--scratch``, ``--weight-decay``, ``--dropout`` and ``--patience`` pass on to ``select finetune``;
 4. per fine-tuned pre-ranker, alone (no training running): the served request's latency at ``--candidates``
    candidates on 1 thread (ONNX runtime; :func:`prerank.bench.efficiency.served_latency`, as `prerank compare`),
    and the process CPU time per request under a fixed request rate (``--rate``);
@@ -72,7 +74,10 @@ def select_cmd(args: argparse.Namespace, method: str, seed: int, out: Path) -> l
 def finetune_cmd(args: argparse.Namespace, selection: Path, k: int, out: Path, seed: int) -> list[str]:
     cmd = prerank() + ["select-finetune", "--selection", str(selection), "--k", str(k), "--data", str(args.data)]
     cmd += ["--out", str(out), "--epochs", str(args.finetune_epochs), "--threads", "1", "--seed", str(seed)]
-    return cmd + ["--no-progress"]
+    for flag in ("weight_decay", "dropout", "patience"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return cmd + (["--scratch"] if args.scratch else []) + ["--no-progress"]
 
 
 def table2(selections: dict[str, list[dict]]) -> tuple[str, dict]:
@@ -147,9 +152,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (method, k), rs in groups.items():
         agg = {"method": method, "k": k, "k_label": rs[0]["k_label"], "seeds": len(rs)}
         for key in MEASURES:
-            values = [float(r[key]) for r in rs]
+            values = [float(r[key]) for r in rs if key in r]
             agg[key] = statistics.fmean(values)
             agg[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            agg[f"{key}_n"] = len(values)
         out.append(agg)
     return out
 
@@ -163,7 +169,7 @@ def table3(agg: list[dict]) -> str:
     by_k: dict[str, dict[str, dict]] = {}
     for r in agg:
         by_k.setdefault(r["k_label"], {})[r["method"]] = r
-    pm = lambda r, key, f: f"{r[key]:{f}}" + (f" ± {r[key + '_std']:{f}}" if r["seeds"] > 1 else "")  # noqa: E731
+    pm = lambda r, key, f: f"{r[key]:{f}}" + (f" ± {r[key + '_std']:{f}}" if r[key + "_n"] > 1 else "")  # noqa: E731
     for k, methods in by_k.items():
         base = methods.get("dropout_fr")
         for m, r in methods.items():
@@ -222,6 +228,21 @@ def main() -> None:
     p.add_argument(
         "--finetune-seeds", default="0", help="Fine-tune seed s starts from selection seed s (each in --seeds)."
     )
+    p.add_argument(
+        "--seed-ks", default=None, help="K values (subset of --ks) fine-tuned with every --finetune-seeds; others with"
+        " the first only (default: every K)."
+    )  # fmt: skip
+    p.add_argument(
+        "--seed-methods", default=",".join(METHODS), help="Methods fine-tuned with every --finetune-seeds at --seed-ks"
+        " (K = all always is)."
+    )  # fmt: skip
+    p.add_argument(
+        "--cost-first-seed", action="store_true", help="Time (latency, CPU) only the first fine-tune seed's runs."
+    )
+    p.add_argument("--scratch", action="store_true", help="Fine-tune from scratch, not from the selection weights.")
+    p.add_argument("--weight-decay", type=float, default=None, help="Fine-tuning weight decay (select finetune's).")
+    p.add_argument("--dropout", type=float, default=None, help="Fine-tuning dropout (select finetune's).")
+    p.add_argument("--patience", type=int, default=None, help="Fine-tuning early-stopping patience (on valid AUC).")
     p.add_argument("--prior-scale", type=float, default=1e-2, help="FSCD's prior weight per step (see selection.fscd).")
     p.add_argument("--reg", type=float, default=1e-2, help="Dropout-FR's lambda (the same weight, uniform prior).")
     p.add_argument("--candidates", type=int, default=1000)
@@ -256,10 +277,16 @@ def main() -> None:
     ft_seeds = [int(s) for s in args.finetune_seeds.split(",")]
     if not set(ft_seeds) <= set(seeds):
         p.error(f"--finetune-seeds {ft_seeds} must be among --seeds {seeds}")
+    seed_ks = ks if args.seed_ks is None else [n_fields if k == "all" else int(k) for k in args.seed_ks.split(",")]
+    if not set(seed_ks) <= set(ks):
+        p.error(f"--seed-ks {seed_ks} must be among --ks {ks}")
+    seed_methods = ("all", *args.seed_methods.split(","))
     jobs, runs = [], []
     for seed in ft_seeds:
-        for k in ks:
+        for k in ks if seed == ft_seeds[0] else seed_ks:
             for method in METHODS if k < n_fields else ("all",):
+                if seed != ft_seeds[0] and method not in seed_methods:
+                    continue
                 sel = out / "select" / f"{'fscd' if method == 'all' else method}-s{seed}"
                 d = out / "finetune" / (f"{method}-k{k}" + (f"-s{seed}" if seed else ""))
                 runs.append((method, k, d, seed))
@@ -270,14 +297,19 @@ def main() -> None:
         list(pool.map(lambda j: run(*j, commands), jobs))
 
     # latency passes alternate the order of the runs; each run keeps its fastest pass (a shared machine's load
-    # only ever slows a pass down)
-    passes = [[measure(args, d, n) for _, _, d, _ in runs[:: 1 if n % 2 == 0 else -1]] for n in range(args.passes)]
-    passes = [p if n % 2 == 0 else p[::-1] for n, p in enumerate(passes)]
+    # only ever slows a pass down). --cost-first-seed: only the first fine-tune seed's runs are timed.
+    timed = [r for r in runs if not args.cost_first_seed or r[3] == ft_seeds[0]]
+    passes = [[measure(args, d, n) for _, _, d, _ in timed[:: 1 if n % 2 == 0 else -1]] for n in range(args.passes)]
+    cost = {d: [p[i] if n % 2 == 0 else p[-1 - i] for n, p in enumerate(passes)] for i, (*_, d, _) in enumerate(timed)}
     rows = []
-    for i, (method, k, d, seed) in enumerate(runs):
+    for method, k, d, seed in runs:
         summary = json.loads((d / "test.json").read_text())
-        lat = {key: min(p[i][key] for p in passes) for key in ("latency_p50_ms", "latency_p99_ms")}
-        lat["cpu_ms_per_request"] = min(p[i]["cpu_ms_per_request"] for p in passes)
+        lat: dict = {}
+        if d in cost:
+            got = cost[d]
+            lat = {key: min(g[key] for g in got) for key in ("latency_p50_ms", "latency_p99_ms", "cpu_ms_per_request")}
+            lat["latency_p50_ms_passes"] = [g["latency_p50_ms"] for g in got]
+            lat["cpu_rate_achieved"] = min(g["cpu_rate_achieved"] for g in got)
         rows.append(
             {
                 "method": method,
@@ -290,11 +322,9 @@ def main() -> None:
                 "gauc": summary["test"].get("gauc"),
                 "epochs": summary["epochs"],
                 **lat,
-                "latency_p50_ms_passes": [p[i]["latency_p50_ms"] for p in passes],
-                "cpu_rate_achieved": min(p[i]["cpu_rate_achieved"] for p in passes),
             }
         )
-        print(f"{method} K={k}: AUC {rows[-1]['auc']:.4f} p50 {lat['latency_p50_ms']:.2f} ms", flush=True)
+        print(f"{method} K={k} seed {seed}: AUC {rows[-1]['auc']:.4f}", flush=True)
     agg = aggregate(rows)
     t3 = table3(agg)
     png = args.plot or out / "auc_latency.png"

@@ -76,6 +76,14 @@ def test_select_finetune_trains_the_preranker_on_top_k(
     assert "first.weight" in summary["inherited"] and 0 <= summary["test"]["auc"] <= 1
 
 
+def test_select_finetune_from_scratch_with_regularisation(selection: Path, wide: Path, tmp_path: Path) -> None:
+    args = ["select-finetune", "--selection", str(selection), "--k", "3", "--data", str(wide), "--out", str(tmp_path)]
+    res = runner.invoke(app, [*args, "--scratch", "--dropout", "0.3", "--weight-decay", "1e-4", "--epochs", "1", *FAST])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "test.json").read_text())
+    assert summary["inherited"] == [] and summary["dropout"] == 0.3 and summary["weight_decay"] == 1e-4
+
+
 def test_select_errors(wide: Path, selection: Path, tmp_path: Path) -> None:
     base = ["select", "--data", str(wide), "--out", str(tmp_path / "x")]
     res = runner.invoke(app, [*base, "--method", "nope"])
@@ -123,6 +131,10 @@ def test_select_finetune_errors(wide: Path, selection: Path, tmp_path: Path) -> 
     assert res.exit_code == 2 and "not_a_field" in res.output
     res = runner.invoke(app, [*base, "--selection", str(tmp_path / "missing.json"), "--k", "2"])
     assert res.exit_code == 2 and "no selection file" in res.output
+    res = runner.invoke(app, [*base, "--selection", str(selection), "--k", "2", "--dropout", "1.5", *FAST])
+    assert res.exit_code == 2 and "dropout" in res.output
+    res = runner.invoke(app, [*base, "--selection", str(selection), "--k", "2", "--weight-decay", "-1", *FAST])
+    assert res.exit_code == 2 and "weight_decay" in res.output
 
 
 def test_select_without_data_or_out_is_a_clear_error(tmp_path: Path) -> None:

@@ -171,9 +171,11 @@ def select_finetune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory (best.pt, metrics.jsonl, test.json)."),
     hidden: str = typer.Option("1024,256", "--hidden", help="Pre-ranker widths (FSCD Sec. 3.1: 1024,256)."),
     scratch: bool = typer.Option(False, "--scratch", help="Do not start from the selection run's weights."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on the pre-ranker's hidden layers, in [0, 1)."),
     epochs: int = EpochsOpt,
     batch_size: int = BatchOpt,
     lr: float = LrOpt,
+    weight_decay: float = typer.Option(None, "--weight-decay", help="Optimizer weight decay (default 0)."),
     threads: int = ThreadsOpt,
     seed: int = SeedOpt,
     patience: int = PatienceOpt,
@@ -191,7 +193,7 @@ def select_finetune_cmd(
     features = top_fields(report, k, schema.names)
     sel_file = selection if selection.is_dir() else selection.parent
     network = report.get("network", {})
-    overrides = {"features": list(features), "hidden": list(_hidden(hidden))}
+    overrides = {"features": list(features), "hidden": list(_hidden(hidden)), "dropout": dropout}
     if "embedding_dim" in network:
         overrides["embedding_dim"] = network["embedding_dim"]
     _, cfg = run_config(None, **train_flags(locals()))
@@ -212,6 +214,8 @@ def select_finetune_cmd(
         "k": k,
         "features": list(features),
         "inherited": copied,
+        "dropout": dropout,
+        "weight_decay": cfg.weight_decay,
         "checkpoint": str(result.checkpoint),
         "epochs": result.epochs,
         "best_valid": result.best_metric,
