@@ -319,7 +319,7 @@ def _teacher_record(path: Path, data_dir: Path, batch_size: int) -> dict[str, An
 def popularity_predictions(data_dir: str | Path, split: str = "test", smoothing: float = 10.0) -> dict[str, np.ndarray]:
     """Predictions of the item-popularity scorer on ``split``: the log-odds of the item's click rate on the train
     split, ``(clicks + smoothing * rate) / (impressions + smoothing)`` with ``rate`` the overall click rate (an item
-    never shown in training, id 0 included, scores ``rate``). On cascade data only impressions count."""
+    never shown in training scores ``rate``). On cascade data only impressions count."""
     import pyarrow.parquet as pq
 
     def read(name: str) -> dict[str, np.ndarray]:
