@@ -106,6 +106,23 @@ def test_compare_reports_the_teachers_row_and_relaimpr_against_it(tiny_dataset: 
     assert res.exit_code == 0 and len(json.loads((out / "results.json").read_text())) == 2
 
 
+def test_compare_adds_the_popularity_row_once(tiny_dataset: Path, tmp_path: Path) -> None:
+    from prerank.evaluate import metrics
+    from prerank.train.compare import POPULARITY, popularity_predictions
+
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(tiny_dataset), "--models", "lr", "--seeds", "1", "--out", str(out), "--popularity"]
+    res = runner.invoke(app, [*args, *FAST, "--latency-candidates", "0"])
+    assert res.exit_code == 0, res.output
+    records = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in records] == [POPULARITY, "lr"]
+    pred = popularity_predictions(tiny_dataset)
+    assert records[0]["auc"] == pytest.approx(metrics.auc(pred["label"], pred["logits"]))
+    assert records[0]["seed"] is None and f"| {POPULARITY} | 1 |" in (out / "results.md").read_text()
+    res = runner.invoke(app, [*args, *FAST, "--latency-candidates", "0", "--resume"])  # not added twice
+    assert res.exit_code == 0 and len(json.loads((out / "results.json").read_text())) == 2
+
+
 def test_demo_prints_one_table_and_writes_the_plot(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--rows", "3000", "--models", "lr,two_tower", "--max-steps", "5"]

@@ -130,6 +130,27 @@ def test_every_runtime_serves_the_training_models_scores(name: str, shared: Path
         torch.testing.assert_close(torch.tensor(one.scores), expected[:1], rtol=1e-4, atol=1e-5, msg=runtime)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_schema_without_cross_features_exports_to_onnx(name: str, tmp_path: Path) -> None:
+    """``prepare table`` writes no cross features: every model's graphs still load on onnxruntime and score as the
+    model does (COLD's SE block once built a ``[N, 0]`` reshape that onnxruntime refuses)."""
+    schema = Schema(name="no-cross", features=tuple(f for f in tiny_schema().features if f.tower != "cross"))
+    data = write_serve_data(tmp_path / "data", schema)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", name, build_model(name, schema))
+    export(tmp_path / "m.pt", data, tmp_path / "art")
+    torch.manual_seed(0)
+    model = build_model(name, schema).eval()  # the exported weights
+    rows = table_to_batch(tiny_table(8, 3, schema), schema)
+    items = table_to_batch(pa.parquet.read_table(data / "items.parquet"), schema)
+    with torch.no_grad():
+        expected = model(one_request(rows, schema, items))
+    result = Scorer.load(tmp_path / "art", runtime="onnx").score(
+        user_dict(rows, schema), items.features["item_id"].tolist()
+    )
+    torch.testing.assert_close(torch.tensor(result.scores), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_each_torch_graph_holds_only_the_weights_it_reads(shared: Path) -> None:
     """The score graph of IntTower reads no embedding table, so its program is a small part of the weights."""
     art = shared / "art-int_tower"

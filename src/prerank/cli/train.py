@@ -179,6 +179,12 @@ def compare(
     stage_mix: str = StageMixOpt,
     requests_per_batch: int = RequestsOpt,
     progress: bool = ProgressOpt,
+    popularity: bool = typer.Option(
+        False,
+        "--popularity",
+        help="Add the row of a scorer that learns nothing: each test row scored by its item's smoothed click rate"
+        " on the train split (the bar every model should clear).",
+    ),
     latency_candidates: int = typer.Option(
         1000,
         "--latency-candidates",
@@ -215,6 +221,7 @@ def compare(
         log=console.print,
         latency_candidates=latency_candidates or None,
         grid=_grid(grid),
+        popularity=popularity,
     )
     if distributed.current().main:
         typer.echo((out / "results.md").read_text())

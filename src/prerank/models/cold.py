@@ -117,6 +117,8 @@ class COLD(PreRanker):
         """SE field weights ``[N, F]`` in (0, 1), fields in the order user, item, cross."""
         if self.config.se_block == "linear":
             cached = user["gate"] + item["gate"] + self.gate_bias
+            if not self.sel.cross:  # a [N, 0] reshape is no valid ONNX Reshape: skip the empty cross part
+                return torch.sigmoid(cached)
             return torch.sigmoid(self.gate.summed(cross, self._offsets["cross"], cached))
         z = torch.cat([broadcast_rows(user["gate"], cross.shape[0]), item["gate"], squeeze(cross)], dim=-1)
         return self.senet.excite(z)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from prerank.bench.cost import score_cost
 from prerank.data.parquet import ParquetSplit
 from prerank.evaluate import metrics
@@ -16,12 +18,14 @@ from prerank.evaluate.report import auc_latency_plot, results_table
 from prerank.io import atomic_write_text
 from prerank.models.base import ConfigError, num_params
 from prerank.models.registry import MODELS
-from prerank.schema import Schema
+from prerank.schema import STAGES, Schema
 from prerank.train import distributed
 from prerank.train.config import TrainConfig, train_config
-from prerank.train.trainer import Loss, bce_loss, evaluate_split, quiet, train_model
+from prerank.train.trainer import Loss, bce_loss, evaluate_predictions, evaluate_split, quiet, train_model
 
 BASELINE = "two_tower"
+#: The row of :func:`popularity_predictions` in a comparison.
+POPULARITY = "popularity (item train rate)"
 LISTWISE_PREFIXES = ("recall@", "ndcg@", "hard_recall@", "hard_ndcg@", "cascade_recall@")
 
 #: Per-model training defaults that differ from the shared ones. LR's 1-dim weights move at most
@@ -75,6 +79,7 @@ def run_compare(
     latency_candidates: int | None = 1000,
     on_step: Callable[[str], None] | None = None,
     grid: dict[str, list[Any]] | None = None,
+    popularity: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every model for seeds ``config.seed .. config.seed + seeds - 1``; evaluate each on the test split.
 
@@ -95,6 +100,8 @@ def run_compare(
     keys are options of ``loss``, e.g. ``{"loss.distillation_weight": [0.5, 1, 2]}``) tunes every model on the same
     grid first (:func:`tune`, valid split, first seed); each model's seeds then train with its chosen point, which
     its records carry as ``tuned`` and the table prints beside its row.
+    ``popularity`` adds the row of a scorer that learns nothing (:func:`popularity_predictions`: the item's smoothed
+    click rate on the train split), the bar every model should clear.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = [m for m in models if m not in MODELS]
@@ -117,6 +124,9 @@ def run_compare(
     if teacher is not None and main and not any(r.get("is_teacher") for r in records):
         records.insert(0, _teacher_record(Path(teacher), data_dir, config.eval_batch_size))
         log(f"teacher {records[0]['model']}: test AUC {records[0]['auc']:.4f}")
+    if popularity and main and not any(r["model"] == POPULARITY for r in records):
+        records.append(_popularity_record(data_dir))
+        log(f"{POPULARITY}: test AUC {records[-1]['auc']:.4f}")
     # the baseline first, so that every later record can carry its RelaImpr
     order = sorted(models, key=lambda m: m != BASELINE)
     chosen = {
@@ -326,6 +336,46 @@ def _teacher_record(path: Path, data_dir: Path, batch_size: int) -> dict[str, An
         "checkpoint": str(path),
         **_cost(model, data_dir),
         **{k: v for k, v in test.items() if k.startswith(LISTWISE_PREFIXES)},
+    }
+
+
+def popularity_predictions(data_dir: str | Path, split: str = "test", smoothing: float = 10.0) -> dict[str, np.ndarray]:
+    """Predictions of the item-popularity scorer on ``split``: the log-odds of the item's click rate on the train
+    split, ``(clicks + smoothing * rate) / (impressions + smoothing)`` with ``rate`` the overall click rate (an item
+    never shown in training scores ``rate``). On cascade data only impressions count."""
+    import pyarrow.parquet as pq
+
+    def read(name: str) -> dict[str, np.ndarray]:
+        files = ParquetSplit(data_dir, name).files
+        present = set(pq.read_schema(files[0]).names)
+        table = pq.read_table(files, columns=[c for c in ("item_id", "label", "request_id", "stage") if c in present])
+        if "item_id" not in table.column_names:
+            raise ConfigError(f"{data_dir}/{name} has no item_id column: no popularity baseline")
+        return {c: table.column(c).to_numpy() for c in table.column_names}
+
+    train, rows = read("train"), read(split)
+    shown = train["stage"] == STAGES.index("impression") if "stage" in train else slice(None)
+    items, labels = train["item_id"][shown], train["label"][shown].astype(np.float64)
+    size = int(max(items.max(initial=0), rows["item_id"].max(initial=0))) + 1
+    rate = float(labels.mean())
+    ctr = (np.bincount(items, weights=labels, minlength=size) + smoothing * rate) / (
+        np.bincount(items, minlength=size) + smoothing
+    )
+    p = np.clip(ctr[rows["item_id"]], 1e-6, 1 - 1e-6)
+    return {**{k: v for k, v in rows.items() if k != "item_id"}, "logits": np.log(p / (1 - p))}
+
+
+def _popularity_record(data_dir: Path) -> dict[str, Any]:
+    test = evaluate_predictions(popularity_predictions(data_dir))
+    return {
+        "model": POPULARITY,
+        "is_baseline": True,
+        "seed": None,
+        "data": str(data_dir),
+        "auc": test["auc"],
+        "logloss": test["logloss"],
+        "gauc": test["gauc"],
+        "gauc_requests_skipped": test.get("gauc_requests_skipped"),
     }
 
 
