@@ -26,7 +26,7 @@ from prerank.train.trainer import Loss, bce_loss, evaluate_predictions, evaluate
 BASELINE = "two_tower"
 #: The row of :func:`popularity_predictions` in a comparison.
 POPULARITY = "popularity (item train rate)"
-LISTWISE_PREFIXES = ("recall@", "ndcg@", "hard_recall@", "hard_ndcg@", "cascade_recall@")
+LISTWISE_PREFIXES = ("recall@", "ndcg@", "hard_recall@", "hard_ndcg@", "cascade_recall@", "exposure_auc")
 
 #: Per-model training defaults that differ from the shared ones. LR's 1-dim weights move at most
 #: ``lr`` per Adam step, so at the shared 1e-3 it is still far from converged after 4 epochs; 1e-2
