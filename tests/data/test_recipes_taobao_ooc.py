@@ -115,3 +115,19 @@ def test_errors(tmp_path: Path) -> None:
         prepare("taobao-user-behavior", tmp_path / "garbage.csv", tmp_path / "out", engine="duckdb")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".prerank-duckdb-*"))
+
+
+def test_cli_engine_options(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from prerank.cli import app
+    from prerank.cli import data as _data  # noqa: F401  (registers the commands)
+
+    raw, out, spill = write_csv(tmp_path / "UserBehavior.csv"), tmp_path / "out", tmp_path / "spill"
+    spill.mkdir()
+    args = ["data", "prepare", "taobao-user-behavior", "--raw", str(raw), "--out", str(out), "--no-progress"]
+    res = CliRunner().invoke(app, [*args, "--engine", "duckdb", "--memory-limit", "100MB", "--temp-dir", str(spill)])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["engine"] == "duckdb" and meta["out_of_core"]["memory_limit"] == "100MB"
+    assert meta["out_of_core"]["temp_dir"] == str(spill) and list(spill.iterdir()) == []
