@@ -13,8 +13,9 @@ Rows and labels
 
 Split (by day, global): days 0-6 train, day 7 (2017-12-02) valid, day 8 (2017-12-03) test.
 
-Memory: the CSV is parsed into memory (about 40 bytes per event); the 814-user sample is
-small, the full 100M-event file needs several GB.
+Memory: the CSV is parsed into memory (about 40 bytes per event) and every feature is built in
+numpy; the 814-user sample is small, the full 100M-event file needs several GB. For logs larger
+than memory, :mod:`.taobao_ooc` (``--engine duckdb``) writes the same dataset out of core.
 
 Features (FSCD cost types as in :func:`.common.fscd_cost`: I/II simple user/item ids, III complex
 per-request user features, IV complex per-candidate features):
