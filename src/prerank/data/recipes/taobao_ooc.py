@@ -42,7 +42,18 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from prerank.data.parquet import SplitWriter, finish_dataset
-from prerank.data.recipes.common import Progress, RecipeError, balanced_folds, log_scale, no_progress, staging_dir
+from prerank.data.recipes.common import (
+    Entries,
+    Progress,
+    RecipeError,
+    balanced_folds,
+    fold_priors,
+    group_count,
+    log_scale,
+    no_progress,
+    staging_dir,
+    target_mean,
+)
 from prerank.data.recipes.taobao import (
     BEHAVIOURS,
     DAY,
@@ -132,14 +143,6 @@ def stage_events(path: Path, dest: Path) -> int:
 
 def _one(con, sql: str, params: list | None = None) -> tuple:  # noqa: ANN001
     return con.execute(sql, params or []).fetchall()[0]
-
-
-def _stat_tables(con, key: str, cols: str) -> None:  # noqa: ANN001
-    """``s_KEY``: label sum and count of the training rows per (key, fold); ``g_KEY``: per key."""
-    by_fold = "sum(y)::BIGINT AS s, count(*) AS c"
-    by_key = "sum(s)::BIGINT AS s, sum(c)::BIGINT AS c"
-    con.execute(f"CREATE TABLE s_{key} AS SELECT {cols}, fold, {by_fold} FROM tr GROUP BY ALL")
-    con.execute(f"CREATE TABLE g_{key} AS SELECT {cols}, {by_key} FROM s_{key} GROUP BY ALL")
 
 
 def prepare_taobao_duckdb(
@@ -235,60 +238,53 @@ def _prepare(
         """CREATE TABLE tr AS SELECT r.uid, r.iid, r.cid, r.day, (r.level >= 2)::INTEGER AS y, q.fold
         FROM rows r JOIN req q ON q.uid = r.uid AND q.day = r.day WHERE r.split = 0"""
     )
-    _stat_tables(con, "u", "uid")
-    _stat_tables(con, "i", "iid")
-    _stat_tables(con, "uc", "uid, cid")
     y_f = np.zeros(cfg.n_folds)
     n_f = np.zeros(cfg.n_folds)
     for fold, y, n in con.execute("SELECT fold, sum(y)::BIGINT, count(*) FROM tr GROUP BY fold").fetchall():
         y_f[fold], n_f[fold] = y, n
-    # as common.target_mean: the prior of a training row excludes its fold
-    prior_f = (y_f.sum() - y_f) / np.maximum(n_f.sum() - n_f, 1.0)
-    prior = y_f.sum() / max(n_f.sum(), 1.0)
-    ref = {
-        "user_count": float(_one(con, "SELECT max(c) FROM g_u")[0]),
-        "item_count": float(_one(con, "SELECT max(c) FROM g_i")[0]),
-        # a training row's earlier-day count is largest on its group's last training day; (user, day, item)
-        # is unique, so for (user, item) that is the group's size minus one
-        "user_item_before": float(_one(con, "SELECT max(n) - 1 FROM (SELECT count(*) n FROM tr GROUP BY uid, iid)")[0]),
-    }
-    uc_ref = _one(
-        con,
-        """SELECT max(n - n_last), max(p - p_last) FROM (SELECT sum(n) AS n, arg_max(n, day) AS n_last, sum(p) AS p,
-        arg_max(p, day) AS p_last FROM (SELECT uid, cid, day, count(*) AS n, sum(y) AS p FROM tr GROUP BY ALL)
-        GROUP BY uid, cid)""",
-    )
-    ref["user_cat_before"], ref["user_cat_pos_before"] = float(uc_ref[0]), float(uc_ref[1])
+    priors = fold_priors(y_f, n_f)  # the training split's, as common.target_mean computes them
+    # references of log_scale: the largest value over training rows. An earlier-day count is largest on its
+    # group's last training day; (user, day, item) is unique, so for (user, item) that is the group's size - 1
+    ref = {"user_count": "max(n) FROM (SELECT count(*) AS n FROM tr GROUP BY uid)"}
+    ref["item_count"] = "max(n) FROM (SELECT count(*) AS n FROM tr GROUP BY iid)"
+    ref["user_item_before"] = "max(n) - 1 FROM (SELECT count(*) AS n FROM tr GROUP BY uid, iid)"
+    by_uc = "FROM uc GROUP BY uid, cid"
+    ref["user_cat_before"] = f"max(n - n_last) FROM (SELECT sum(n) AS n, arg_max(n, day) AS n_last {by_uc})"
+    ref["user_cat_pos_before"] = f"max(p - p_last) FROM (SELECT sum(p) AS p, arg_max(p, day) AS p_last {by_uc})"
+    con.execute("CREATE TABLE uc AS SELECT uid, cid, day, count(*) AS n, sum(y) AS p FROM tr GROUP BY ALL")
+    ref = {k: float(_one(con, f"SELECT {q}")[0]) for k, q in ref.items()}
+    # item statistics (items span users, so DuckDB joins them on): per (item, fold) the out-of-fold sums, and
+    # under fold -1 (valid and test rows) the whole training split's
     con.execute(
-        """CREATE TABLE feat AS SELECT r.uid, r.day, r.iid, r.cid, r.level, r.ts, r.split,
-            coalesce(vu.code, 0) AS u_code, coalesce(vi.code, 0) AS i_code, coalesce(vc.code, 0) AS c_code,
-            coalesce(q.fold, 0) AS fold,
-            coalesce(gu.s, 0) - coalesce(su.s, 0) AS u_s, coalesce(gu.c, 0) - coalesce(su.c, 0) AS u_c,
-            coalesce(gi.s, 0) - coalesce(si.s, 0) AS i_s, coalesce(gi.c, 0) - coalesce(si.c, 0) AS i_c,
-            coalesce(guc.s, 0) - coalesce(suc.s, 0) AS uc_s, coalesce(guc.c, 0) - coalesce(suc.c, 0) AS uc_c,
-            coalesce(gu.c, 0) AS u_n, coalesce(gi.c, 0) AS i_n
-        FROM rows r
-        LEFT JOIN vu ON vu.uid = r.uid
-        LEFT JOIN vi ON vi.iid = r.iid
-        LEFT JOIN vc ON vc.cid = r.cid
-        LEFT JOIN req q ON r.split = 0 AND q.uid = r.uid AND q.day = r.day
-        LEFT JOIN g_u gu ON gu.uid = r.uid
-        LEFT JOIN s_u su ON su.uid = r.uid AND su.fold = q.fold
-        LEFT JOIN g_i gi ON gi.iid = r.iid
-        LEFT JOIN s_i si ON si.iid = r.iid AND si.fold = q.fold
-        LEFT JOIN g_uc guc ON guc.uid = r.uid AND guc.cid = r.cid
-        LEFT JOIN s_uc suc ON suc.uid = r.uid AND suc.cid = r.cid AND suc.fold = q.fold
-        ORDER BY r.uid"""
+        f"""CREATE TABLE istat AS WITH f AS (SELECT iid, fold, sum(y)::BIGINT AS s, count(*) AS c FROM tr GROUP BY ALL),
+        g AS (SELECT iid, sum(s)::BIGINT AS s, sum(c)::BIGINT AS c FROM f GROUP BY iid)
+        SELECT g.iid, k.fold, vi.code, g.s - coalesce(f.s, 0) AS s, g.c - coalesce(f.c, 0) AS c, g.c AS n
+        FROM g JOIN vi ON vi.iid = g.iid CROSS JOIN range(-1, {cfg.n_folds}) k(fold)
+        LEFT JOIN f ON f.iid = g.iid AND f.fold = k.fold"""
     )
+    con.execute("DROP TABLE tr; DROP TABLE uc")
+    con.execute(
+        """CREATE TABLE base AS SELECT r.*, coalesce(vu.code, 0) AS u_code, coalesce(vc.code, 0) AS c_code,
+            coalesce(q.fold, -1) AS fold
+        FROM rows r LEFT JOIN vu ON vu.uid = r.uid LEFT JOIN vc ON vc.cid = r.cid
+        LEFT JOIN req q ON r.split = 0 AND q.uid = r.uid AND q.day = r.day"""
+    )
+    con.execute(
+        """CREATE TABLE feat AS SELECT b.*, coalesce(i.code, 0) AS i_code, coalesce(i.s, 0) AS i_s,
+            coalesce(i.c, 0) AS i_c, coalesce(i.n, 0) AS i_n
+        FROM base b LEFT JOIN istat i ON i.iid = b.iid AND i.fold = b.fold ORDER BY b.uid"""
+    )
+    con.execute("DROP TABLE base")
     sizes = {
         name: _one(con, f"SELECT count(*) FROM {v}")[0] + 1
         for name, v in (("user_id", "vu"), ("item_id", "vi"), ("category_id", "vc"))
     }
     schema = build_schema(sizes, cfg.hist_len)
+    # an item's category: that of its first training row in (user, day) order, as in memory
     cat = con.execute(
-        """SELECT v.code, v.iid, c.cat, g.s, g.c FROM vi v JOIN g_i g ON g.iid = v.iid
-        JOIN (SELECT iid, first(c_code ORDER BY uid, day) AS cat FROM feat WHERE split = 0 GROUP BY iid) c
-        ON c.iid = v.iid ORDER BY v.code"""
+        """SELECT i.code, i.iid, c.cat, i.s, i.c FROM istat i
+        JOIN (SELECT iid, arg_min(c_code, (uid, day)) AS cat FROM feat WHERE split = 0 GROUP BY iid) c ON c.iid = i.iid
+        WHERE i.fold = -1 ORDER BY i.code"""
     ).fetchnumpy()
     m = cfg.smoothing
     items = pa.table(
@@ -296,7 +292,7 @@ def _prepare(
             "item_id": pa.array(cat["code"], pa.int64()),
             "raw_item_id": pa.array(cat["iid"], pa.int64()),
             "category_id": pa.array(cat["cat"], pa.int64()),
-            "item_mean_label": pa.array(_smoothed(cat["s"], cat["c"], m, prior), pa.float32()),
+            "item_mean_label": pa.array(_smoothed(cat["s"], cat["c"], m, priors[1]), pa.float32()),
             "item_count": pa.array(log_scale(cat["c"], ref["item_count"]), pa.float32()),
         }
     )
@@ -318,20 +314,19 @@ def _prepare(
             label = (r["level"] >= 2).astype(np.float32)
             split = b["split"].astype(np.int8)
             codes = {"user_id": b["u_code"], "item_id": b["i_code"], "category_id": b["c_code"]}
+            dense = _user_statistics(b, split, label, cfg, priors, ref, sizes["category_id"])
             hist, before = past_only(r, split, label, b["i_code"], b["c_code"], cfg.hist_len)
             for s, writer in enumerate(writers):
                 p = np.nonzero(split == s)[0]
                 if not len(p):
                     continue
-                pr = prior_f[b["fold"][p]] if s == 0 else prior
-                dense = {
-                    "user_mean_label": _smoothed(b["u_s"][p], b["u_c"][p], m, pr),
-                    "user_count": log_scale(b["u_n"][p], ref["user_count"]),
-                    "item_mean_label": _smoothed(b["i_s"][p], b["i_c"][p], m, pr),
+                prior = priors[0][b["fold"][p]] if s == 0 else priors[1]
+                values = {k: v[s] for k, v in dense.items()} | {
+                    "item_mean_label": _smoothed(b["i_s"][p], b["i_c"][p], m, prior),
                     "item_count": log_scale(b["i_n"][p], ref["item_count"]),
-                    "user_cat_rate": _smoothed(b["uc_s"][p], b["uc_c"][p], m, pr),
-                } | {k: log_scale(v[s], ref[k]) for k, v in before.items()}
-                writer.write(split_table(r, p, label, schema, {k: v[s] for k, v in hist.items()}, dense, codes))
+                }
+                values |= {k: log_scale(v[s], ref[k]) for k, v in before.items()}
+                writer.write(split_table(r, p, label, schema, {k: v[s] for k, v in hist.items()}, values, codes))
                 positives[s] += int(label[p].sum())
         for w in writers:
             w.close()
@@ -342,6 +337,33 @@ def _prepare(
         con.close()
         finish_dataset(tmp, schema, rows, items=items, meta=meta)
     progress("done", steps, steps)
+    return out
+
+
+def _user_statistics(
+    b: dict[str, np.ndarray],
+    split: np.ndarray,
+    label: np.ndarray,
+    cfg: TaobaoConfig,
+    priors: tuple[np.ndarray, float],
+    ref: dict[str, float],
+    n_categories: int,
+) -> dict[str, list[np.ndarray]]:
+    """User and (user, category) statistics of one range of whole users, per split, with the in-memory path's
+    functions: every row of a user's groups is in the range, and the priors are the whole training split's."""
+    parts = [np.nonzero(split == s)[0] for s in range(3)]
+    tr = parts[0]
+    fold = b["fold"][tr]
+    keys = {"user": b["u_code"], "user_cat": b["u_code"] * n_categories + b["c_code"]}
+    out = {}
+    for name, feature in (("user", "user_mean_label"), ("user_cat", "user_cat_rate")):
+        ent = [Entries.single(keys[name][p]) for p in parts]
+        train, evals = target_mean(
+            ent[0], label[tr], fold, ent[1:], n_folds=cfg.n_folds, smoothing=cfg.smoothing, priors=priors
+        )
+        out[feature] = [train, *evals]
+    ent = [Entries.single(b["u_code"][p]) for p in parts]
+    out["user_count"] = [log_scale(c, ref["user_count"]) for c in group_count(ent[0], ent)]
     return out
 
 
