@@ -379,8 +379,10 @@ def _meta(con, path, protocol, seed, cfg, ooc, n_events, sizes, rows, positives)
     first_valid = N_DAYS - cfg.test_days - cfg.valid_days
     by_event = dict(con.execute("SELECT level, count(*) FROM ev GROUP BY level").fetchall())
     by_row = dict(con.execute("SELECT level, count(*) FROM rows GROUP BY level").fetchall())
-    n_rows, n_req, n_users, n_items = _one(
-        con, "SELECT count(*), count(DISTINCT (uid, day)), count(DISTINCT uid), count(DISTINCT iid) FROM rows"
+    # DISTINCT as a grouping (spills to disk) rather than count(DISTINCT ...) (a hash set held in memory)
+    n_rows, n_req, n_users, n_items = (
+        _one(con, f"SELECT count(*) FROM (SELECT DISTINCT {cols} FROM rows)")[0]
+        for cols in ("uid, day, iid", "uid, day", "uid", "iid")
     )
     in_window = sum(by_event.values())
     return {
