@@ -8,19 +8,20 @@ shipped sample); only ``meta.json`` gains an ``out_of_core`` entry and its timin
 1. **Reading**: the CSV (optionally ``.gz``) is streamed block by block (pyarrow, the in-memory path's
    parser and checks) into a staging Parquet file that numbers the events, so that ties in time are broken
    by file order as in :func:`.taobao.aggregate`.
-2. **DuckDB** (``SET memory_limit``; operators spill to a temporary folder): the (user, day, item)
-   aggregation, the day split, the training vocabularies (ids ``1..K`` by sorted raw value, 0 for anything
-   unseen in training), the out-of-fold label sums and counts per (key, fold) for the user, item and
-   (user, category) statistics joined back onto every row (minus the row's own fold for training rows),
-   the training counts, the log-scale references and the item catalogue.
-3. **Per range of users** (about ``bucket_rows`` rows each, users in increasing order): the past-only
-   features (behaviour histories, counts on earlier days) with the in-memory path's own numpy functions
-   (:func:`.taobao.past_only`; each reads only the row's own user, so a range of whole users gets the
-   values the whole log would give), the smoothing formulas, and the rows appended in their final order
-   to the split's :class:`~prerank.data.parquet.SplitWriter`.
+2. **DuckDB** (``SET memory_limit``; operators spill to a temporary folder; one join per query, as DuckDB
+   spills one join at a time): the (user, day, item) aggregation, the day split, the training vocabularies
+   (ids ``1..K`` by sorted raw value, 0 for anything unseen in training), the request-level folds, the item
+   statistics (out-of-fold label sums and counts per (item, fold), joined onto every row), the fold priors,
+   the log-scale references (maxima over training rows) and the item catalogue.
+3. **Per range of users** (about ``bucket_rows`` rows each, users in increasing order), with the in-memory
+   path's own numpy functions: the user and (user, category) statistics (:func:`.common.target_mean` with the
+   whole training split's priors), the past-only features (:func:`.taobao.past_only`: behaviour histories,
+   counts on earlier days), and the rows appended in their final order to the split's
+   :class:`~prerank.data.parquet.SplitWriter`. Each of these reads only the row's own user, so a range of
+   whole users gets the values the whole log would give.
 
 Memory is bounded by DuckDB's ``memory_limit`` plus one range of users (numpy, with its histories) plus the
-Parquet writer's buffer (one part, 1M rows), plus two things that grow with the log but not with its rows:
+Parquet writer's buffer (one part, 1M rows), plus two things that grow with the requests and items, not rows:
 the fold of each training request (one int64 each: the in-memory path draws one random permutation over the
 training requests sorted by (user, day), and so does this one, so that both give the same folds) and the
 item catalogue (one row per training item). A single user with more rows than ``bucket_rows`` gets a range
@@ -79,7 +80,7 @@ class OutOfCore:
 
     ``memory_limit`` is DuckDB's (e.g. ``"1GB"``), not the process's: add one range of ``bucket_rows`` rows
     and the Parquet writer's buffer. ``temp_dir`` holds the staging file, DuckDB's database and its spill
-    files (default: a temporary folder beside ``--out``; about 2-3x the CSV's size at the peak).
+    files (default: a temporary folder beside ``--out``; about 3.5x the CSV's size at the peak on 50M events).
     """
 
     memory_limit: str = "1GB"
