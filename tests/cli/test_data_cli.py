@@ -50,6 +50,18 @@ def test_prepare_then_info(tmp_path: Path) -> None:
         (["data", "prepare", "ml-100k", "--raw", "{raw}", "--out", "{out}"], "u.data"),
         (["data", "prepare", "ml-1m", "--raw", "{raw}/nope", "--out", "{out}"], "does not exist"),
         (["data", "download", "taobao-user-behavior", "--cache", "{out}"], "no download"),
+        (
+            ["data", "prepare", "ml-1m", "--raw", "{raw}", "--out", "{out}", "--engine", "duckdb"],
+            "taobao-user-behavior only",
+        ),
+        (
+            ["data", "prepare", "ml-1m", "--raw", "{raw}", "--out", "{out}", "--engine", "spark"],
+            "unknown engine 'spark'",
+        ),
+        (
+            ["data", "prepare", "ml-1m", "--raw", "{raw}", "--out", "{out}", "--temp-dir", "{out}"],
+            "apply to --engine duckdb",
+        ),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(tmp_path: Path, args: list[str], message: str) -> None:

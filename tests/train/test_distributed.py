@@ -139,3 +139,19 @@ def test_torchrun_runs_the_cli_on_two_ranks(dataset: Path, tmp_path: Path) -> No
     summary = json.loads((out / "test.json").read_text())
     assert summary["epochs"] == 1 and 0.0 <= summary["test"]["auc"] <= 1.0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 alone writes
+
+
+@pytest.mark.slow
+def test_torchrun_runs_compare_on_two_ranks(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    cmd += ["-m", "prerank", "compare", "--models", "lr,two_tower", "--seeds", "1", "--data", str(dataset)]
+    cmd += ["--out", str(out), "--epochs", "1", "--batch-size", "64", "--threads", "1", "--latency-candidates", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*cmd, "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads((out / "results.json").read_text())
+    runs = sorted((r["model"], r["seed"]) for r in records)  # rank 0 alone writes: each run once
+    assert runs == [("lr", 0), ("two_tower", 0)]
+    assert all(0.0 <= r["auc"] <= 1.0 and r["epochs"] == 1 for r in records)
+    assert "two_tower" in (out / "results.md").read_text()

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from prerank.cli import app
 from prerank.cli.common import ProgressOpt, console, friendly_errors, parse_options
-from prerank.data.recipes import RECIPES, prepare
+from prerank.data.recipes import RECIPES, OutOfCore, prepare
 from prerank.data.recipes.common import Progress as ProgressFn
 from prerank.data.recipes.common import no_progress
 from prerank.data.recipes.download import ARCHIVES, download
@@ -82,6 +82,18 @@ def prepare_cmd(
         help="Feature set of a recipe: 'default', or 'wide' (40+ fields of all four FSCD cost types, for "
         "`prerank select`; MovieLens needs --protocol temporal).",
     ),
+    engine: str = typer.Option(
+        "memory",
+        "--engine",
+        help="'memory' (the whole log in memory), or 'duckdb': out of core for logs larger than memory "
+        "(taobao-user-behavior, default features; the same dataset).",
+    ),
+    memory_limit: str = typer.Option(
+        None, "--memory-limit", help="--engine duckdb: DuckDB's memory limit, e.g. 2GB (default 1GB); spills past it."
+    ),
+    temp_dir: Path = typer.Option(
+        None, "--temp-dir", help="--engine duckdb: folder for staging and spill files (default: beside --out)."
+    ),
     progress: bool = ProgressOpt,
     interactions: Path = typer.Option(None, "--interactions", help="table: interaction log (.csv/.tsv/.parquet)."),
     users: Path = typer.Option(None, "--users", help="table: one row per user; its columns become user features."),
@@ -113,6 +125,8 @@ def prepare_cmd(
     if name == "table":
         if features != "default":
             raise ValueError("--features applies to the recipes, not to 'prepare table'")
+        if engine != "memory":
+            raise ValueError("--engine applies to the recipes (duckdb: taobao-user-behavior), not to 'prepare table'")
         _prepare_table(
             out, seed, progress, interactions=interactions, users=users, items=items, user_col=user_col,
             item_col=item_col, label_col=label_col, implicit=implicit, time_col=time_col, split=split,
@@ -121,8 +135,11 @@ def prepare_cmd(
         return
     if raw is None:
         raise ValueError(f"recipe {name!r} needs --raw (the folder or archive of its raw files)")
+    ooc = None
+    if memory_limit is not None or temp_dir is not None:
+        ooc = OutOfCore(memory_limit=memory_limit or OutOfCore.memory_limit, temp_dir=temp_dir)
     with _bar(progress) as bar:
-        path = prepare(name, raw, out, protocol, seed, features=features, progress=bar)
+        path = prepare(name, raw, out, protocol, seed, features=features, engine=engine, out_of_core=ooc, progress=bar)
     meta = json.loads((path / "meta.json").read_text())
     rows = ", ".join(f"{k} {v:,}" for k, v in meta["rows"].items())
     console.print(f"[green]wrote[/] {path}: {rows} rows in {meta['prepare_seconds']} s")

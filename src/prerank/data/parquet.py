@@ -121,10 +121,26 @@ def write_dataset(
         w = SplitWriter(root, name, row_group_size=row_group_size)
         w.write(table)
         w.close()
+    rows = {name: t.num_rows for name, t in splits.items()}
+    finish_dataset(root, schema, rows, items=items, meta=meta, row_group_size=row_group_size)
+
+
+def finish_dataset(
+    root: str | Path,
+    schema: Schema,
+    rows: dict[str, int],
+    *,
+    items: pa.Table | None = None,
+    meta: dict | None = None,
+    row_group_size: int = 65_536,
+) -> None:
+    """Complete a dataset whose splits were written (e.g. by :class:`SplitWriter`): the item catalogue,
+    ``meta.json`` (with the split sizes ``rows``) and ``schema.json``."""
+    root = Path(root)
     if items is not None:
         atomic_write(root / "items.parquet", lambda tmp: pq.write_table(items, tmp, row_group_size=row_group_size))
     info = dict(meta or {})
-    info["rows"] = {name: t.num_rows for name, t in splits.items()}
+    info["rows"] = rows
     atomic_write_text(root / "meta.json", json.dumps(info, indent=2, default=str))
     schema.save(root / "schema.json")
 

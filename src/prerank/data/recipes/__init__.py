@@ -16,6 +16,9 @@ taobao-user-behavior   temporal               UserBehavior*.csv[.gz]
 
 Feature sets: ``default`` (each recipe's documented columns) and ``wide`` (40+ fields of all four FSCD
 cost types for feature selection: :mod:`.movielens_wide`, temporal protocol only; :mod:`.taobao_wide`).
+
+Engines: ``memory`` (numpy/pyarrow, the whole log in memory) and ``duckdb`` (out of core, for logs larger
+than memory: :mod:`.taobao_ooc`; Taobao's default feature set, the same dataset as ``memory``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from prerank.data.recipes.movielens import PROTOCOLS as MOVIELENS_PROTOCOLS
 from prerank.data.recipes.movielens import prepare_movielens
 from prerank.data.recipes.taobao import PROTOCOLS as TAOBAO_PROTOCOLS
 from prerank.data.recipes.taobao import prepare_taobao
+from prerank.data.recipes.taobao_ooc import OutOfCore, prepare_taobao_duckdb
+
+#: Preparation engines; ``duckdb`` is the out-of-core path (:mod:`.taobao_ooc`).
+ENGINES: tuple[str, ...] = ("memory", "duckdb")
 
 
 @dataclass(frozen=True)
@@ -56,13 +63,17 @@ def prepare(
     seed: int = 0,
     *,
     features: str = "default",
+    engine: str = "memory",
+    out_of_core: OutOfCore | None = None,
     progress: Progress = no_progress,
 ) -> Path:
     """Run recipe ``name`` on the raw files at ``raw`` and write the dataset to ``out``.
 
     ``protocol=None`` picks the recipe's first protocol; ``features`` is ``default`` or ``wide`` (40+ fields of
-    all four FSCD cost types, for feature selection). Raises :class:`RecipeError` for an unknown name,
-    protocol or feature set and for missing or malformed raw files.
+    all four FSCD cost types, for feature selection). ``engine="duckdb"`` prepares out of core
+    (``taobao-user-behavior``, default features; ``out_of_core`` sets its memory limit and temporary folder).
+    Raises :class:`RecipeError` for an unknown name, protocol, feature set or engine and for missing or
+    malformed raw files.
     """
     check_feature_set(features)
     recipe = RECIPES.get(name)
@@ -71,7 +82,16 @@ def prepare(
     protocol = protocol or recipe.protocols[0]
     if protocol not in recipe.protocols:
         raise RecipeError(f"recipe {name!r} has no protocol {protocol!r}; choose one of {recipe.protocols}")
+    if engine not in ENGINES:
+        raise RecipeError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if engine == "duckdb":
+        if name != "taobao-user-behavior":
+            raise RecipeError(f"--engine duckdb is implemented for taobao-user-behavior only, not {name!r}")
+        run = partial(prepare_taobao_duckdb, out_of_core=out_of_core)
+        return run(Path(raw), Path(out), protocol, seed, features=features, progress=progress)
+    if out_of_core is not None:
+        raise RecipeError("--memory-limit and --temp-dir apply to --engine duckdb")
     return recipe.run(Path(raw), Path(out), protocol, seed, features=features, progress=progress)
 
 
-__all__ = ["FEATURE_SETS", "RECIPES", "Progress", "Recipe", "RecipeError", "prepare"]
+__all__ = ["ENGINES", "FEATURE_SETS", "RECIPES", "OutOfCore", "Progress", "Recipe", "RecipeError", "prepare"]

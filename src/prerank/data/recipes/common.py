@@ -142,6 +142,7 @@ def target_mean(
     *,
     n_folds: int,
     smoothing: float,
+    priors: tuple[np.ndarray, float] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Smoothed mean label of each row's key group(s), out-of-fold for training rows.
 
@@ -154,6 +155,8 @@ def target_mean(
     Args:
         train: entries of the training rows (``train.n_rows`` rows, labels ``label``, folds ``fold``).
         evals: entries of other splits (valid, test); their labels are never read.
+        priors: ``(prior per fold, prior)`` of the whole training split, when ``train`` holds only the rows of
+            some groups (every row of each; the out-of-core path passes one range of users at a time).
 
     Returns:
         ``[n_train]`` float32 and one ``[n]`` float32 array per ``evals``.
@@ -166,10 +169,9 @@ def target_mean(
     s_kf = np.bincount(t_idx * n_folds + ent_fold, weights=ent_label, minlength=slots).reshape(-1, n_folds)
     c_kf = np.bincount(t_idx * n_folds + ent_fold, minlength=slots).reshape(-1, n_folds).astype(np.float64)
     s_k, c_k = s_kf.sum(1), c_kf.sum(1)
-    y_f = np.bincount(fold, weights=label, minlength=n_folds)
-    n_f = np.bincount(fold, minlength=n_folds).astype(np.float64)
-    prior_f = (y_f.sum() - y_f) / np.maximum(n_f.sum() - n_f, 1.0)
-    prior = y_f.sum() / max(n_f.sum(), 1.0)
+    prior_f, prior = priors or fold_priors(
+        np.bincount(fold, weights=label, minlength=n_folds), np.bincount(fold, minlength=n_folds)
+    )
 
     s_row = np.bincount(train.row, weights=s_k[t_idx] - s_kf[t_idx, ent_fold], minlength=train.n_rows)
     c_row = np.bincount(train.row, weights=c_k[t_idx] - c_kf[t_idx, ent_fold], minlength=train.n_rows)
@@ -180,6 +182,12 @@ def target_mean(
         c = np.bincount(ent.row, weights=c_k[idx], minlength=ent.n_rows)
         eval_out.append(((s + smoothing * prior) / (c + smoothing)).astype(np.float32))
     return train_out.astype(np.float32), eval_out
+
+
+def fold_priors(y_f: np.ndarray, n_f: np.ndarray) -> tuple[np.ndarray, float]:
+    """Mean label of the training rows outside each fold, and of all of them, from per-fold label sums and sizes."""
+    y_f, n_f = np.asarray(y_f, dtype=np.float64), np.asarray(n_f, dtype=np.float64)
+    return (y_f.sum() - y_f) / np.maximum(n_f.sum() - n_f, 1.0), y_f.sum() / max(n_f.sum(), 1.0)
 
 
 def group_count(train: Entries, queries: list[Entries]) -> list[np.ndarray]:

@@ -13,8 +13,9 @@ Rows and labels
 
 Split (by day, global): days 0-6 train, day 7 (2017-12-02) valid, day 8 (2017-12-03) test.
 
-Memory: the CSV is parsed into memory (about 40 bytes per event); the 814-user sample is
-small, the full 100M-event file needs several GB.
+Memory: the CSV is parsed into memory (about 40 bytes per event) and every feature is built in
+numpy; the 814-user sample is small, the full 100M-event file needs several GB. For logs larger
+than memory, :mod:`.taobao_ooc` (``--engine duckdb``) writes the same dataset out of core.
 
 Features (FSCD cost types as in :func:`.common.fscd_cost`: I/II simple user/item ids, III complex
 per-request user features, IV complex per-candidate features):
@@ -119,16 +120,26 @@ def find_raw(raw: Path) -> Path:
 
 def read_events(path: Path) -> dict[str, np.ndarray]:
     """Parse the CSV into ``user, item, category, level (1..4), ts`` arrays."""
+    read, convert = csv_options()
     try:
-        t = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=COLUMNS, block_size=1 << 24),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.int64() for c in COLUMNS if c != "behavior_type"} | {"behavior_type": pa.string()}
-            ),
-        )
+        t = pacsv.read_csv(path, read_options=read, convert_options=convert)
     except (pa.ArrowInvalid, OSError) as e:
         raise RecipeError(f"{path} is not a UserBehavior CSV (user,item,category,behavior,timestamp): {e}") from e
+    return check_events(t, path)
+
+
+def csv_options() -> tuple[pacsv.ReadOptions, pacsv.ConvertOptions]:
+    """How the headerless UserBehavior CSV is parsed (ids and timestamps int64, behaviour a string)."""
+    return (
+        pacsv.ReadOptions(column_names=COLUMNS, block_size=1 << 24),
+        pacsv.ConvertOptions(
+            column_types={c: pa.int64() for c in COLUMNS if c != "behavior_type"} | {"behavior_type": pa.string()}
+        ),
+    )
+
+
+def check_events(t: pa.Table, path: Path) -> dict[str, np.ndarray]:
+    """Parsed CSV rows -> ``user, item, category, level (1..4), ts`` arrays; :class:`RecipeError` on a bad value."""
     level = pc.index_in(t.column("behavior_type"), value_set=pa.array(BEHAVIOURS))
     if level.null_count:
         bad = pc.unique(pc.filter(t.column("behavior_type"), pc.is_null(level))).to_pylist()[:5]
@@ -155,6 +166,70 @@ def aggregate(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     rows = {k: s[k][starts] for k in ("user", "day", "item", "category", "ts")}
     rows["level"] = np.maximum.reduceat(s["level"], starts) if len(starts) else s["level"]
     return rows
+
+
+def past_only(
+    r: dict[str, np.ndarray],
+    split: np.ndarray,
+    label: np.ndarray,
+    i_code: np.ndarray,
+    c_code: np.ndarray,
+    hist_len: int,
+) -> tuple[dict[str, list[pa.Array]], dict[str, list[np.ndarray]]]:
+    """Behaviour histories and earlier-day counts of every row, per split (train, valid, test).
+
+    ``r`` holds aggregated rows in :func:`aggregate`'s order (events of equal time keep it). Every value
+    reads only the row's own user, so any set of whole users gives its rows the same values as the whole
+    log (the out-of-core path relies on that). Returns the ``list<int32>`` histories and the raw counts
+    (before :func:`.common.log_scale`).
+    """
+    parts = [np.nonzero(split == s)[0] for s in range(3)]
+    day_start = DAY0 + r["day"] * DAY
+    user_cat = r["user"] * (int(r["category"].max(initial=0)) + 1) + r["category"]
+    user_item = r["user"] * (int(r["item"].max(initial=0)) + 1) + r["item"]
+    hist: dict[str, list[pa.Array]] = {"hist_item_id": [], "hist_category_id": []}
+    before: dict[str, list[np.ndarray]] = {"user_cat_before": [], "user_cat_pos_before": [], "user_item_before": []}
+    for s, p in enumerate(parts):
+        allowed = split <= max(s - 1, 0)  # earlier splits only (training rows: earlier training days)
+        q_time = day_start[p]
+        for name, code in (("hist_item_id", i_code), ("hist_category_id", c_code)):
+            e = allowed & (code > 0)
+            hist[name].append(history(r["user"][p], q_time, r["user"][e], r["ts"][e], code[e], hist_len))
+        pos = allowed & (label == 1)
+        before["user_cat_before"].append(count_before(user_cat[p], q_time, user_cat[allowed], r["ts"][allowed]))
+        before["user_cat_pos_before"].append(count_before(user_cat[p], q_time, user_cat[pos], r["ts"][pos]))
+        before["user_item_before"].append(count_before(user_item[p], q_time, user_item[allowed], r["ts"][allowed]))
+    return hist, before
+
+
+def split_table(
+    r: dict[str, np.ndarray],
+    p: np.ndarray,
+    label: np.ndarray,
+    schema: Schema,
+    seqs: dict[str, pa.Array],
+    dense: dict[str, np.ndarray],
+    codes: dict[str, np.ndarray],
+) -> pa.Table:
+    """The rows ``p`` of one split as the table written to Parquet, sorted by user, day, first event time.
+
+    ``seqs`` and ``dense`` hold the split's values (aligned with ``p``), ``codes`` the ids of all rows.
+    """
+    cols: dict[str, pa.Array] = {
+        "request_id": pa.array(r["user"][p] * 100 + r["day"][p], pa.int64()),
+        "label": pa.array(label[p], pa.float32()),
+        "label_level": pa.array(r["level"][p], pa.int8()),
+        "ts": pa.array(r["ts"][p], pa.int64()),
+    }
+    for f in schema.features:
+        if f.kind == "sequence":
+            cols[f.name] = seqs[f.name]
+        elif f.kind == "dense":
+            cols[f.name] = pa.array(dense[f.name], pa.float32())
+        else:
+            cols[f.name] = pa.array(codes[f.name][p], pa.int64())
+    order = np.lexsort((r["ts"][p], r["day"][p], r["user"][p]))
+    return pa.table(cols).take(pa.array(order))
 
 
 def build_schema(vocab: dict[str, int], hist_len: int, wide: list[FeatureSpec] | None = None) -> Schema:
@@ -207,6 +282,15 @@ def build_schema(vocab: dict[str, int], hist_len: int, wide: list[FeatureSpec] |
     )
 
 
+def check_options(cfg: TaobaoConfig, protocol: str, features: str) -> None:
+    """:class:`RecipeError` for an unknown protocol or feature set, or split days that leave no training day."""
+    check_feature_set(features)
+    if protocol not in PROTOCOLS:
+        raise RecipeError(f"recipe 'taobao-user-behavior' has no protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if cfg.valid_days < 1 or cfg.test_days < 1 or cfg.valid_days + cfg.test_days >= N_DAYS:
+        raise RecipeError(f"valid_days and test_days must be >= 1 and leave training days of the {N_DAYS}")
+
+
 def prepare_taobao(
     raw: Path,
     out: Path,
@@ -221,11 +305,7 @@ def prepare_taobao(
 
     ``features="wide"`` adds the fields of :mod:`.taobao_wide`."""
     cfg = config or TaobaoConfig()
-    check_feature_set(features)
-    if protocol not in PROTOCOLS:
-        raise RecipeError(f"recipe 'taobao-user-behavior' has no protocol {protocol!r}; choose one of {PROTOCOLS}")
-    if cfg.valid_days < 1 or cfg.test_days < 1 or cfg.valid_days + cfg.test_days >= N_DAYS:
-        raise RecipeError(f"valid_days and test_days must be >= 1 and leave training days of the {N_DAYS}")
+    check_options(cfg, protocol, features)
     t_start = time.perf_counter()
     steps = 5
     path = find_raw(raw)
@@ -267,20 +347,7 @@ def prepare_taobao(
 
     progress("behaviour histories and log aggregates", 3, steps)
     day_start = DAY0 + r["day"] * DAY
-    user_cat = r["user"] * (int(r["category"].max(initial=0)) + 1) + r["category"]
-    user_item = r["user"] * (int(r["item"].max(initial=0)) + 1) + r["item"]
-    hist: dict[str, list[pa.Array]] = {"hist_item_id": [], "hist_category_id": []}
-    before: dict[str, list[np.ndarray]] = {"user_cat_before": [], "user_cat_pos_before": [], "user_item_before": []}
-    for s, p in enumerate(parts):
-        allowed = split <= max(s - 1, 0)  # earlier splits only (training rows: earlier training days)
-        q_time = day_start[p]
-        for name, code in (("hist_item_id", i_code), ("hist_category_id", c_code)):
-            e = allowed & (code > 0)
-            hist[name].append(history(r["user"][p], q_time, r["user"][e], r["ts"][e], code[e], cfg.hist_len))
-        pos = allowed & (label == 1)
-        before["user_cat_before"].append(count_before(user_cat[p], q_time, user_cat[allowed], r["ts"][allowed]))
-        before["user_cat_pos_before"].append(count_before(user_cat[p], q_time, user_cat[pos], r["ts"][pos]))
-        before["user_item_before"].append(count_before(user_item[p], q_time, user_item[allowed], r["ts"][allowed]))
+    hist, before = past_only(r, split, label, i_code, c_code, cfg.hist_len)
     for name, values in before.items():
         reference = float(values[0].max(initial=0))  # scale fitted on training rows
         feats[name] = [log_scale(v, reference) for v in values]
@@ -303,22 +370,8 @@ def prepare_taobao(
     schema = build_schema({k: v.size for k, v in vocabs.items()}, cfg.hist_len, wide)
     tables = {}
     for s, split_name in enumerate(("train", "valid", "test")):
-        p = parts[s]
-        cols: dict[str, pa.Array] = {
-            "request_id": pa.array(r["user"][p] * 100 + r["day"][p], pa.int64()),
-            "label": pa.array(label[p], pa.float32()),
-            "label_level": pa.array(r["level"][p], pa.int8()),
-            "ts": pa.array(r["ts"][p], pa.int64()),
-        }
-        for f in schema.features:
-            if f.kind == "sequence":
-                cols[f.name] = hist[f.name][s]
-            elif f.kind == "dense":
-                cols[f.name] = pa.array(feats[f.name][s], pa.float32())
-            else:
-                cols[f.name] = pa.array(codes[f.name][p], pa.int64())
-        order = np.lexsort((r["ts"][p], r["day"][p], r["user"][p]))
-        tables[split_name] = pa.table(cols).take(pa.array(order))
+        seqs = {k: v[s] for k, v in hist.items()}
+        tables[split_name] = split_table(r, parts[s], label, schema, seqs, {k: v[s] for k, v in feats.items()}, codes)
     items = pa.table(
         {
             "item_id": pa.array(catalogue, pa.int64()),
@@ -333,6 +386,7 @@ def prepare_taobao(
         "recipe": "taobao-user-behavior",
         "protocol": protocol,
         "features": features,
+        "engine": "memory",
         "seed": seed,
         "config": cfg.__dict__,
         "raw_files": [str(path)],
