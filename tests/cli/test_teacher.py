@@ -13,9 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import narrow_dataset
 from prerank.cli import app
 from prerank.cli import teacher as teacher_cli  # noqa: F401  (registers the commands)
-from prerank.data.parquet import make_loader, table_to_batch, write_dataset
+from prerank.data.parquet import make_loader, table_to_batch
 from prerank.models.registry import build_model
 from prerank.schema import FeatureSpec, Schema
 from prerank.train.checkpoint import load_model, save_checkpoint
@@ -222,15 +223,6 @@ def test_out_of_fold_with_an_ensemble_teacher_trains_its_members_one_by_one(
         assert np.isfinite(pq.read_table(path).column("teacher_logit").to_numpy()).all()
 
 
-def _narrow(wide: Path, root: Path, drop: str = "user_cat_affinity") -> Path:
-    """The dataset ``wide`` without feature ``drop``: the same rows, cut into other files and row groups."""
-    schema = Schema.load(wide)
-    narrow = replace(schema, features=tuple(f for f in schema.features if f.name != drop))
-    tables = {s: pq.read_table(wide / s).drop_columns([drop]) for s in ("train", "valid", "test")}
-    write_dataset(root, narrow, tables, items=pq.read_table(wide / "items.parquet"), row_group_size=37)
-    return root
-
-
 def _features_from(teacher: Path, data: Path, wide: Path, *extra: str):  # type: ignore[no-untyped-def]
     args = ["teacher", "score", "-t", str(teacher), "-d", str(data), "--features-from", str(wide), "--threads", "1"]
     return runner.invoke(app, [*args, *extra])
@@ -243,7 +235,7 @@ def test_features_from_writes_the_wide_teachers_logits_into_the_aligned_rows(
     schema = Schema.load(tiny_dataset)
     teacher = _teacher(tmp_path / "teacher.pt", schema)
     _, model, _ = load_model(teacher)
-    narrow = _narrow(tiny_dataset, tmp_path / "narrow")
+    narrow = narrow_dataset(tiny_dataset, tmp_path / "narrow")
     plain = runner.invoke(app, ["teacher", "score", "-t", str(teacher), "-d", str(narrow), "--threads", "1"])
     assert plain.exit_code == 2 and "user_cat_affinity" in plain.output  # it cannot read the narrow set itself
     result = _features_from(teacher, narrow, tiny_dataset)
@@ -265,7 +257,7 @@ def test_features_from_writes_the_wide_teachers_logits_into_the_aligned_rows(
 def test_features_from_refuses_rows_that_are_not_aligned(tiny_dataset: Path, tmp_path: Path, damage: str) -> None:
     """A flipped label or a missing row: a clear error naming where, and no file of either dataset changes."""
     teacher = _teacher(tmp_path / "teacher.pt", Schema.load(tiny_dataset))
-    narrow = _narrow(tiny_dataset, tmp_path / "narrow")
+    narrow = narrow_dataset(tiny_dataset, tmp_path / "narrow")
     part = sorted((narrow / "valid").glob("*.parquet"))[0]
     table = pq.read_table(part)
     if damage == "label":
@@ -289,7 +281,7 @@ def test_features_from_out_of_fold(tiny_dataset: Path, tmp_path: Path) -> None:
     schema = Schema.load(tiny_dataset)
     teacher = _teacher(tmp_path / "teacher.pt", schema)
     _, model, _ = load_model(teacher)
-    narrow = _narrow(tiny_dataset, tmp_path / "narrow")
+    narrow = narrow_dataset(tiny_dataset, tmp_path / "narrow")
     result = _features_from(teacher, narrow, tiny_dataset, "--out-of-fold", "2", "--epochs", "1", "--max-steps", "2")
     assert result.exit_code == 0, result.output
     meta = json.loads((narrow / "meta.json").read_text())["teacher"]
