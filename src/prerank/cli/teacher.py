@@ -243,19 +243,15 @@ def add_teacher_logits(
     rows: dict[str, int] = {}
     with contextlib.ExitStack() as commit:  # on a clean exit every temporary part replaces its part
         for split in splits:
-            if split in given or source != data_dir:
-                flat = (
-                    given[split] if split in given else _split_logits(model, source, split, source_schema, batch_size)
-                )
-                cut = _Cut(flat)
-                rows[split] = sum(
-                    _write_file(p, commit.enter_context(atomic_path(p)), cut) for p in split_parts(data_dir, split)
-                )
+            logits_of: Callable[[pa.Table, str], np.ndarray]
+            if split in given:
+                logits_of = _Cut(given[split])
+            elif source != data_dir:
+                logits_of = _Cut(_split_logits(model, source, split, source_schema, batch_size))
             else:
-                rows[split] = sum(
-                    _write_file(p, commit.enter_context(atomic_path(p)), _Scorer(model, schema, batch_size))
-                    for p in split_parts(data_dir, split)
-                )
+                logits_of = _Scorer(model, schema, batch_size)  # streams: one row group at a time
+            parts = split_parts(data_dir, split)
+            rows[split] = sum(_write_file(p, commit.enter_context(atomic_path(p)), logits_of) for p in parts)
             log(f"teacher_logit written for {rows[split]:,} rows of {split}")
     schema.with_reserved(has_teacher_logit=True).save(data_dir / "schema.json")
     return rows
