@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,18 @@ def tiny_table(n: int = 64, seed: int = 0, schema: Schema | None = None) -> pa.T
                 [list(rng.integers(1, vocab, k).astype(np.int32)) for k in lens], pa.list_(pa.int32())
             )
     return pa.table(cols)
+
+
+def narrow_dataset(wide: Path, root: Path, drop: str = "user_cat_affinity") -> Path:
+    """The dataset ``wide`` without feature ``drop`` (as a default feature set beside a recipe's ``wide`` one): the
+    same rows, cut into other files and row groups."""
+    import pyarrow.parquet as pq
+
+    schema = Schema.load(wide)
+    narrow = replace(schema, features=tuple(f for f in schema.features if f.name != drop))
+    tables = {s: pq.read_table(wide / s).drop_columns([drop]) for s in ("train", "valid", "test")}
+    write_dataset(root, narrow, tables, items=pq.read_table(wide / "items.parquet"), row_group_size=37)
+    return root
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import narrow_dataset
 from prerank.cli import app
 from prerank.cli import teacher as teacher_cli  # noqa: F401  (registers the commands)
 from prerank.data.parquet import make_loader, table_to_batch
@@ -220,3 +221,78 @@ def test_out_of_fold_with_an_ensemble_teacher_trains_its_members_one_by_one(
     assert calls == [2, 2]  # one ensemble of 2 members per fold
     for path in sorted((tiny_dataset / "train").glob("*.parquet")):
         assert np.isfinite(pq.read_table(path).column("teacher_logit").to_numpy()).all()
+
+
+def _features_from(teacher: Path, data: Path, wide: Path, *extra: str):  # type: ignore[no-untyped-def]
+    args = ["teacher", "score", "-t", str(teacher), "-d", str(data), "--features-from", str(wide), "--threads", "1"]
+    return runner.invoke(app, [*args, *extra])
+
+
+def test_features_from_writes_the_wide_teachers_logits_into_the_aligned_rows(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """A teacher of the wide set scores the wide rows; each logit lands on the same row of the narrow set."""
+    schema = Schema.load(tiny_dataset)
+    teacher = _teacher(tmp_path / "teacher.pt", schema)
+    _, model, _ = load_model(teacher)
+    narrow = narrow_dataset(tiny_dataset, tmp_path / "narrow")
+    plain = runner.invoke(app, ["teacher", "score", "-t", str(teacher), "-d", str(narrow), "--threads", "1"])
+    assert plain.exit_code == 2 and "user_cat_affinity" in plain.output  # it cannot read the narrow set itself
+    result = _features_from(teacher, narrow, tiny_dataset)
+    assert result.exit_code == 0, result.output
+    assert _json(result.stdout)["rows"] == {"test": 128, "train": 512, "valid": 128}
+    assert Schema.load(narrow).has_teacher_logit and not Schema.load(tiny_dataset).has_teacher_logit
+    assert json.loads((narrow / "meta.json").read_text())["teacher"]["features_from"] == str(tiny_dataset)
+    for split in ("train", "valid", "test"):
+        assert "teacher_logit" not in pq.read_table(tiny_dataset / split).column_names  # the source is read only
+        with torch.no_grad():
+            expected = model(table_to_batch(pq.read_table(tiny_dataset / split), schema)).numpy()
+        got = pq.read_table(narrow / split).column("teacher_logit").to_numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    loader = make_loader(narrow, "valid", 64)
+    assert all(b.teacher_logit is not None for b in loader)
+
+
+@pytest.mark.parametrize("damage", ["label", "rows"])
+def test_features_from_refuses_rows_that_are_not_aligned(tiny_dataset: Path, tmp_path: Path, damage: str) -> None:
+    """A flipped label or a missing row: a clear error naming where, and no file of either dataset changes."""
+    teacher = _teacher(tmp_path / "teacher.pt", Schema.load(tiny_dataset))
+    narrow = narrow_dataset(tiny_dataset, tmp_path / "narrow")
+    part = sorted((narrow / "valid").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    if damage == "label":
+        labels = table.column("label").to_numpy().copy()
+        labels[5] = 1 - labels[5]
+        table = table.set_column(table.column_names.index("label"), "label", pa.array(labels))
+    else:
+        table = table.slice(1)
+    pq.write_table(table, part)
+    before = {p: p.read_bytes() for p in _parts(narrow) + _parts(tiny_dataset)}
+    result = _features_from(teacher, narrow, tiny_dataset, "--out-of-fold", "2", "--max-steps", "1", "--no-progress")
+    assert result.exit_code == 2
+    expected = "split 'valid', row 5: column 'label'" if damage == "label" else "127 rows"
+    output = " ".join(result.output.split())  # the console wraps long lines
+    assert expected in output and "valid" in output and "Traceback" not in output
+    assert {p: p.read_bytes() for p in before} == before and not Schema.load(narrow).has_teacher_logit
+
+
+def test_features_from_out_of_fold(tiny_dataset: Path, tmp_path: Path) -> None:
+    """With --out-of-fold, fold teachers are fitted on the wide set; their logits go into the narrow train rows."""
+    schema = Schema.load(tiny_dataset)
+    teacher = _teacher(tmp_path / "teacher.pt", schema)
+    _, model, _ = load_model(teacher)
+    narrow = narrow_dataset(tiny_dataset, tmp_path / "narrow")
+    result = _features_from(teacher, narrow, tiny_dataset, "--out-of-fold", "2", "--epochs", "1", "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((narrow / "meta.json").read_text())["teacher"]
+    assert meta["train_logits"] == "out-of-fold" and meta["features_from"] == str(tiny_dataset)
+    assert not (narrow / ".crossfit").exists() and not (tiny_dataset / ".crossfit").exists()
+    for split in ("train", "valid", "test"):
+        with torch.no_grad():
+            in_fold = model(table_to_batch(pq.read_table(tiny_dataset / split), schema)).numpy()
+        got = pq.read_table(narrow / split).column("teacher_logit").to_numpy()
+        assert np.isfinite(got).all()
+        if split == "train":
+            assert np.abs(got - in_fold).max() > 1e-3
+        else:
+            np.testing.assert_allclose(got, in_fold, rtol=1e-5, atol=1e-6)

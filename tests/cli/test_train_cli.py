@@ -123,6 +123,31 @@ def test_compare_adds_the_popularity_row_once(tiny_dataset: Path, tmp_path: Path
     assert res.exit_code == 0 and len(json.loads((out / "results.json").read_text())) == 2
 
 
+def test_compare_evaluates_a_teacher_of_another_feature_set_on_its_aligned_test_rows(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """``--teacher-data``: the teacher of the wide set is evaluated on the wide set's test split, beside students of
+    the narrow set; without it, a clear error that names the option."""
+    from conftest import narrow_dataset
+    from prerank.models.registry import build_model
+    from prerank.schema import Schema
+    from prerank.train.checkpoint import save_checkpoint
+    from prerank.train.trainer import evaluate_split
+
+    model = build_model("ranker", Schema.load(tiny_dataset), {"hidden": [8]})
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, "ranker", model)
+    narrow = narrow_dataset(tiny_dataset, tmp_path / "narrow")
+    args = ["compare", "--data", str(narrow), "--models", "lr", "--seeds", "1", "--teacher", str(teacher), *FAST]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--teacher-data" in " ".join(res.output.split())
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "cmp"), "--teacher-data", str(tiny_dataset)])
+    assert res.exit_code == 0, res.output
+    first = json.loads((tmp_path / "cmp" / "results.json").read_text())[0]
+    assert first["is_teacher"] and first["data"] == str(tiny_dataset)
+    assert first["auc"] == pytest.approx(evaluate_split(model.eval(), tiny_dataset, "test", 512)["auc"])
+
+
 def test_demo_prints_one_table_and_writes_the_plot(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--rows", "3000", "--models", "lr,two_tower", "--max-steps", "5"]

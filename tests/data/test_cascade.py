@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_table
+from conftest import narrow_dataset, tiny_table
 from prerank.data.cascade import (
     CascadeConfig,
     CoOccurrenceRetriever,
@@ -286,6 +286,19 @@ def test_resplit_by_request_is_seeded(tmp_path: Path, teacher: Path, tiny_datase
 def test_resplit_by_time_needs_ts(tiny_dataset: Path, teacher: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ts"):
         build_cascade(tiny_dataset, teacher, tmp_path / "o", CascadeConfig(resplit=(0.7, 0.1, 0.2)))
+
+
+def test_a_teacher_of_another_feature_set_cannot_build_the_cascade(
+    tiny_dataset: Path, tmp_path: Path, schema: Schema
+) -> None:
+    """A wide-set teacher reads fields the data lacks: a clear error (candidates are scored from the data's own
+    features), and no output."""
+    narrow = narrow_dataset(tiny_dataset, tmp_path / "narrow")
+    path = tmp_path / "wide-teacher.pt"
+    save_checkpoint(path, "ranker", build_model("ranker", schema, {"hidden": [8]}))
+    with pytest.raises(SchemaError, match="'user_cat_affinity', which the dataset schema lacks.*another feature set"):
+        build_cascade(narrow, path, tmp_path / "out", SMALL)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cooccurrence_counts_train_positives_within_window() -> None:

@@ -102,6 +102,7 @@ BatchOpt = typer.Option(
     None, "--batch-size", help="Rows per training batch (default: train rows // 200 in [64, 2048], a power of two)."
 )
 LrOpt = typer.Option(None, "--lr", help="Learning rate (default 1e-3).")
+WeightDecayOpt = typer.Option(None, "--weight-decay", help="The optimizer's weight decay (default 0).")
 ThreadsOpt = typer.Option(None, "--threads", help="torch intra-op threads (default 2).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (default 0); compare uses seed..seed+N-1.")
 PatienceOpt = typer.Option(None, "--patience", help="Early stopping: epochs without valid improvement (default 3).")

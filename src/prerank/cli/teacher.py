@@ -3,7 +3,8 @@
 ``fit`` trains the ``ranker`` model (every feature, DIN, a large MLP) on a dataset's impressions
 and keeps its best checkpoint; ``score`` writes that teacher's logit into a ``teacher_logit``
 column of every row of every split, which the cascade builder and the distillation losses read
-(DESIGN.md "The cascade").
+(DESIGN.md "The cascade"). With ``--features-from WIDE`` the teacher reads another feature set of the same log
+(e.g. ``prepare --features wide``): it scores WIDE's rows and its logits go into DATA's aligned rows.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from prerank.cli.common import (
     ProgressOpt,
     SeedOpt,
     ThreadsOpt,
+    WeightDecayOpt,
     WorkersOpt,
     console,
     friendly_errors,
@@ -40,6 +42,7 @@ from prerank.cli.common import (
     print_json,
     train_flags,
 )
+from prerank.data.align import check_aligned, dataset_splits, split_parts
 from prerank.data.parquet import ParquetSplit, read_meta, read_row_group, table_to_batch
 from prerank.io import atomic_path, atomic_write_text
 from prerank.models.base import PreRanker
@@ -61,6 +64,7 @@ def fit(
     epochs: int = EpochsOpt,
     batch_size: int = BatchOpt,
     lr: float = LrOpt,
+    weight_decay: float = WeightDecayOpt,
     threads: int = ThreadsOpt,
     seed: int = SeedOpt,
     patience: int = PatienceOpt,
@@ -131,9 +135,17 @@ def score(
         "scores every split (in-fold on train).",
     ),
     fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the row-to-fold assignment."),
+    features_from: Path = typer.Option(
+        None,
+        "--features-from",
+        help="Dataset of the same log with the teacher's features (e.g. `prepare --features wide`): the teacher "
+        "(and with --out-of-fold its fold teachers) scores its rows, and the logits go into DATA's rows, after "
+        "checking that every split has the same rows (request_id, label, label_level, ts, user_id, item_id).",
+    ),
     epochs: int = EpochsOpt,
     train_batch_size: int = typer.Option(None, "--train-batch-size", help="Fold teachers: rows per batch."),
     lr: float = LrOpt,
+    weight_decay: float = WeightDecayOpt,
     seed: int = SeedOpt,
     patience: int = PatienceOpt,
     metric: str = MetricOpt,
@@ -143,7 +155,7 @@ def score(
     """Add a float32 teacher_logit column to every row of every split of DATA, file by file, atomically."""
     from prerank.train.checkpoint import load_model
     from prerank.train.config import train_config
-    from prerank.train.crossfit import out_of_fold_logits, write_logits
+    from prerank.train.crossfit import out_of_fold_logits
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -151,21 +163,25 @@ def score(
         raise ValueError(f"--out-of-fold must be 0 (in-fold) or at least 2 folds, got {folds}")
     torch.set_num_threads(threads)
     name, model, _ = load_model(teacher)
-    data_schema = Schema.load(data)
-    check_teacher_schema(model.schema, data_schema, str(data))
-    if folds and data_schema.has_stage:
+    source = data if features_from is None else features_from
+    source_schema = Schema.load(source)
+    check_teacher_schema(model.schema, source_schema, str(source))
+    if features_from is not None:
+        Schema.load(data)
+        check_aligned(source, data)  # before any fold teacher is trained
+    if folds and source_schema.has_stage:
         raise SchemaError(
-            f"{data} is cascade data: its non-impression rows were labelled with a teacher's help, so fold teachers "
-            "must be fitted on the impressions-only dataset it was built from; score that one out of fold"
+            f"{source} is cascade data: its non-impression rows were labelled with a teacher's help, so fold "
+            "teachers must be fitted on the impressions-only dataset it was built from; score that one out of fold"
         )
-    skip: tuple[str, ...] = ()
+    given: dict[str, np.ndarray] = {}
     if folds:
         flags = train_flags(locals()) | {"batch_size": train_batch_size}
         cfg = train_config(flags)
-        parts, logits = out_of_fold_logits(
+        _, logits = out_of_fold_logits(
             name,
             asdict(model.config),
-            data,
+            source,
             Path(data) / ".crossfit",
             folds=folds,
             config=cfg,
@@ -173,17 +189,15 @@ def score(
             batch_size=batch_size,
             log=console.print,
         )
-        for path, part in zip(parts, logits, strict=True):
-            write_logits(path, part)
-        console.print(f"out-of-fold teacher_logit written for {sum(len(x) for x in logits):,} rows of train")
-        skip = ("train",)
-    rows = add_teacher_logits(model, data, batch_size=batch_size, log=console.print, skip=skip)
-    if folds:
-        rows["train"] = sum(len(x) for x in logits)
+        given["train"] = np.concatenate(logits)
+        console.print(f"out-of-fold teacher logits computed for {len(given['train']):,} rows of train")
+    rows = add_teacher_logits(model, data, batch_size=batch_size, log=console.print, source=source, given=given)
     meta = read_meta(data)
     meta["teacher"] = {"checkpoint": str(teacher), "model": name, "train_logits": "out-of-fold" if folds else "in-fold"}
     if folds:
         meta["teacher"] |= {"folds": folds, "fold_seed": fold_seed}
+    if features_from is not None:
+        meta["teacher"]["features_from"] = str(features_from)
     atomic_write_text(Path(data) / "meta.json", json.dumps(meta, indent=2, default=str))
     print_json({"teacher": str(teacher), "model": name, "rows": rows})
 
@@ -194,34 +208,51 @@ def add_teacher_logits(
     *,
     batch_size: int = 8192,
     log: Callable[[str], None] = print,
-    skip: tuple[str, ...] = (),
+    source: str | Path | None = None,
+    given: dict[str, np.ndarray] | None = None,
 ) -> dict[str, int]:
-    """Write ``model``'s logits as ``teacher_logit`` into every split of ``data_dir`` but ``skip`` (splits whose
-    logits were written otherwise, e.g. out of fold); returns rows per split scored.
+    """Write ``model``'s logits as ``teacher_logit`` into every split of ``data_dir``; returns rows per split.
 
-    Each Parquet part is rewritten row group by row group (memory bounded by one row group) into a
-    temporary file next to it; only when every part of every split is written do the temporary files replace the
-    parts, so bad data anywhere (found while scoring) leaves every file as it was. An existing ``teacher_logit``
-    column is replaced. ``schema.json`` gets ``has_teacher_logit=True`` once every part is in place, so a run
-    killed while the parts are being renamed leaves the schema unchanged; running the command again completes it.
+    ``source`` (default ``data_dir``) is the dataset the model reads: another feature set of the same log, whose
+    splits must be row-aligned with ``data_dir``'s (:func:`~prerank.data.align.check_aligned`; checked first).
+    ``given`` holds a split's logits computed otherwise (e.g. out of fold), ``[rows]`` in the split's file order.
+
+    Each Parquet part is rewritten row group by row group into a temporary file next to it; only when every part of
+    every split is written do the temporary files replace the parts, so bad data anywhere (found while scoring)
+    leaves every file as it was. Without ``source`` scoring streams (memory bounded by one row group); with it, a
+    split's logits are computed first (4 bytes a row). An existing ``teacher_logit`` column is replaced.
+    ``schema.json`` gets ``has_teacher_logit=True`` once every part is in place, so a run killed while the parts
+    are being renamed leaves the schema unchanged; running the command again completes it.
     """
     data_dir = Path(data_dir)
-    schema = Schema.load(data_dir)
-    check_teacher_schema(model.schema, schema, str(data_dir))
-    splits = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
+    source = data_dir if source is None else Path(source)
+    given = given or {}
+    schema, source_schema = Schema.load(data_dir), Schema.load(source)
+    check_teacher_schema(model.schema, source_schema, str(source))
+    splits = dataset_splits(data_dir)
     if not splits:
         raise SchemaError(f"{data_dir} has no split folders with Parquet files")
     for split in splits:
         ParquetSplit(data_dir, split, schema)  # validate every split before rewriting any file
+    expected = check_aligned(source, data_dir, splits) if source != data_dir else {}
+    for split, logits in given.items():
+        n = expected.get(split, sum(pq.ParquetFile(p).metadata.num_rows for p in split_parts(data_dir, split)))
+        if len(logits) != n:
+            raise ValueError(f"{len(logits):,} logits were given for split {split!r}, which has {n:,} rows")
     model.eval()
     rows: dict[str, int] = {}
     with contextlib.ExitStack() as commit:  # on a clean exit every temporary part replaces its part
-        for split in [s for s in splits if s not in skip]:
-            parts = sorted((data_dir / split).glob("*.parquet"))
-            rows[split] = sum(
-                _score_file(model, p, commit.enter_context(atomic_path(p)), schema, batch_size) for p in parts
-            )
-            log(f"teacher_logit scored for {rows[split]:,} rows of {split}")
+        for split in splits:
+            logits_of: Callable[[pa.Table, str], np.ndarray]
+            if split in given:
+                logits_of = _Cut(given[split])
+            elif source != data_dir:
+                logits_of = _Cut(_split_logits(model, source, split, source_schema, batch_size))
+            else:
+                logits_of = _Scorer(model, schema, batch_size)  # streams: one row group at a time
+            parts = split_parts(data_dir, split)
+            rows[split] = sum(_write_file(p, commit.enter_context(atomic_path(p)), logits_of) for p in parts)
+            log(f"teacher_logit written for {rows[split]:,} rows of {split}")
     schema.with_reserved(has_teacher_logit=True).save(data_dir / "schema.json")
     return rows
 
@@ -240,9 +271,45 @@ def check_teacher_schema(teacher: Schema, data: Schema, where: str) -> None:
     )
 
 
-@torch.no_grad()
-def _score_file(model: PreRanker, path: Path, tmp: Path, schema: Schema, batch_size: int) -> int:
-    """Write ``path`` with ``model``'s logits as its ``teacher_logit`` column to ``tmp``; returns the rows."""
+class _Scorer:
+    """``(table, where) -> logits``: ``model``'s logits of a row group, ``batch_size`` rows at a time."""
+
+    def __init__(self, model: PreRanker, schema: Schema, batch_size: int):
+        self.model, self.schema, self.batch_size = model, schema, batch_size
+
+    @torch.no_grad()
+    def __call__(self, table: pa.Table, where: str) -> np.ndarray:
+        batch = table_to_batch(table, self.schema, where=where)
+        step = self.batch_size
+        chunks = [self.model(batch.select(slice(s, s + step))) for s in range(0, table.num_rows, step)]
+        return torch.cat(chunks).float().numpy() if chunks else np.zeros(0, np.float32)
+
+
+class _Cut:
+    """``(table, where) -> logits``: the next ``table.num_rows`` entries of precomputed ``[rows]`` logits."""
+
+    def __init__(self, logits: np.ndarray):
+        self.logits, self.at = logits, 0
+
+    def __call__(self, table: pa.Table, where: str) -> np.ndarray:
+        out = self.logits[self.at : self.at + table.num_rows]
+        self.at += table.num_rows
+        return out
+
+
+def _split_logits(model: PreRanker, root: Path, split: str, schema: Schema, batch_size: int) -> np.ndarray:
+    """``[rows]`` logits of ``root/split`` in file order, row group by row group."""
+    score = _Scorer(model, schema, batch_size)
+    out = [
+        score(read_row_group(p, i), f"{p} (row group {i})")
+        for p in split_parts(root, split)
+        for i in range(pq.ParquetFile(p).num_row_groups)
+    ]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _write_file(path: Path, tmp: Path, logits_of: Callable[[pa.Table, str], np.ndarray]) -> int:
+    """Write ``path`` with ``logits_of(row group, where)`` as its ``teacher_logit`` column to ``tmp``; returns rows."""
     source = pq.ParquetFile(path)
     fields = [f for f in source.schema_arrow if f.name != "teacher_logit"]
     out_schema = pa.schema([*fields, pa.field("teacher_logit", pa.float32())])
@@ -250,9 +317,7 @@ def _score_file(model: PreRanker, path: Path, tmp: Path, schema: Schema, batch_s
     with pq.ParquetWriter(tmp, out_schema) as writer:
         for i in range(source.num_row_groups):
             table = read_row_group(path, i)
-            batch = table_to_batch(table, schema, where=f"{path} (row group {i})")
-            chunks = [model(batch.select(slice(s, s + batch_size))) for s in range(0, table.num_rows, batch_size)]
-            logits = torch.cat(chunks).float().numpy() if chunks else np.zeros(0, np.float32)
+            logits = logits_of(table, f"{path} (row group {i})")
             if "teacher_logit" in table.column_names:
                 table = table.drop_columns(["teacher_logit"])
             table = table.append_column(out_schema.field("teacher_logit"), pa.array(logits, pa.float32()))

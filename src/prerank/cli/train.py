@@ -148,6 +148,12 @@ def compare(
     teacher: Path = typer.Option(
         None, "--teacher", help="Teacher checkpoint (`prerank teacher fit`): its row and RelaImpr vs the teacher."
     ),
+    teacher_data: Path = typer.Option(
+        None,
+        "--teacher-data",
+        help="Dataset the teacher reads, if not DATA: another feature set of the same log (e.g. `prepare --features "
+        "wide`); its test rows must be DATA's (checked).",
+    ),
     config: Path = ConfigOpt,
     model_option: list[str] = typer.Option(
         None, "--model-option", help="Per-model override MODEL.key=value, or key=value for all models (repeatable)."
@@ -218,6 +224,7 @@ def compare(
         loss_options=run.loss_options,
         resume=resume,
         teacher=teacher,
+        teacher_data=teacher_data,
         log=console.print,
         latency_candidates=latency_candidates or None,
         grid=_grid(grid),

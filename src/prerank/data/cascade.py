@@ -253,7 +253,12 @@ def _check_teacher_schema(teacher: Schema, data: Schema, source: str) -> None:
     """Every feature the teacher reads must exist in the data with the same meaning."""
     for f in teacher.features:
         if f.name not in data:
-            raise SchemaError(f"teacher {source} reads feature {f.name!r}, which the dataset schema lacks")
+            raise SchemaError(
+                f"teacher {source} reads feature {f.name!r}, which the dataset schema lacks: the cascade builder "
+                "scores simulated candidates from the dataset's own features, so a teacher of another feature set "
+                "(e.g. `prepare --features wide`, whose logits `teacher score --features-from` can still write into "
+                "this dataset's rows) cannot build it; fit the cascade's teacher on this dataset"
+            )
         d = data[f.name]
         for attr in ("tower", "kind", "max_len", "shares"):
             if getattr(f, attr) != getattr(d, attr):

@@ -75,6 +75,7 @@ def run_compare(
     loss_options: dict[str, Any] | None = None,
     resume: bool = False,
     teacher: str | Path | None = None,
+    teacher_data: str | Path | None = None,
     log: Callable[[str], None] = print,
     latency_candidates: int | None = 1000,
     on_step: Callable[[str], None] | None = None,
@@ -91,7 +92,9 @@ def run_compare(
     LR, chosen on the valid split); the record keeps the options it was trained with.
     ``teacher`` (a checkpoint of the ranking teacher, trained on this dataset's schema) adds its own row, evaluated
     once on the same test split, and every student's RelaImpr against it (``relaimpr_teacher``), so the table shows
-    the gap to the ranker.
+    the gap to the ranker. ``teacher_data``: the teacher reads another feature set of the same log (e.g. ``prepare
+    --features wide``); it is evaluated on that dataset's test split, after checking that its rows are this
+    dataset's test rows (:func:`~prerank.data.align.check_aligned`).
     ``latency_candidates`` (None or 0: skip) times each model's served request once, on its first seed's best
     checkpoint (:func:`measure_latencies`), and writes ``auc_vs_latency.png`` (AUC, mean over seeds, against p50
     latency). ``on_step(description)`` is called as each training run and each latency measurement starts (one outer
@@ -122,7 +125,7 @@ def run_compare(
     if not main:
         log = quiet
     if teacher is not None and main and not any(r.get("is_teacher") for r in records):
-        records.insert(0, _teacher_record(Path(teacher), data_dir, config.eval_batch_size))
+        records.insert(0, _teacher_record(Path(teacher), data_dir, config.eval_batch_size, teacher_data))
         log(f"teacher {records[0]['model']}: test AUC {records[0]['auc']:.4f}")
     if popularity and main and not any(r["model"] == POPULARITY for r in records):
         records.append(_popularity_record(data_dir))
@@ -316,13 +319,21 @@ def measure_latencies(
         log(f"{name}: p50 {got['latency_p50_ms']:.3f} ms per request of {candidates:,} candidates (onnx, 1 thread)")
 
 
-def _teacher_record(path: Path, data_dir: Path, batch_size: int) -> dict[str, Any]:
-    """The teacher's row: its test metrics (it was trained once, so it has no seed), cost and size."""
+def _teacher_record(
+    path: Path, data_dir: Path, batch_size: int, teacher_data: str | Path | None = None
+) -> dict[str, Any]:
+    """The teacher's row: its test metrics (it was trained once, so it has no seed), cost and size; on
+    ``teacher_data``'s test split (row-aligned with ``data_dir``'s) when given."""
+    from prerank.data.align import check_aligned
     from prerank.train.checkpoint import load_model
 
     name, model, _ = load_model(path)
+    if teacher_data is not None:
+        check_aligned(teacher_data, data_dir, ["test"])
+        data_dir = Path(teacher_data)
     if model.schema.features != Schema.load(data_dir).features:
-        raise ConfigError(f"the teacher {path} was trained on another schema than {data_dir}'s")
+        hint = "" if teacher_data is not None else " (a teacher of another feature set: pass --teacher-data)"
+        raise ConfigError(f"the teacher {path} was trained on another schema than {data_dir}'s{hint}")
     test = _test_metrics(model, data_dir, batch_size)
     return {
         "model": f"teacher ({name})",
