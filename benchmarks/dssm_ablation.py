@@ -2,13 +2,16 @@
 against the plain DSSM, mean ± std over seeds. Every row is one `prerank` command (printed with the table).
 
     PYTHONPATH=src .venv/bin/python benchmarks/dssm_ablation.py --data DIR --out DIR [--teacher CKPT]
-        [--seeds 3] [--jobs 2] [--threads 1] [--rows plain,mlp,...]
+        [--seeds 3] [--jobs 2] [--threads 1] [--epochs 20] [--patience 3] [--rows plain,mlp,...]
 
 DATA needs a ``teacher_logit`` column for the two-stage rows (`prerank teacher fit`, then
 `prerank teacher score --out-of-fold 5`); TEACHER (the `teacher fit` checkpoint) warm-starts the teacher of
 the synchronous rows, whose variant "teacher attention frozen" needs a trained teacher. Rows are cumulative
 as in the report: plain DSSM, + MLP head, + FM cross, + distillation (stage 1, stages 1+2), + NOVA, + SENET,
 + bilinear (= everything); plus the full network on hard labels only and the synchronous variants.
+On a dataset without a behaviour sequence (ML-1M ``paper``) the FM cross, NOVA and the teacher's user attention
+have no input: their rows are "not applicable" and every other row runs with ``use_fm=false`` and
+``use_nova=false`` (the distillation rows then distil ``dssm_mlp``).
 Finished runs (their ``test.json``) are reused, so the script resumes. Writes OUT/results.json and
 OUT/results.md.
 """
@@ -25,11 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prerank.evaluate.report import mean_std
+from prerank.models.base import ConfigError
+from prerank.models.distilled_dssm import DistilledDSSM, DistilledDSSMConfig
+from prerank.schema import Schema
 
-#: What every run shares: early stopping on valid GAUC (the table's metric), at most 20 epochs, patience 3;
-#: listwise-batched runs (two-stage) take 16 requests a batch, about the rows of the row-batched runs' batch.
-COMMON = ["--epochs", "20", "--patience", "3", "--metric", "gauc", "--no-progress"]
-NO_FM = ["--model-option", "use_fm=false"]
+#: What every run shares: early stopping on valid GAUC (the table's metric), at most --epochs epochs (each stage
+#: of a two-stage run), patience --patience; listwise-batched runs (two-stage) take 16 requests a batch.
+COMMON = ["--metric", "gauc", "--no-progress"]
+#: Without a behaviour sequence: the options that switch off the parts needing one, per flag of the student
+NO_HISTORY = ("use_fm=false", "use_nova=false")
 TWO_STAGE = ["distill", "two-stage", "--requests-per-batch", "16"]
 SYNC = ["distill", "sync", "--student", "distilled_dssm"]
 
@@ -101,14 +108,48 @@ ROWS: dict[str, tuple[str, str, list[str], tuple[str, ...]]] = {
     ),
 }
 BASE = "plain"
+#: rows whose part needs the behaviour sequence (not applicable without one): the FM cross, NOVA, and the
+#: teacher's user attention (the ranker's DIN over the sequence; without one freezing it changes nothing)
+NEEDS_HISTORY = ("fm", "nova", "sync_frozen", "sync_block_frozen")
 
 
-def command(row: str, data: Path, out: Path, seed: int | str, threads: int, teacher: Path | None) -> list[str]:
+def has_history(data: Path) -> bool:
+    """Whether DATA has the behaviour sequence the FM cross and NOVA read (ML-1M ``paper`` has none)."""
+    config = DistilledDSSMConfig(use_nova=False, use_senet=False, use_bilinear=False)
+    try:
+        DistilledDSSM(Schema.load(data), config)
+    except ConfigError:
+        return False
+    return True
+
+
+def row_args(row: str, history: bool) -> tuple[str, list[str]] | None:
+    """(run name, command after `prerank`) of ROW; None when it is not applicable."""
     _, run, args, _ = ROWS[row]
+    if history:
+        return run, args
+    if row in NEEDS_HISTORY:
+        return None
+    if "dssm_mlp_fm" in args:  # the distillation rows: the same recipe on the MLP-head DSSM
+        return run.replace("_fm", "_mlp"), [a if a != "dssm_mlp_fm" else "dssm_mlp" for a in args]
+    if "distilled_dssm" in args:
+        flag = "--student-option" if args[:2] == ["distill", "sync"] else "--model-option"
+        return run, args + [x for option in NO_HISTORY for x in (flag, option)]
+    return run, args
+
+
+def command(
+    row: str, data: Path, out: Path, seed: int | str, flags: argparse.Namespace, history: bool
+) -> list[str] | None:
+    found = row_args(row, history)
+    if found is None:
+        return None
+    run, args = found
     cmd = ["prerank", *args, "--data", str(data), "--out", str(out / run / f"seed{seed}")]
-    if args[:2] == ["distill", "sync"] and teacher is not None:
-        cmd += ["--teacher-init", str(teacher)]
-    return cmd + [*COMMON, "--seed", str(seed), "--threads", str(threads)]
+    if args[:2] == ["distill", "sync"] and flags.teacher is not None:
+        cmd += ["--teacher-init", str(flags.teacher)]
+    budget = ["--epochs", str(flags.epochs), "--patience", str(flags.patience)]
+    return cmd + [*budget, *COMMON, "--seed", str(seed), "--threads", str(flags.threads)]
 
 
 def run_one(cmd: list[str], log: Path, prerank: str) -> None:
@@ -121,12 +162,17 @@ def run_one(cmd: list[str], log: Path, prerank: str) -> None:
     print(f"{'ok' if rc == 0 else f'FAILED ({rc})'} in {time.time() - t0:.0f}s: {shlex.join(cmd)}", flush=True)
 
 
-def metric(out: Path, row: str, seed: int, key: str = "gauc", path: tuple[str, ...] | None = None) -> float | None:
+def metric(
+    out: Path, row: str, seed: int, history: bool, key: str = "gauc", path: tuple[str, ...] | None = None
+) -> float | None:
     """A test metric of a finished run (None if not run); ``path`` overrides the row's key path in test.json."""
-    _, run, _, where = ROWS[row]
-    file = out / run / f"seed{seed}" / "test.json"
+    found = row_args(row, history)
+    if found is None:
+        return None
+    file = out / found[0] / f"seed{seed}" / "test.json"
     if not file.exists():
         return None
+    where = ROWS[row][3]
     value = json.loads(file.read_text())
     for k in path or where:
         if k not in value:
@@ -135,17 +181,17 @@ def metric(out: Path, row: str, seed: int, key: str = "gauc", path: tuple[str, .
     return float(value[key])
 
 
-def table(out: Path, rows: list[str], seeds: list[int]) -> tuple[str, list[dict]]:
-    base = {s: metric(out, BASE, s) for s in seeds}
+def table(out: Path, rows: list[str], seeds: list[int], history: bool) -> tuple[str, list[dict]]:
+    base = {s: metric(out, BASE, s, history) for s in seeds}
     lines = ["| row | seeds | test GAUC | Δ GAUC vs plain (‰) | test AUC | its teacher's test AUC |"]
     lines.append("|---|---|---|---|---|---|")
     records = []
     for row in rows:
-        gauc = {s: metric(out, row, s) for s in seeds}
+        gauc = {s: metric(out, row, s, history) for s in seeds}
         done = [s for s in seeds if gauc[s] is not None]
-        auc = [metric(out, row, s, "auc") for s in done]
+        auc = [metric(out, row, s, history, "auc") for s in done]
         # the synchronous rows train their own teacher: its test AUC beside the student's
-        teacher = [t for s in done if (t := metric(out, row, s, "auc", ("teacher_test",))) is not None]
+        teacher = [t for s in done if (t := metric(out, row, s, history, "auc", ("teacher_test",))) is not None]
         # per-seed differences: the same seed's plain DSSM is the baseline of each run
         delta = [1000 * (gauc[s] - base[s]) for s in done if base[s] is not None]
         g, gs, n = mean_std([gauc[s] for s in done])
@@ -153,6 +199,9 @@ def table(out: Path, rows: list[str], seeds: list[int]) -> tuple[str, list[dict]
         a, as_, _ = mean_std(auc)
         records.append({"row": row, "label": ROWS[row][0], "seeds": done, "gauc": [gauc[s] for s in done]})
         records[-1] |= {"auc": auc, "delta_permille": delta, "teacher_auc": teacher}
+        if row_args(row, history) is None:
+            lines.append(f"| {ROWS[row][0]} | | not applicable (no behaviour sequence) | | | |")
+            continue
         if not n:
             lines.append(f"| {ROWS[row][0]} | 0 | not run | | | |")
             continue
@@ -175,6 +224,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--epochs", type=int, default=20, help="at most this many epochs per run (per stage)")
+    p.add_argument("--patience", type=int, default=3, help="early stopping on valid GAUC")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--table-only", action="store_true", help="only assemble the table from finished runs")
     p.add_argument("--prerank", default=str(Path(sys.executable).with_name("prerank")), help="the prerank CLI")
@@ -184,19 +235,22 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     seeds = list(range(args.seeds))
+    history = has_history(args.data)
     if not args.table_only:
-        # one run per (run name, seed): stage1 and stage2 rows read the same two-stage run
+        # one run per (run name, seed), seed by seed: stage1 and stage2 rows read the same two-stage run
         jobs: dict[tuple[str, int], list[str]] = {}
         for seed in seeds:
             for row in [BASE, *rows]:
-                jobs.setdefault(
-                    (ROWS[row][1], seed), command(row, args.data, args.out, seed, args.threads, args.teacher)
-                )
+                if (cmd := command(row, args.data, args.out, seed, args, history)) is not None:
+                    jobs.setdefault((cmd[cmd.index("--out") + 1], seed), cmd)
         with ThreadPoolExecutor(args.jobs) as pool:
             for (run, seed), cmd in jobs.items():
-                pool.submit(run_one, cmd, args.out / "logs" / f"{run}-seed{seed}.log", args.prerank)
-    text, records = table(args.out, rows, seeds)
-    commands = "\n".join(shlex.join(command(r, args.data, args.out, "S", args.threads, args.teacher)) for r in rows)
+                name = Path(run).parent.name
+                pool.submit(run_one, cmd, args.out / "logs" / f"{name}-seed{seed}.log", args.prerank)
+    text, records = table(args.out, rows, seeds, history)
+    commands = "\n".join(
+        shlex.join(cmd) for r in rows if (cmd := command(r, args.data, args.out, "S", args, history)) is not None
+    )
     report = f"{text}\n\nCommands (S = 0..{args.seeds - 1}):\n\n```\n{commands}\n```\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(report)

@@ -151,6 +151,40 @@ def test_a_schema_without_cross_features_exports_to_onnx(name: str, tmp_path: Pa
     torch.testing.assert_close(torch.tensor(result.scores), expected, rtol=1e-4, atol=1e-5)
 
 
+#: The distilled DSSM's ablation configurations (benchmarks/dssm_ablation.py, issue 23) that no registered name
+#: covers (dssm_plain, dssm_mlp, dssm_mlp_fm and distilled_dssm are exported above): the Taobao rows + NOVA and
+#: + SENET, the stage-1 checkpoints of the two-stage rows (FM off), and the ML-1M `paper` rows (no behaviour
+#: sequence: FM and NOVA off). The synchronous rows serve their student, one of these configs.
+DSSM_ABLATION = {
+    "nova": {"use_senet": False, "use_bilinear": False},
+    "nova_stage1": {"use_fm": False, "use_senet": False, "use_bilinear": False},
+    "senet": {"use_bilinear": False},
+    "senet_stage1": {"use_fm": False, "use_bilinear": False},
+    "all_stage1": {"use_fm": False},
+    "no_history_senet": {"use_fm": False, "use_nova": False, "use_bilinear": False},
+    "no_history_all": {"use_fm": False, "use_nova": False},
+}
+
+
+@pytest.mark.parametrize("row", sorted(DSSM_ABLATION))
+def test_every_dssm_ablation_config_serves_its_scores(row: str, tmp_path: Path, shared: Path) -> None:
+    """Export, item cache and every runtime score one request as the model's full forward does."""
+    schema = tiny_schema()
+    torch.manual_seed(0)
+    model = build_model("distilled_dssm", schema, DSSM_ABLATION[row]).eval()
+    save_checkpoint(tmp_path / "m.pt", "distilled_dssm", model)
+    export(tmp_path / "m.pt", shared / "data", tmp_path / "art", chunk_rows=4)
+    rows = table_to_batch(tiny_table(64, 3, schema), schema)
+    items = table_to_batch(pa.parquet.read_table(shared / "data" / "items.parquet"), schema)
+    with torch.no_grad():
+        expected = model(one_request(rows, schema, items))
+    ids = items.features["item_id"].tolist()
+    for runtime in ("eager", "torch", "onnx"):
+        result = Scorer.load(tmp_path / "art", runtime=runtime).score(user_dict(rows, schema), ids)
+        assert result.ids == ids and result.skipped == []
+        torch.testing.assert_close(torch.tensor(result.scores), expected, rtol=1e-4, atol=1e-5, msg=runtime)
+
+
 def test_each_torch_graph_holds_only_the_weights_it_reads(shared: Path) -> None:
     """The score graph of IntTower reads no embedding table, so its program is a small part of the weights."""
     art = shared / "art-int_tower"
