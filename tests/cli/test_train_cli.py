@@ -36,6 +36,19 @@ def test_train_then_evaluate(tiny_dataset: Path, tmp_path: Path) -> None:
     assert json.loads(res.stdout)["auc"] == pytest.approx(summary["test"]["auc"])
 
 
+def test_evaluate_accepts_the_dataset_after_teacher_score(tiny_dataset: Path, tmp_path: Path) -> None:
+    """``teacher score`` adds a column, not a feature: a checkpoint trained before still evaluates on the data."""
+    from prerank.cli import teacher as _teacher  # noqa: F401  (registers the commands)
+
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--model", "lr", "--data", str(tiny_dataset), "--out", str(out), *FAST])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["teacher", "score", "-t", str(out / "best.pt"), "-d", str(tiny_dataset)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_dataset)])
+    assert res.exit_code == 0, res.output
+
+
 def test_compare_writes_records_and_table(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     args = ["compare", "--data", str(tiny_dataset), "--models", "lr,two_tower", "--seeds", "2", "--out", str(out)]
