@@ -1022,7 +1022,7 @@ CASES: tuple[Case, ...] = (
         "a checkpoint trained on another dataset's schema",
         NAMES_PROBLEM,
         lambda ws: _evaluate(ws, ws.extras / "other-data-lr.pt"),
-        "was trained on another schema",
+        "was trained on other features than",
     ),
     _c(
         "checkpoint-weights-of-another-model",
