@@ -17,28 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _process import peak_rss_mb, run_child  # benchmarks/ is on sys.path when a script runs
+
 BLOCK = 1_000_000
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
-
-
-def _child(args: list[str]) -> dict:
-    """Run this script's ``args`` in a fresh interpreter; its last stdout line is a JSON report."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"child {args[0]} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def generate_log(path: Path, events: int, seed: int) -> dict:
@@ -75,7 +61,7 @@ def generate_log(path: Path, events: int, seed: int) -> dict:
             writer.write_table(pa.table(block, schema=schema))
     tmp.replace(path)
     seconds = time.perf_counter() - t0
-    return {"events": events, "seconds": seconds, "bytes": path.stat().st_size, "peak_rss_mb": _peak_rss_mb()}
+    return {"events": events, "seconds": seconds, "bytes": path.stat().st_size, "peak_rss_mb": peak_rss_mb()}
 
 
 def prepare_once(raw: Path, out: Path, engine: str, memory_limit: str, threads: int, bucket_rows: int) -> dict:
@@ -87,7 +73,7 @@ def prepare_once(raw: Path, out: Path, engine: str, memory_limit: str, threads: 
     seconds = time.perf_counter() - t0
     meta = json.loads((out / "meta.json").read_text())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "rows": meta["rows"], "counts": meta["counts"]} | {
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rows": meta["rows"], "counts": meta["counts"]} | {
         "out_bytes": size
     }
 
@@ -109,7 +95,7 @@ def main() -> None:
     runs = []
     for size in sorted(set(duck) | set(memory)):
         log = a.out / f"UserBehavior_{size}.csv"
-        gen = _child(["_generate", str(log), str(size), str(a.seed)])
+        gen = run_child(__file__, ["_generate", str(log), str(size), str(a.seed)])
         print(
             f"log: {size:,} events, {gen['bytes'] / 1e9:.2f} GB in {gen['seconds']:.0f} s, "
             f"peak RSS {gen['peak_rss_mb']:,.0f} MB",
@@ -119,7 +105,8 @@ def main() -> None:
             if size not in (memory if engine == "memory" else duck):
                 continue
             out = a.out / f"{engine}-{size}"
-            r = _child(["_prepare", str(log), str(out), engine, a.memory_limit, str(a.threads), str(a.bucket_rows)])
+            args = ["_prepare", str(log), str(out), engine, a.memory_limit, str(a.threads), str(a.bucket_rows)]
+            r = run_child(__file__, args)
             runs.append({"events": size, "engine": engine, "generate": gen, **r})
             rows = sum(r["rows"].values())
             print(

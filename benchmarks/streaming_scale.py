@@ -16,27 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _process import peak_rss_mb, run_child  # benchmarks/ is on sys.path when a script runs
+
 ROWS_PER_FILE = 500_000
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
-
-
-def _child(args: list[str]) -> dict:
-    """Run this script's ``args`` in a fresh interpreter; its last stdout line is a JSON report."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"child {args[0]} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def generate_log(out: Path, train_rows: int, eval_rows: int, seed: int) -> dict:
@@ -46,13 +32,13 @@ def generate_log(out: Path, train_rows: int, eval_rows: int, seed: int) -> dict:
     total = train_rows + 2 * eval_rows
     meta = read_meta(out)
     if meta.get("complete") and sum(meta["rows"].values()) == total and meta.get("seed") == seed:
-        return {"rows": total, "seconds": 0.0, "reused": True, "peak_rss_mb": _peak_rss_mb()}
+        return {"rows": total, "seconds": 0.0, "reused": True, "peak_rss_mb": peak_rss_mb()}
     share = eval_rows / total
     t0 = time.perf_counter()
     options = {"valid_share": share, "test_share": share}
     generate(out, rows=total, seed=seed, progress=False, rows_per_file=ROWS_PER_FILE, **options)
     seconds = time.perf_counter() - t0
-    return {"rows": total, "seconds": seconds, "rows_per_s": total / seconds, "peak_rss_mb": _peak_rss_mb()}
+    return {"rows": total, "seconds": seconds, "rows_per_s": total / seconds, "peak_rss_mb": peak_rss_mb()}
 
 
 def view(log: Path, rows: int, out: Path) -> Path:
@@ -83,7 +69,7 @@ def train_epoch(data: Path, out: Path, batch_size: int, threads: int) -> dict:
         "rows_per_s": result.samples_per_second,
         "valid_auc": result.best_metric,
         "test_auc": test["auc"],
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -99,12 +85,12 @@ def main() -> None:
     a = parser.parse_args()
     sizes = sorted(int(float(s)) for s in a.sizes.split(","))
     log = a.out / "log"
-    gen = _child(["_generate", str(log), str(sizes[-1]), str(a.eval_rows), str(a.seed)])
+    gen = run_child(__file__, ["_generate", str(log), str(sizes[-1]), str(a.eval_rows), str(a.seed)])
     print(f"log: {gen['rows']:,} rows in {log}, peak RSS {gen['peak_rss_mb']:,.0f} MB", flush=True)
     runs = []
     for size in sizes:
         data = view(log, size, a.out / f"rows{size}")
-        r = _child(["_train", str(data), str(a.out / f"run{size}"), str(a.batch_size), str(a.threads)])
+        r = run_child(__file__, ["_train", str(data), str(a.out / f"run{size}"), str(a.batch_size), str(a.threads)])
         runs.append({"size": size, **r})
         print(
             f"{r['train_rows']:>12,} rows: {r['rows_per_s']:>9,.0f} rows/s, {r['train_seconds']:>7,.0f} s,"
