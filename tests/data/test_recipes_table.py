@@ -86,6 +86,8 @@ def test_kinds_towers_and_report(tmp_path: Path) -> None:
         "score": ("user", "dense"),
         "cat": ("item", "categorical"),
         "hist_item_id": ("user", "sequence"),
+        "item_mean_label": ("item", "dense"),
+        "item_count": ("item", "dense"),
     }
     assert schema["hist_item_id"].shares == "item_id" and schema["tags"].vocab_size == 5  # 4 tags + padding
     report = json.loads((out / "report.json").read_text())
@@ -166,6 +168,43 @@ def test_history_holds_only_earlier_positives(tmp_path: Path) -> None:
                 if uu == u and y == 1 and tt < ts and s in raw_of.values()
             ]
             assert [raw_of[h] for h in hist] == expected, (split, u, ts)
+
+
+def test_item_statistics_read_training_labels_out_of_fold(tmp_path: Path) -> None:
+    cols = _log()
+    out = _prepare(tmp_path, cfg={"split": "global-time"})
+    tables = {s: pq.read_table(out / s).to_pydict() for s in ("train", "valid", "test")}
+    train = tables["train"]
+    y = np.array(train["label"], dtype=float)
+    items = np.array(train["item_id"])
+    prior, m = y.mean(), 20.0
+    # valid, test and the catalogue: the item's smoothed rate over the whole training split
+    for split in ("valid", "test"):
+        t = tables[split]
+        for i, rate in zip(t["item_id"], t["item_mean_label"], strict=True):
+            rows = items == i
+            assert rate == pytest.approx((y[rows].sum() + m * prior) / (rows.sum() + m), abs=1e-6)
+    cat = pq.read_table(out / "items.parquet").to_pydict()
+    for i, rate, count in zip(cat["item_id"], cat["item_mean_label"], cat["item_count"], strict=True):
+        rows = items == i
+        assert rate == pytest.approx((y[rows].sum() + m * prior) / (rows.sum() + m), abs=1e-6)
+        assert count == pytest.approx(np.log1p(rows.sum()) / np.log1p(np.bincount(items).max()), abs=1e-6)
+    # a training row's rate never reads a label of its own user: flip every label of one user, the user's own
+    # rates stay, another user's rate of a shared item moves
+    user = train["request_id"][0]  # request_id = dense user index + 1 = the raw uid here (uids are 1..N)
+    flipped = dict(cols)
+    flipped["y"] = [1 - v if u == user else v for u, v in zip(cols["uid"], cols["y"], strict=True)]
+    out2 = _prepare(tmp_path / "flip", log=_write(tmp_path / "flip.parquet", flipped), cfg={"split": "global-time"})
+    train2 = pq.read_table(out2 / "train").to_pydict()
+    own = [k for k, u in enumerate(train["request_id"]) if u == user]
+    assert own and all(train2["item_mean_label"][k] == train["item_mean_label"][k] for k in own)
+    user_items = {train["item_id"][k] for k in own}
+    others = [k for k, (u, i) in enumerate(zip(train["request_id"], train["item_id"], strict=True))
+              if u != user and i in user_items]  # fmt: skip
+    assert any(train2["item_mean_label"][k] != train["item_mean_label"][k] for k in others)
+    none = _prepare(tmp_path / "none", cfg={"split": "global-time", "item_stats": False})
+    assert "item_mean_label" not in Schema.load(none)
+    assert "item_count" not in pq.read_table(none / "items.parquet").column_names
 
 
 def test_implicit_negatives(tmp_path: Path) -> None:

@@ -114,6 +114,12 @@ def prepare_cmd(
         "uniform", "--negative-sampling", help="table --implicit: uniform or popularity (training counts)."
     ),
     max_hist: int = typer.Option(20, "--max-hist", help="table: length of the hist_item_id behaviour sequence."),
+    item_stats: bool = typer.Option(
+        True,
+        "--item-stats/--no-item-stats",
+        help="table: add item_mean_label (smoothed training positive rate, out of fold for training rows) and "
+        "item_count as item features.",
+    ),
 ) -> None:
     """Turn public raw files, or your own interaction table, into a prerank dataset.
 
@@ -130,7 +136,7 @@ def prepare_cmd(
         _prepare_table(
             out, seed, progress, interactions=interactions, users=users, items=items, user_col=user_col,
             item_col=item_col, label_col=label_col, implicit=implicit, time_col=time_col, split=split,
-            negatives=negatives, negative_sampling=negative_sampling, max_hist=max_hist,
+            negatives=negatives, negative_sampling=negative_sampling, max_hist=max_hist, item_stats=item_stats,
         )  # fmt: skip
         return
     if raw is None:
@@ -165,6 +171,9 @@ def _prepare_table(out: Path, seed: int, progress: bool, **opts: object) -> None
         table.add_row(c["column"], c["source"], c["feature"], c["tower"], c["kind"], vocab, str(c["max_len"] or ""))
     if report["history"]:
         table.add_row("", "(derived)", "hist_item_id", "user", "sequence", "(item_id)", str(config.max_hist))
+    if report["item_statistics"]:
+        for name in ("item_mean_label", "item_count"):
+            table.add_row("", "(derived)", name, "item", "dense", "", "")
     out_console = Console()  # stdout: this is the command's result
     out_console.print(table)
     for d in report["dropped"]:

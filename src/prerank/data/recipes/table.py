@@ -40,6 +40,18 @@ Inference rules (everything is recorded in ``report.json`` and printed by the CL
   before the row's time; train and valid rows read training positives, test rows training and
   validation positives (never the test split); items unseen in training are left out. It shares
   ``item_id``'s vocabulary.
+* Item statistics (default on; ``--no-item-stats`` leaves them out), two dense item features read
+  from the training split only: ``item_mean_label``, the item's smoothed positive rate
+  ``(positives + m * prior) / (rows + m)`` with ``m = 20`` pseudo-rows of the training mean, and
+  ``item_count``, its number of training rows, ``log1p``-scaled by the largest count. With
+  ``--implicit`` both count the sampled negatives too (the rate is then the item's share of
+  positives among its rows). Valid and test rows and the item catalogue read the whole training
+  split; a training row reads the rate **out of fold** (5 folds of whole users, the unit a new
+  request is drawn from), so it never sees its own label nor another label of its user. Why: on
+  a small log most ids are seen a handful of times, and an id embedding learns an item's
+  popularity slowly and noisily; the smoothed rate hands every model (and the item cache) the
+  popularity prior that a popularity scorer uses, so a personalised model starts from it instead
+  of having to rediscover it (docs/results.md, "Small data").
 
 Output: ``train/ valid/ test/`` Parquet, ``items.parquet`` (one row per training item id 1..K with
 its ``raw_item_id`` and item features), ``schema.json``, ``meta.json``, ``report.json`` (what was
@@ -63,9 +75,12 @@ import pyarrow.parquet as pq
 
 from prerank.data.parquet import write_dataset
 from prerank.data.recipes.common import (
+    Entries,
     Progress,
     RecipeError,
+    SplitStats,
     Vocab,
+    balanced_folds,
     fscd_cost,
     history,
     label_rate,
@@ -80,7 +95,7 @@ SAMPLING: tuple[str, ...] = ("uniform", "popularity")
 SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
 MAX_SEQ_LEN = 64
 #: Output names the recipe itself produces; an input column of that name (other than the ids) is dropped.
-OWN_NAMES = ("user_id", "item_id", "hist_item_id")
+OWN_NAMES = ("user_id", "item_id", "hist_item_id", "item_mean_label", "item_count")
 
 
 class TableError(RecipeError):
@@ -103,6 +118,9 @@ class TableConfig:
     valid_frac: float = 0.1
     test_frac: float = 0.1
     seed: int = 0
+    item_stats: bool = True
+    stat_folds: int = 5
+    stat_smoothing: float = 20.0
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -612,6 +630,13 @@ def prepare_table(
             ev = pos_ev & (row_split <= max(s - 1, 0))
             hist.append(history(row_user[p], row_ts[p], row_user[ev], row_ts[ev], row_item_code[ev], cfg.max_hist))
 
+    stats: dict[str, list[np.ndarray]] = {}
+    if cfg.item_stats:
+        stats = _item_statistics(cfg, parts, row_user, row_label, row_item_code, item_vocab.size - 1)
+        specs.extend(_ITEM_STAT_SPECS)
+        for name, values in stats.items():
+            cat_table = cat_table.append_column(name, pa.array(values[3], pa.float32()))
+
     progress("writing Parquet", 4, steps)
     schema = Schema(
         features=tuple(specs),
@@ -637,6 +662,8 @@ def prepare_table(
         for f in specs:
             if f.name == "hist_item_id":
                 cols[f.name] = hist[s]
+            elif f.name in stats:
+                cols[f.name] = pa.array(stats[f.name][s], pa.float32())
             else:
                 col = feats[f.name].take(pa.array(p, pa.int64()))
                 cols[f.name] = pc.cast(col, {"categorical": pa.int64(), "dense": pa.float32(),
@@ -669,6 +696,12 @@ def prepare_table(
         else f"implicit: logged rows positive, {n_neg} {cfg.negative_sampling} negatives per positive",
         "request_id": "user (dense index over the sorted raw user ids)",
         "history": f"hist_item_id: last {cfg.max_hist} earlier positives" if has_hist else None,
+        "item_statistics": (
+            f"item_mean_label (smoothed, m={cfg.stat_smoothing:g}; out of fold, {cfg.stat_folds} folds of users, "
+            "for training rows) and item_count (log1p-scaled), from the training split"
+            if cfg.item_stats
+            else None
+        ),
         "columns": [asdict(c) for c in report_cols],
         "dropped": dropped,
         "rows": rows,
@@ -705,6 +738,42 @@ def prepare_table(
         atomic_write_text(tmp / "vocab.json", json.dumps(vocab_json))
     progress("done", steps, steps)
     return Path(out)
+
+
+_ITEM_STAT_SPECS = (
+    FeatureSpec("item_mean_label", "item", "dense", cost_type="IV",
+                description="smoothed positive rate of the item's training rows (out of fold for training rows)"),
+    FeatureSpec("item_count", "item", "dense", cost_type="IV",
+                description="number of training rows of the item, log1p-scaled by the largest"),
+)  # fmt: skip
+
+
+def _item_statistics(
+    cfg: TableConfig,
+    parts: list[np.ndarray],
+    user: np.ndarray,
+    label: np.ndarray,
+    item_code: np.ndarray,
+    n_items: int,
+) -> dict[str, list[np.ndarray]]:
+    """``item_mean_label`` and ``item_count`` for train, valid, test rows and the catalogue (ids ``1..n_items``).
+
+    Folds are whole users (``request_id`` is the user here): a training row's rate excludes every row of
+    its user, as a valid or test request of a new user sees none of its own rows (:func:`balanced_folds`).
+    """
+    train = parts[0]
+    folds = balanced_folds(len(train), cfg.stat_folds, np.random.default_rng(cfg.seed + 1), groups=user[train])
+    split_stats = SplitStats(
+        parts, label[train], folds, cfg.stat_folds, cfg.stat_smoothing, Entries.single(np.arange(1, n_items + 1))
+    )
+
+    def by_item(rows: np.ndarray) -> Entries:
+        return Entries.single(item_code[rows])
+
+    return {
+        "item_mean_label": split_stats.mean(by_item, catalogue=True),
+        "item_count": split_stats.count(by_item, catalogue=True),
+    }
 
 
 def _has_mixed_request(user: np.ndarray, label: np.ndarray) -> bool:
