@@ -35,7 +35,8 @@ grouped by method and K, seeds averaged).
     python benchmarks/fscd_cascade.py --data /tmp/fscd/ml1m-wide --tables /tmp/fscd/bench-ml1m \
         --out /tmp/fscd/cascade-sim-ml1m --cascade /tmp/fscd/ml1m-wide-cascade --ns 10,20,50
 
-Writes OUT/table4.md, OUT/results.json (every number) and OUT/commands.txt (every command run).
+Writes OUT/table4.md, OUT/results.json (every number) and OUT/commands.txt (every command run). A rerun into the
+same OUT (same ``--cascade``, ``--ns`` and ranker) reuses the rows of OUT/results.json and scores only new runs.
 """
 
 from __future__ import annotations
@@ -154,8 +155,19 @@ def main() -> None:
             raise RuntimeError(f"{args.cascade} was built with another teacher than {ranker_dir} (logit gap {gap})")
         extra = composition(ref)
         print(f"lists: {extra}", flush=True)
+    # rows of an earlier run into the same OUT (same lists, same N) are reused, so adding seeds scores only them
+    done = {}
+    previous = out / "results.json"
+    if previous.exists():
+        prev = json.loads(previous.read_text())
+        same = prev.get("cascade") == (str(args.cascade) if args.cascade else None) and prev["args"]["ns"] == args.ns
+        same &= prev["ranker"]["run"] == str(ranker_dir)
+        done = {(r["method"], r["k"], r["seed"]): r for r in prev["runs"]} if same else {}
     rows = []
     for method, k, seed, d in runs:
+        if (method, k, seed) in done:
+            rows.append(done[(method, k, seed)])
+            continue
         logged = scores(d, args.data)
         pred = scores(d, args.cascade) if args.cascade else logged
         if not (np.array_equal(pred["request_id"], groups) and np.array_equal(pred["label"], ref["label"])):
