@@ -14,6 +14,13 @@ model, ``fscd_ranker`` (Sec. 3.1: an MLP 1024-512-256 over every field), trained
 request counts for recall@(5, N) only when it has more than N rows (with N or fewer the pre-ranker passes
 everything on); the expected recall of a random order over the same requests, mean(N / L), is the floor.
 
+**On the cascade simulator** (``--cascade C``): C is a cascade dataset built from ``--data`` with the ranker as
+teacher and ``--cross compute`` (``prerank cascade build``: every cross field of a simulated candidate computed from
+its anchor impression's past-only / out-of-fold sources, :mod:`prerank.data.recipes.movielens_pairs`). Recall is
+then measured over each test request's whole simulated list (impressions, retrieved items, random items), and
+the top 5 are the ranker's over that list; AUC stays on the logged test rows of ``--data``. The models are the
+same checkpoints, trained on the logged training rows only.
+
 Runs (each skipped when its test.json exists): ``prerank train`` of ``fscd_ranker`` (``--ranker-seed``) and of
 ``two_tower`` and ``cold`` (``--seeds``), all with the same epoch budget (``--epochs``); the FSCD pre-rankers are
 the fine-tuned runs of ``benchmarks/fscd_tables.py`` (``--tables``: its OUT; every ``finetune/*/test.json``,
@@ -22,7 +29,14 @@ grouped by method and K, seeds averaged).
     python benchmarks/fscd_cascade.py --data /tmp/fscd/ml1m-wide --tables /tmp/fscd/bench-ml1m \\
         --out /tmp/fscd/cascade-ml1m
 
-Writes OUT/table4.md, OUT/results.json (every number) and OUT/commands.txt (every command run).
+    prerank cascade build --data /tmp/fscd/ml1m-wide --teacher RANKER.pt --out /tmp/fscd/ml1m-wide-cascade \
+        --cross compute --raw ../shared/data/ml-1m --rank-cut teacher_top --unknown-items skip \
+        --retrieve 100 --rank-candidates 50 --prerank-candidates 50 --random 50
+    python benchmarks/fscd_cascade.py --data /tmp/fscd/ml1m-wide --tables /tmp/fscd/bench-ml1m \
+        --out /tmp/fscd/cascade-sim-ml1m --cascade /tmp/fscd/ml1m-wide-cascade --ns 10,20,50
+
+Writes OUT/table4.md, OUT/results.json (every number) and OUT/commands.txt (every command run). A rerun into the
+same OUT (same ``--cascade``, ``--ns`` and ranker) reuses the rows of OUT/results.json and scores only new runs.
 """
 
 from __future__ import annotations
@@ -39,7 +53,7 @@ from fscd_tables import LABELS, prerank, run
 
 from prerank.evaluate import metrics
 from prerank.io import atomic_write_text
-from prerank.schema import Schema
+from prerank.schema import STAGES, Schema
 
 BASELINES = {"two_tower": "Two-Tower (vector product)", "cold": "COLD"}
 RANKER = "fscd_ranker"
@@ -66,6 +80,22 @@ def random_floor(groups: np.ndarray, n: int) -> float:
     return float(np.mean(n / sizes[sizes > n]))
 
 
+def composition(ref: dict[str, np.ndarray]) -> dict:
+    """Sizes of the simulated lists and the stages of the ranker's top 5 (share of those slots per stage)."""
+    groups, stage = ref["request_id"], ref["stage"]
+    _, sizes = np.unique(groups, return_counts=True)
+    order = np.lexsort((-ref["logits"], groups))
+    first = np.r_[0, np.flatnonzero(np.diff(groups[order])) + 1]
+    pos = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+    top = stage[order][pos < 5]
+    return {
+        "requests": len(sizes),
+        "list_size": {"median": float(np.median(sizes)), "min": int(sizes.min()), "max": int(sizes.max())},
+        "rows_per_stage": {s: int((stage == i).sum()) for i, s in enumerate(STAGES)},
+        "ranker_top5_stage_share": {s: round(float((top == i).mean()), 4) for i, s in enumerate(STAGES)},
+    }
+
+
 def finetuned_runs(tables: Path) -> list[tuple[str, int, int, Path]]:
     """``(method, K, seed, run dir)`` of every fine-tuned pre-ranker under ``tables/finetune``."""
     found = []
@@ -89,6 +119,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="Epochs of the ranker and the baselines.")
     p.add_argument("--ns", default="10,20", help="Pre-ranker output sizes N of recall@(5, N).")
     p.add_argument("--jobs", type=int, default=2, help="Training runs at a time (1 thread each).")
+    p.add_argument("--cascade", type=Path, help="A cascade dataset of --data (ranker as teacher, --cross compute): "
+                   "recall over its test requests' simulated lists instead of the logged ones.")  # fmt: skip
+    p.add_argument("--methods", default="fscd,dropout_fr,dfs,all", help="Fine-tuned pre-rankers to include.")
     args = p.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -107,17 +140,40 @@ def main() -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda j: run(*j, commands), jobs))
-    runs += finetuned_runs(args.tables)
+    wanted = set(args.methods.split(","))
+    runs += [r for r in finetuned_runs(args.tables) if r[0] in wanted]
 
-    ref = scores(ranker_dir, args.data)
+    logged_ref = scores(ranker_dir, args.data)
+    ranker_auc = metrics.auc(logged_ref["label"], logged_ref["logits"])
+    ref = scores(ranker_dir, args.cascade) if args.cascade else logged_ref
     groups = ref["request_id"]
-    ranker_auc = metrics.auc(ref["label"], ref["logits"])
+    extra = {}
+    if args.cascade:
+        # the cascade's teacher must be this ranker: its stored logits are the ones recall is measured against
+        gap = float(np.max(np.abs(ref["teacher_logit"] - ref["logits"])))
+        if gap > 1e-3:
+            raise RuntimeError(f"{args.cascade} was built with another teacher than {ranker_dir} (logit gap {gap})")
+        extra = composition(ref)
+        print(f"lists: {extra}", flush=True)
+    # rows of an earlier run into the same OUT (same lists, same N) are reused, so adding seeds scores only them
+    done = {}
+    previous = out / "results.json"
+    if previous.exists():
+        prev = json.loads(previous.read_text())
+        same = prev.get("cascade") == (str(args.cascade) if args.cascade else None) and prev["args"]["ns"] == args.ns
+        same &= prev["ranker"]["run"] == str(ranker_dir)
+        done = {(r["method"], r["k"], r["seed"]): r for r in prev["runs"]} if same else {}
     rows = []
     for method, k, seed, d in runs:
-        pred = scores(d, args.data)
+        if (method, k, seed) in done:
+            rows.append(done[(method, k, seed)])
+            continue
+        logged = scores(d, args.data)
+        pred = scores(d, args.cascade) if args.cascade else logged
         if not (np.array_equal(pred["request_id"], groups) and np.array_equal(pred["label"], ref["label"])):
             raise RuntimeError(f"{d}: test rows come in another order than the ranker's")
-        row = {"method": method, "k": k, "seed": seed, "run": str(d), "auc": metrics.auc(pred["label"], pred["logits"])}
+        auc = metrics.auc(logged["label"], logged["logits"])
+        row = {"method": method, "k": k, "seed": seed, "run": str(d), "auc": auc}
         for n in ns:
             got = metrics.cascade_recall(ref["logits"], pred["logits"], groups, k=5, n=n)
             row[f"recall@{n}"] = got.value
@@ -158,7 +214,8 @@ def main() -> None:
     ones = " | ".join("1" for _ in ns)
     lines.append(f"| ranker ({RANKER}, the target) | all | 1 | {ranker_auc:.4f} | {ones} |")
     table = "\n".join(lines)
-    atomic_write_text(out / "table4.md", f"### Table 4 analog\n\n{table}\n")
+    where = f"simulated lists of {args.cascade}" if args.cascade else "logged lists"
+    atomic_write_text(out / "table4.md", f"### Table 4 analog ({where})\n\n{table}\n")
     atomic_write_text(
         out / "results.json",
         json.dumps(
@@ -166,6 +223,8 @@ def main() -> None:
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "ranker": {"run": str(ranker_dir), "auc": ranker_auc},
                 "random_floor": floor,
+                "cascade": str(args.cascade) if args.cascade else None,
+                "lists": extra,
                 "table4": agg,
                 "runs": rows,
             },

@@ -249,6 +249,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--rate", type=float, default=20.0, help="Requests per second for the CPU-time measurement.")
     p.add_argument("--passes", type=int, default=2, help="Latency passes (alternating order); the fastest counts.")
+    p.add_argument(
+        "--first-pass", type=int, default=0, help="Ignore the cached timings of the passes before this one (e.g. taken"
+        " on a loaded machine): passes first-pass .. passes-1 count."
+    )  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="Training runs at a time (1 thread each).")
     p.add_argument("--plot", type=Path, default=None, help="PNG of AUC against latency (default OUT/auc_latency.png).")
     args = p.parse_args()
@@ -299,8 +303,14 @@ def main() -> None:
     # latency passes alternate the order of the runs; each run keeps its fastest pass (a shared machine's load
     # only ever slows a pass down). --cost-first-seed: only the first fine-tune seed's runs are timed.
     timed = [r for r in runs if not args.cost_first_seed or r[3] == ft_seeds[0]]
-    passes = [[measure(args, d, n) for _, _, d, _ in timed[:: 1 if n % 2 == 0 else -1]] for n in range(args.passes)]
-    cost = {d: [p[i] if n % 2 == 0 else p[-1 - i] for n, p in enumerate(passes)] for i, (*_, d, _) in enumerate(timed)}
+    if not 0 <= args.first_pass < args.passes:
+        p.error(f"--first-pass {args.first_pass} must lie in [0, --passes {args.passes})")
+    numbers = range(args.first_pass, args.passes)
+    passes = [[measure(args, d, n) for _, _, d, _ in timed[:: 1 if n % 2 == 0 else -1]] for n in numbers]
+    cost = {
+        d: [p[i] if n % 2 == 0 else p[-1 - i] for n, p in zip(numbers, passes, strict=True)]
+        for i, (*_, d, _) in enumerate(timed)
+    }
     rows = []
     for method, k, d, seed in runs:
         summary = json.loads((d / "test.json").read_text())

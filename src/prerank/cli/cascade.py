@@ -70,7 +70,14 @@ def build(
     co_window: int = typer.Option(5, "--co-window", help="Positives within this many positions co-occur."),
     neighbors: int = typer.Option(100, "--neighbors", help="Co-occurring items kept per item."),
     cross: str = typer.Option(
-        "drop", "--cross", help="Cross features in the output: 'drop' (default) or 'pad' (0 on unexposed rows)."
+        "drop",
+        "--cross",
+        help="Cross features in the output: 'drop' (default), 'pad' (0 on unexposed rows) or 'compute' (computed for"
+        " unexposed rows from their anchor impression's past-only / out-of-fold sources; needs --raw; MovieLens"
+        " temporal recipes only).",
+    ),
+    raw: Path = typer.Option(
+        None, "--raw", help="With --cross compute: the raw files the dataset was prepared from (its recipe re-run)."
     ),
     min_impressions: int = typer.Option(0, "--min-impressions", help="Keep users with at least this many rows."),
     min_positives: int = typer.Option(0, "--min-positives", help="Keep users with at least this many positives."),
@@ -92,7 +99,8 @@ def build(
     are drawn from items.parquet in proportion to the split's impressions (--popularity, --rank-cut change both).
 
     Unexposed rows copy the request's user features and take item features from items.parquet. Their cross
-    features are unknown, so cross features are dropped from the output unless --cross pad.
+    features are unknown, so cross features are dropped from the output unless --cross pad, or --cross compute
+    --raw RAW (MovieLens temporal: computed for the candidate from the recipe's past-only / out-of-fold sources).
     """
     import torch
 
@@ -122,7 +130,16 @@ def build(
         chunk_rows=chunk_rows,
         batch_size=batch_size,
     )
-    summary = build_cascade(data, teacher, out, config, overwrite=overwrite, progress=progress)
+    provider = None
+    if cross == "compute":
+        from prerank.data.recipes import cross_features
+
+        if raw is None:
+            raise ConfigError("--cross compute needs --raw: the raw files the dataset was prepared from")
+        provider = cross_features(data, raw)
+    elif raw is not None:
+        raise ConfigError("--raw is used with --cross compute only")
+    summary = build_cascade(data, teacher, out, config, overwrite=overwrite, progress=progress, cross_features=provider)
     console.print(f"[green]cascade written to {out}")
     print_json(summary["splits"])
 

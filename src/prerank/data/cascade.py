@@ -69,11 +69,16 @@ catalogue's for items never logged in the split. Recipes fit item statistics out
 training rows, so an item's catalogue values differ from all its training impressions' and would
 mark a training row as unexposed; ``item_side="catalogue"`` takes the catalogue's serving-time
 features regardless. Cross features are recipe-specific functions of the (user, item) pair and
-cannot be recomputed here, so unexposed rows get the padding value (0 / unknown id / empty list)
-when the teacher scores them. Because a student could then read the stage off a zero cross
+cannot be recomputed from the dataset alone, so unexposed rows get the padding value (0 / unknown id /
+empty list) when the teacher scores them. Because a student could then read the stage off a zero cross
 feature (a label leak), the default ``cross="drop"`` removes cross features from the output
-dataset altogether; ``cross="pad"`` keeps them with that caveat. The teacher scores impressions
-with their logged cross features.
+dataset altogether; ``cross="pad"`` keeps them with that caveat. ``cross="compute"`` takes a
+:class:`CrossFeatures` provider from the recipe (the MovieLens ``temporal`` recipes:
+:mod:`prerank.data.recipes.movielens_pairs`, rebuilt from the raw files) that computes an unexposed row's cross
+fields for its anchor impression's user, time, split and fold with the candidate item, from the same
+past-only / out-of-fold sources as the anchor's own; the builder checks that the provider reproduces the
+logged cross fields of every impression with a known item id and refuses otherwise. The teacher scores
+impressions with their logged cross features.
 
 **Filters and splits (Sec. 4.1.1).** Optionally keep only users with at least ``min_impressions``
 impressions and ``min_positives`` positives (counted over all splits; the user is ``user_field`` or,
@@ -99,7 +104,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -141,7 +146,7 @@ class CascadeConfig:
     history_field: str | None = None
     co_window: int = 5
     neighbors: int = 100
-    cross: Literal["drop", "pad"] = "drop"
+    cross: Literal["drop", "pad", "compute"] = "drop"
     unknown_items: Literal["sample", "skip"] = "sample"
     item_side: Literal["logged", "catalogue"] = "logged"
     min_impressions: int = 0
@@ -180,14 +185,33 @@ class CascadeConfig:
             raise ConfigError(f"cascade option item_side must be 'logged' or 'catalogue', got {self.item_side!r}")
         if self.unknown_items not in ("sample", "skip"):
             raise ConfigError(f"cascade option unknown_items must be 'sample' or 'skip', got {self.unknown_items!r}")
-        if self.cross not in ("drop", "pad"):
-            raise ConfigError(f"cascade option cross must be 'drop' or 'pad', got {self.cross!r}")
+        if self.cross not in ("drop", "pad", "compute"):
+            raise ConfigError(f"cascade option cross must be 'drop', 'pad' or 'compute', got {self.cross!r}")
+        if self.cross == "compute" and self.resplit is not None:
+            raise ConfigError(
+                "cascade option cross='compute' cannot be combined with resplit: a candidate's cross fields read the "
+                "past of its anchor's recipe split, which a re-split changes"
+            )
         if self.resplit_by not in ("time", "request"):
             raise ConfigError(f"cascade option resplit_by must be 'time' or 'request', got {self.resplit_by!r}")
         if self.resplit is not None:
             parts = tuple(float(p) for p in self.resplit)
             if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6:
                 raise ConfigError(f"cascade option resplit must be three fractions >= 0 summing to 1, got {parts}")
+
+
+class CrossFeatures(Protocol):
+    """Computes a recipe's cross fields for unlogged rows (``cross="compute"``; e.g.
+    :class:`prerank.data.recipes.movielens_pairs.MovieLensCross`).
+
+    ``__call__(split, anchors, items)``: for each unlogged row, the logged row of ``split`` whose user side it
+    copies (``anchors``, dataset columns) and its item id; returns one array per name in ``names``, computed from
+    what the anchor row itself could read (past-only / out-of-fold sources at its time).
+    """
+
+    names: tuple[str, ...]
+
+    def __call__(self, split: str, anchors: pa.Table, items: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -796,6 +820,7 @@ class _Context:
     retriever: CoOccurrenceRetriever
     item_field: str
     history_field: str | None
+    cross_features: CrossFeatures | None = None
 
 
 def _sort_requests(table: pa.Table) -> pa.Table:
@@ -832,12 +857,17 @@ def _seeds(ctx: _Context, table: pa.Table, req_of_row: np.ndarray, where: str) -
 
 
 def _candidate_rows(
-    ctx: _Context, table: pa.Table, anchor: np.ndarray, item_side: _ItemSide, item_rows: np.ndarray
+    ctx: _Context, table: pa.Table, anchor: np.ndarray, item_side: _ItemSide, item_rows: np.ndarray, split: str
 ) -> pa.Table:
-    """Unexposed rows: user side (and ``ts``) of impression rows ``anchor``, item side of ``item_rows``."""
+    """Unexposed rows: user side (and ``ts``) of impression rows ``anchor``, item side of ``item_rows``; cross
+    features padded, or computed by ``ctx.cross_features`` (``cross="compute"``)."""
     anchor_rows = pa.array(anchor)
     item_rows_a = pa.array(item_rows)
     n = len(anchor)
+    computed: dict[str, np.ndarray] = {}
+    if ctx.cross_features is not None:
+        items = _column(item_side.table.take(item_rows_a), ctx.item_field)
+        computed = ctx.cross_features(split, table.take(anchor_rows), items)
     cols: dict[str, pa.Array] = {}
     for name in table.column_names:
         if name in ("request_id", "ts"):
@@ -851,7 +881,7 @@ def _candidate_rows(
             if f.tower == "item":
                 cols[name] = item_side.table.column(name).take(item_rows_a)
             elif f.tower == "cross":
-                cols[name] = _pad_array(f.kind, n)
+                cols[name] = pa.array(computed[name]) if name in computed else _pad_array(f.kind, n)
             else:
                 cols[name] = table.column(name).take(anchor_rows)
     return pa.table(cols).cast(table.schema)
@@ -866,12 +896,29 @@ def _teacher_logits(ctx: _Context, table: pa.Table, where: str) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
+def _check_cross(ctx: _Context, table: pa.Table, split: str, where: str) -> None:
+    """The provider must reproduce the logged cross fields of the impressions with a known item id."""
+    known = np.flatnonzero(_column(table, ctx.item_field) > 0)
+    rows = table.take(pa.array(known))
+    got = ctx.cross_features(split, rows, _column(rows, ctx.item_field))
+    for name, values in got.items():
+        logged = _column(rows, name, np.float64)
+        worst = float(np.max(np.abs(values - logged), initial=0.0))
+        if not worst <= 1e-5:
+            raise DataError(
+                f"{where}: the cross-feature provider does not reproduce the logged {name!r} of the impressions "
+                f"(largest difference {worst:.3g}); it was built from other raw files or another recipe run"
+            )
+
+
 def _build_chunk(
-    ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _Stats, where: str, shown: np.ndarray
+    ctx: _Context, item_side: _ItemSide, table: pa.Table, stats: _Stats, split: str, where: str, shown: np.ndarray
 ) -> pa.Table:
-    """All stages for the whole requests in ``table``; returns the output rows, request-sorted."""
+    """All stages for the whole requests in ``table`` of ``split``; returns the output rows, request-sorted."""
     cfg, V = ctx.config, ctx.retriever.vocab
     table = _sort_requests(table)
+    if ctx.cross_features is not None:
+        _check_cross(ctx, table, split, where)
     rid = _column(table, "request_id")
     new = np.ones(len(rid), dtype=bool)
     new[1:] = rid[1:] != rid[:-1]
@@ -924,7 +971,7 @@ def _build_chunk(
     lengths = np.diff(np.append(starts, len(rid)))
     anchor = starts[new_req] + (request_uniforms(cfg.seed, 10, new_rid, draw) * lengths[new_req]).astype(np.int64)
     item_rows = item_side.rows(new_item, request_uniforms(cfg.seed, 11, new_rid, draw))
-    cands = _candidate_rows(ctx, table, anchor, item_side, item_rows)
+    cands = _candidate_rows(ctx, table, anchor, item_side, item_rows, split)
     full = pa.concat_tables([table, cands])
     logits = _teacher_logits(ctx, full, where)
 
@@ -1020,12 +1067,14 @@ def build_cascade(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    cross_features: CrossFeatures | None = None,
 ) -> dict:
     """Build a cascade dataset in ``out_dir`` from the impression dataset ``data_dir``.
 
     ``teacher`` is a checkpoint path (loaded with ``weights_only=True``) or a model; any registered
-    :class:`~prerank.models.base.PreRanker` trained on ``data_dir``'s schema works. Returns the
-    ``cascade`` section written to ``meta.json`` (options, per-split row counts per stage).
+    :class:`~prerank.models.base.PreRanker` trained on ``data_dir``'s schema works. ``cross_features``
+    (required by, and only used with, ``config.cross="compute"``) computes the cross fields of unexposed rows.
+    Returns the ``cascade`` section written to ``meta.json`` (options, per-split row counts per stage).
     """
     src, out = Path(data_dir), Path(out_dir)
     schema = Schema.load(src)
@@ -1034,6 +1083,17 @@ def build_cascade(
     teacher_name, model = _load_teacher(teacher)
     _check_teacher_schema(model.schema, schema, str(teacher) if not isinstance(teacher, PreRanker) else "model")
     item_field, history_field = _resolve_fields(schema, config)
+    if config.cross == "compute":
+        cross_names = {f.name for f in schema.features if f.tower == "cross"}
+        if cross_features is None:
+            raise ConfigError("cascade option cross='compute' needs a cross-feature provider (cascade build --raw)")
+        if set(cross_features.names) != cross_names:
+            raise ConfigError(
+                f"the cross-feature provider computes {sorted(cross_features.names)}, but the dataset's cross "
+                f"features are {sorted(cross_names)}"
+            )
+    else:
+        cross_features = None
     sources = {s: ParquetSplit(src, s, schema) for s in SPLITS if (src / s).is_dir()}
     if not sources:
         raise DataError(f"{src} has none of the splits {SPLITS}")
@@ -1053,7 +1113,7 @@ def build_cascade(
     in_schema = _input_schema(schema, present)
     out_schema = replace(
         schema,
-        features=tuple(f for f in schema.features if config.cross == "pad" or f.tower != "cross"),
+        features=tuple(f for f in schema.features if config.cross != "drop" or f.tower != "cross"),
         has_label_level=has_level,
         has_stage=True,
         has_teacher_logit=True,
@@ -1071,7 +1131,9 @@ def build_cascade(
             config.co_window,
             config.neighbors,
         )
-        ctx = _Context(schema, out_arrow, config, model, catalogue, retriever, item_field, history_field)
+        ctx = _Context(
+            schema, out_arrow, config, model, catalogue, retriever, item_field, history_field, cross_features
+        )
         with _progress(progress) as bar:
             task = bar.add_task("cascade", total=sum(len(p) for p in spilled.values()))
             for s in plan.splits:
@@ -1081,7 +1143,7 @@ def build_cascade(
                 shown = _impressions_per_item(spilled[s], item_field, schema.vocab(item_field))
                 for path in spilled[s]:
                     where = f"{s} chunk {path.stem}"
-                    chunk = _build_chunk(ctx, item_side, pq.read_table(path), stats[s], where, shown)
+                    chunk = _build_chunk(ctx, item_side, pq.read_table(path), stats[s], s, where, shown)
                     writer.write(chunk)
                     bar.advance(task)
                 writer.close()
@@ -1099,7 +1161,11 @@ def build_cascade(
         if config.popularity == "matched"
         else "random items uniform, retrieval fill-in the most popular training items",
         "seeds": f"history sequence {history_field!r}" if history_field else "the request's positive impressions",
-        "cross_features": "dropped" if config.cross == "drop" else "padding value on unexposed rows",
+        "cross_features": {
+            "drop": "dropped",
+            "pad": "padding value on unexposed rows",
+            "compute": "computed for unexposed rows from their anchor impression's sources",
+        }[config.cross],
         "item_side": "a logged row of the item in the split (catalogue if never logged)"
         if config.item_side == "logged"
         else "the catalogue",

@@ -94,4 +94,26 @@ def prepare(
     return recipe.run(Path(raw), Path(out), protocol, seed, features=features, progress=progress)
 
 
-__all__ = ["ENGINES", "FEATURE_SETS", "RECIPES", "OutOfCore", "Progress", "Recipe", "RecipeError", "prepare"]
+def cross_features(data_dir: str | Path, raw: str | Path):
+    """The cross-feature provider of a prepared dataset for ``cascade build --cross compute`` (issue 22).
+
+    Rebuilds what the dataset's recipe needs from the raw files at ``raw`` (``meta.json`` says which recipe,
+    seed and config); implemented for the MovieLens ``temporal`` recipes (:mod:`.movielens_pairs`). Raises
+    :class:`RecipeError` for other recipes or raw files that do not reproduce the dataset.
+    """
+    from prerank.data.recipes.movielens_pairs import MovieLensCross
+
+    return MovieLensCross.from_raw(raw, data_dir)
+
+
+__all__ = [
+    "ENGINES",
+    "FEATURE_SETS",
+    "RECIPES",
+    "OutOfCore",
+    "Progress",
+    "Recipe",
+    "RecipeError",
+    "cross_features",
+    "prepare",
+]

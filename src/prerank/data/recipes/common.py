@@ -184,6 +184,42 @@ def target_mean(
     return train_out.astype(np.float32), eval_out
 
 
+def target_mean_at(
+    train: Entries,
+    label: np.ndarray,
+    fold: np.ndarray,
+    query: Entries,
+    query_fold: np.ndarray,
+    *,
+    n_folds: int,
+    smoothing: float,
+) -> np.ndarray:
+    """:func:`target_mean` for rows that are not in ``train``: each query row gets the value a row of its fold would.
+
+    ``query_fold[r]`` is the out-of-fold fold of query row ``r`` (its groups' sums, counts and prior without that
+    fold), or -1 for the whole training split (an eval row). A training row queried with its own keys and fold
+    gets exactly its :func:`target_mean` value; the pair features of :mod:`.movielens_pairs` query a training row's
+    user with another item. Returns ``[query.n_rows]`` float32.
+    """
+    label = np.asarray(label, dtype=np.float64)
+    n_groups, t_idx, (q_idx,) = _compact(train.key, query.key)
+    slots = (n_groups + 1) * n_folds
+    s_kf = np.bincount(t_idx * n_folds + fold[train.row], weights=label[train.row], minlength=slots)
+    c_kf = np.bincount(t_idx * n_folds + fold[train.row], minlength=slots).astype(np.float64)
+    s_kf, c_kf = s_kf.reshape(-1, n_folds), c_kf.reshape(-1, n_folds)
+    prior_f, prior = fold_priors(
+        np.bincount(fold, weights=label, minlength=n_folds), np.bincount(fold, minlength=n_folds)
+    )
+    qf = np.asarray(query_fold, dtype=np.int64)
+    ent_fold = qf[query.row]
+    own = ent_fold >= 0
+    f = np.maximum(ent_fold, 0)
+    s = np.bincount(query.row, weights=s_kf.sum(1)[q_idx] - np.where(own, s_kf[q_idx, f], 0.0), minlength=query.n_rows)
+    c = np.bincount(query.row, weights=c_kf.sum(1)[q_idx] - np.where(own, c_kf[q_idx, f], 0.0), minlength=query.n_rows)
+    row_prior = np.where(qf >= 0, prior_f[np.maximum(qf, 0)], prior)
+    return ((s + smoothing * row_prior) / (c + smoothing)).astype(np.float32)
+
+
 def fold_priors(y_f: np.ndarray, n_f: np.ndarray) -> tuple[np.ndarray, float]:
     """Mean label of the training rows outside each fold, and of all of them, from per-fold label sums and sizes."""
     y_f, n_f = np.asarray(y_f, dtype=np.float64), np.asarray(n_f, dtype=np.float64)
