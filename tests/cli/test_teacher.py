@@ -77,6 +77,34 @@ def test_fit_refuses_cascade_data(tiny_dataset: Path, tmp_path: Path) -> None:
     assert "stage" in result.output and not (tmp_path / "t.pt").exists()
 
 
+@pytest.mark.parametrize("candidates", [False, True])
+def test_a_stage_column_of_impressions_only_is_not_cascade_data(
+    tiny_dataset: Path, tmp_path: Path, candidates: bool
+) -> None:
+    """The synthetic default writes ``stage`` 0 on every row: fit and out-of-fold scoring accept it; one candidate
+    row (stage 1) makes it cascade data, refused."""
+    for i, path in enumerate(_parts(tiny_dataset)):
+        table = pq.read_table(path)
+        stage = np.zeros(table.num_rows, dtype=np.int8)
+        stage[0] = 1 if candidates and i == 0 else 0
+        pq.write_table(table.append_column("stage", pa.array(stage)), path)
+    Schema.load(tiny_dataset).with_reserved(has_stage=True).save(tiny_dataset / "schema.json")
+    out = tmp_path / "t.pt"
+    flags = ["--epochs", "1", "--max-steps", "2", "--threads", "1", "--no-progress"]
+    fit = runner.invoke(
+        app, ["teacher", "fit", "-d", str(tiny_dataset), "-o", str(out), *flags, "--model-option", "hidden=[8]"]
+    )
+    if candidates:
+        assert fit.exit_code == 2 and "not impressions" in fit.output and not out.exists()
+        return
+    assert fit.exit_code == 0, fit.output
+    score = runner.invoke(
+        app, ["teacher", "score", "-t", str(out), "-d", str(tiny_dataset), "--out-of-fold", "2", *flags]
+    )
+    assert score.exit_code == 0, score.output
+    assert Schema.load(tiny_dataset).has_teacher_logit
+
+
 def test_score_adds_the_teacher_logit_to_every_row(tiny_dataset: Path, tmp_path: Path) -> None:
     schema = Schema.load(tiny_dataset)
     teacher = _teacher(tmp_path / "teacher.pt", schema)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -135,6 +137,26 @@ def test_wide_adds_the_logistic_regression_of_every_feature(schema: Schema, batc
     assert Ranker(schema, SMALL).wide is None
 
 
+def test_wide_only_fields_are_read_by_the_wide_part_alone(schema: Schema, batch: Batch) -> None:
+    """``wide_only``: ids in the wide part only (Wide & Deep's split); the logit is deep(the rest) + LR(every field)."""
+    torch.manual_seed(0)
+    ids = ("user_id", "item_id", "hist_item_id")
+    no_ids = tuple(n for n in schema.names if n not in ids)
+    model = Ranker(schema, RankerConfig(hidden=(8,), wide=True, wide_only=ids))
+    assert set(model.sel.user + model.sel.item + model.sel.cross) == set(no_ids) and not model.attended
+    assert set(model.wide.sel.user + model.wide.sel.item + model.wide.sel.cross) == set(schema.names)
+    model.eval()
+    with torch.no_grad():
+        for p in model.wide.parameters():
+            p.normal_()
+        deep = Ranker(schema, RankerConfig(hidden=(8,), features=no_ids)).eval()
+        deep.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("wide.")})
+        torch.testing.assert_close(model(batch), deep(batch) + model.wide(batch))
+        flipped = replace(batch, features={**batch.features, "item_id": batch.features["item_id"].flip(0)})
+        assert not torch.allclose(model(flipped), model(batch))
+        torch.testing.assert_close(model(flipped) - model.wide(flipped), deep(batch))  # only the wide part reads it
+
+
 def test_embedding_dropout_drops_field_vectors_in_training_only(schema: Schema, batch: Batch) -> None:
     model = Ranker(schema, RankerConfig(hidden=(8,), cross_layers=0, embedding_dropout=0.5))
     seen: list[torch.Tensor] = []
@@ -154,6 +176,8 @@ def test_embedding_dropout_drops_field_vectors_in_training_only(schema: Schema, 
         ({"cross_layers": -1}, "cross_layers"),
         ({"cross_rank": 0}, "cross_rank"),
         ({"embedding_dropout": 1.0}, "embedding_dropout"),
+        ({"wide_only": ("item_id",)}, "wide_only needs wide"),
+        ({"wide": True, "wide_only": ("nope",)}, "does not read"),
     ],
 )
 def test_bad_switches(schema: Schema, bad: dict, match: str) -> None:

@@ -13,11 +13,10 @@ import torch
 from conftest import tiny_schema, tiny_table
 from prerank.data.batch import Batch
 from prerank.data.parquet import write_dataset
-from prerank.losses import build_loss
-from prerank.models.base import ConfigError
+from prerank.losses import SoftHardLoss, build_loss
 from prerank.train.checkpoint import read_checkpoint
 from prerank.train.config import TrainConfig
-from prerank.train.two_stage import SoftHardLoss, two_stage_distillation
+from prerank.train.two_stage import two_stage_distillation
 
 
 def _lists() -> tuple[torch.Tensor, Batch]:
@@ -39,10 +38,14 @@ def test_soft_hard_loss_mixes_bce_and_logloss_distillation() -> None:
     torch.testing.assert_close(SoftHardLoss(0.0, 2.0)(logits, batch), soft)
     torch.testing.assert_close(SoftHardLoss(1.0, 2.0)(logits, batch), hard)
     torch.testing.assert_close(SoftHardLoss(0.3, 2.0)(logits, batch), 0.3 * hard + 0.7 * soft)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="hard_weight"):
         SoftHardLoss(1.5)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="temperature"):
         SoftHardLoss(0.5, 0.0)
+    # registered for `compare --loss distill:soft_hard --grid loss.hard_weight=...`
+    torch.testing.assert_close(
+        build_loss("distill:soft_hard", hard_weight=0.3, temperature=2.0)(logits, batch), 0.3 * hard + 0.7 * soft
+    )
 
 
 def _teacher_dataset(root: Path) -> Path:

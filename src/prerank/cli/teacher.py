@@ -46,7 +46,7 @@ from prerank.data.align import check_aligned, dataset_splits, split_parts
 from prerank.data.parquet import ParquetSplit, read_meta, read_row_group, table_to_batch
 from prerank.io import atomic_path, atomic_write_text
 from prerank.models.base import PreRanker
-from prerank.schema import Schema, SchemaError
+from prerank.schema import STAGES, Schema, SchemaError
 
 TEACHER_MODEL = "ranker"
 
@@ -86,10 +86,11 @@ def fit(
     from prerank.train.trainer import evaluate_split, train_model
 
     schema = Schema.load(data)
-    if schema.has_stage:
+    if has_candidate_rows(data, schema):
         raise SchemaError(
-            f"{data} has a 'stage' column (cascade data): fit the teacher on the impressions-only dataset the "
-            "cascade was built from, since its non-impression rows were labelled with a teacher's help"
+            f"{data} has rows that are not impressions (a 'stage' column, cascade data): fit the teacher on the "
+            "impressions-only dataset the cascade was built from, since its non-impression rows were labelled with a "
+            "teacher's help"
         )
     if ensemble < 1:
         raise ValueError(f"--ensemble must be >= 1 (members), got {ensemble}")
@@ -169,7 +170,7 @@ def score(
     if features_from is not None:
         Schema.load(data)
         check_aligned(source, data)  # before any fold teacher is trained
-    if folds and source_schema.has_stage:
+    if folds and has_candidate_rows(source, source_schema):
         raise SchemaError(
             f"{source} is cascade data: its non-impression rows were labelled with a teacher's help, so fold "
             "teachers must be fitted on the impressions-only dataset it was built from; score that one out of fold"
@@ -200,6 +201,22 @@ def score(
         meta["teacher"]["features_from"] = str(features_from)
     atomic_write_text(Path(data) / "meta.json", json.dumps(meta, indent=2, default=str))
     print_json({"teacher": str(teacher), "model": name, "rows": rows})
+
+
+def has_candidate_rows(data_dir: str | Path, schema: Schema) -> bool:
+    """Whether ``data_dir`` is cascade data: its schema has ``stage`` and some row is not an impression (``stage``
+    > 0), or the column is missing. A ``stage`` column of impressions only (the synthetic default writes one) is not:
+    every row there was shown and labelled by the user, as in an impressions-only log."""
+    if not schema.has_stage:
+        return False
+    for split in dataset_splits(data_dir):
+        for path in split_parts(data_dir, split):
+            if "stage" not in pq.read_schema(path).names:
+                return True
+            stage = pq.read_table(path, columns=["stage"]).column("stage").to_numpy()
+            if (stage != STAGES.index("impression")).any():
+                return True
+    return False
 
 
 def add_teacher_logits(

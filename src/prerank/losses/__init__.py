@@ -21,6 +21,7 @@ Names (``build_loss(name, **options)``; options are the keyword arguments of the
   (``probability``: Eq. 9's ``p_i``, the default; ``softmax``: the teacher's softmax over the list).
 - ``distill:logloss``: :func:`weighted_logloss_distillation`; ``temperature``.
 - ``distill:pairwise``: :func:`pairwise_distillation`; ``sigma``, ``min_gap``.
+- ``distill:soft_hard``: :class:`SoftHardLoss`, hard and teacher labels together; ``hard_weight``, ``temperature``.
 - ``ranking:softmax``: :func:`softmax_cross_entropy`; ``temperature``.
 - ``ranking:ranknet``: :func:`ranknet`; ``sigma``.
 - ``ranking:approx_ndcg``: :func:`approx_ndcg`; ``temperature``.
@@ -131,6 +132,36 @@ class DistillationLoss:
         return self.fn(logits, batch.teacher_logit, mask, **self.options)
 
 
+@dataclass(frozen=True)
+class SoftHardLoss:
+    """Hard and teacher labels together: ``a * BCE(z, label) + (1 - a) * distill:logloss(z, teacher_logit)``.
+
+    ``a`` = ``hard_weight`` in [0, 1] (1: hard labels only, 0: the teacher's only). The weighted sum of the hard
+    and the soft cross-entropy of Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network", Sec. 2) and the
+    stage-2 multi-task loss of the Taobao distilled DSSM (``../shared/papers/taobao-coarse-ranking-distillation.txt``,
+    "Two-stage distillation"), where the report gives no weight; ours is chosen on valid. Each part is a mean over
+    its own samples, so ``a`` means what it says: the hard part is ``bce``'s mean over every real row of the batch;
+    the soft part is :func:`weighted_logloss_distillation` with ``temperature`` (the per-list mean over
+    impressions when the batch has ``stage``, where the teacher is valid, then the mean over lists). Takes
+    request-level batches: logits ``[R, N]`` with ``batch.mask``.
+    """
+
+    hard_weight: float = 0.5
+    temperature: float = 1.0
+    requires_lists: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hard_weight, bool) or not 0.0 <= self.hard_weight <= 1.0:
+            raise ValueError(f"hard_weight must be in [0, 1], got {self.hard_weight!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
+    def __call__(self, logits: Tensor, batch: Batch) -> Tensor:
+        soft = DistillationLoss(weighted_logloss_distillation, {"temperature": self.temperature})(logits, batch)
+        hard = PointwiseBCE()(logits, batch)
+        return self.hard_weight * hard + (1.0 - self.hard_weight) * soft
+
+
 def _ranking(fn: Callable[..., Tensor]) -> Callable[..., LossFn]:
     def build(feedback: str = "binary", **options: Any) -> LossFn:
         check_feedback(feedback)
@@ -155,6 +186,7 @@ LOSSES: dict[str, Callable[..., LossFn]] = {
     "distill:softmax": _distillation(softmax_distillation),
     "distill:logloss": _distillation(weighted_logloss_distillation),
     "distill:pairwise": _distillation(pairwise_distillation),
+    "distill:soft_hard": SoftHardLoss,
     "ranking:softmax": _ranking(softmax_cross_entropy),
     "ranking:ranknet": _ranking(ranknet),
     "ranking:approx_ndcg": _ranking(approx_ndcg),
@@ -181,6 +213,7 @@ __all__ = [
     "LossFn",
     "PointwiseBCE",
     "RankingLoss",
+    "SoftHardLoss",
     "am_rankmax",
     "approx_ndcg",
     "binary_cross_entropy",

@@ -16,7 +16,11 @@ config and chosen on the valid split:
 - ``wide``: a first-order term added to the logit (Wide & Deep, Cheng et al., DLRS 2016, Eq. 3): the logistic
   regression of :class:`~prerank.models.lr.LR` over the same features, trained jointly. On a small log the
   strongest signals are first-order (a user's or item's base rate, the past-only cross counts), which an MLP
-  over 16-dim embeddings learns slowly.
+  over 16-dim embeddings learns slowly. ``wide_only`` names fields that only the wide part reads (the deep part
+  reads the rest of ``features``): the paper's split, where the wide part memorises sparse ids and the deep part
+  generalises over dense embeddings (Sec. 3). E.g. ``wide_only=(user_id, item_id, hist_item_id)``: an id seen in
+  a few requests then fits one weight, not (through the MLP) a vector that can memorise each request's labels
+  (docs/results.md, "Ranking teacher", synthetic default).
 - ``target_attention=False``: every behaviour sequence is pooled by its schema ``pooling`` (as COLD reads it)
   instead of DIN; on a log whose behaviours are mostly items seen once, attention over their embeddings can fit noise.
 - ``embedding_dropout``: dropout on the embedded fields (every field vector), a regulariser for id embeddings
@@ -46,8 +50,8 @@ class RankerConfig:
     were chosen on the valid split of ML-1M ``paper`` (docs/results.md, "Ranking teacher (issue 21, part 1)"); the
     FSCD paper's ranking model is ``hidden=(1024, 512, 256), cross_layers=0``.
 
-    ``cross_layers``, ``cross_rank``, ``wide``, ``target_attention`` and ``embedding_dropout``: see the module
-    docstring.
+    ``cross_layers``, ``cross_rank``, ``wide``, ``wide_only``, ``target_attention`` and ``embedding_dropout``: see
+    the module docstring.
     """
 
     embedding_dim: int = 16
@@ -59,6 +63,7 @@ class RankerConfig:
     cross_layers: int = 3
     cross_rank: int | None = None
     wide: bool = False
+    wide_only: tuple[str, ...] = ()
     target_attention: bool = True
     embedding_dropout: float = 0.0
 
@@ -115,8 +120,15 @@ class Ranker(PreRanker):
             raise ConfigError(f"cross_layers must be >= 0, got {config.cross_layers}")
         if config.cross_rank is not None and config.cross_rank < 1:
             raise ConfigError(f"cross_rank must be a positive integer or None (full rank), got {config.cross_rank}")
+        if config.wide_only and not config.wide:
+            raise ConfigError("wide_only needs wide=true (it names fields that only the wide part reads)")
         self.config = config
-        self.sel = FeatureSelection.resolve(schema, config.features, use_cross=config.use_cross)
+        every = FeatureSelection.resolve(schema, config.features, use_cross=config.use_cross)
+        missing = set(config.wide_only) - set(every.user + every.item + every.cross)
+        if missing:
+            raise ConfigError(f"wide_only names fields the model does not read: {sorted(missing)}")
+        deep = tuple(n for n in every.user + every.item + every.cross if n not in config.wide_only)
+        self.sel = FeatureSelection.resolve(schema, deep, use_cross=config.use_cross)
         item_by_table = {schema[n].table: i for i, n in enumerate(self.sel.item) if schema[n].kind == "categorical"}
         #: attended sequence name -> index of its query among the item fields
         self.attended = {

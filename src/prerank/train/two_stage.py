@@ -15,44 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
-from torch import Tensor
-
-from prerank.data.batch import Batch
 from prerank.data.parquet import DataError
-from prerank.losses import DistillationLoss, PointwiseBCE, build_loss
-from prerank.losses.distill import weighted_logloss_distillation
-from prerank.models.base import ConfigError
+from prerank.losses import SoftHardLoss, build_loss
 from prerank.schema import Schema
 from prerank.train.config import TrainConfig
 from prerank.train.trainer import TrainResult, train_model
-
-
-@dataclass(frozen=True)
-class SoftHardLoss:
-    """Stage 2's multi-task loss: ``a * BCE(z, label) + (1 - a) * distill:logloss(z, teacher_logit)``.
-
-    ``a`` = ``hard_weight``. The hard part is the trainer's ``bce`` over every row of the request
-    batch (as when training on hard labels alone); the soft part is ``distill:logloss`` with
-    ``temperature``, on impressions only when the batch has ``stage`` (where the teacher is valid).
-    Takes request-level batches: logits ``[R, N]`` with ``batch.mask``.
-    """
-
-    hard_weight: float = 0.5
-    temperature: float = 1.0
-    requires_lists: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.hard_weight <= 1.0:
-            raise ConfigError(f"hard_weight must be in [0, 1], got {self.hard_weight!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
-
-    def __call__(self, logits: Tensor, batch: Batch) -> Tensor:
-        soft = DistillationLoss(weighted_logloss_distillation, {"temperature": self.temperature})(logits, batch)
-        hard = PointwiseBCE()(logits, batch)
-        return self.hard_weight * hard + (1.0 - self.hard_weight) * soft
 
 
 def require_teacher_logits(data_dir: str | Path) -> None:
