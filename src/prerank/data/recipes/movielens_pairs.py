@@ -25,8 +25,8 @@ genre and past-count fields read the real movie), so prefer ``cascade build --un
 
 :meth:`MovieLensCross.from_raw` re-runs the recipe's deterministic steps (rows, split, vocabularies, folds) from
 the raw files with the dataset's ``meta.json`` (seed, config); it refuses when they do not reproduce the
-dataset's row counts and vocabularies, and the cascade builder also checks the recomputed cross fields of
-every impression against the logged ones.
+dataset's row counts, and the cascade builder also checks the recomputed cross fields of
+every impression with a known movie id against the logged ones.
 """
 
 from __future__ import annotations
