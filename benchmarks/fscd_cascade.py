@@ -61,7 +61,15 @@ RANKER = "fscd_ranker"
 
 def train_cmd(args: argparse.Namespace, model: str, seed: int, out: Path) -> list[str]:
     cmd = prerank() + ["train", "--model", model, "--data", str(args.data), "--out", str(out)]
-    return cmd + ["--epochs", str(args.epochs), "--seed", str(seed), "--threads", "1", "--no-progress"]
+    cmd += ["--epochs", str(args.epochs), "--seed", str(seed), "--threads", "1", "--no-progress"]
+    if args.patience is not None:
+        cmd += ["--patience", str(args.patience)]
+    if args.weight_decay:  # `prerank train` takes it from a run file
+        config = args.out / "train" / f"weight-decay-{args.weight_decay:g}.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config, f"train: {{weight_decay: {args.weight_decay!r}}}\n")
+        cmd += ["--config", str(config)]
+    return cmd
 
 
 def scores(run_dir: Path, data: Path) -> dict[str, np.ndarray]:
@@ -117,6 +125,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2", help="Seeds of two_tower and cold.")
     p.add_argument("--ranker-seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=3, help="Epochs of the ranker and the baselines.")
+    p.add_argument("--patience", type=int, help="Early stopping patience of those runs (default: prerank train's).")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Weight decay of those runs (Taobao: 1e-3).")
     p.add_argument("--ns", default="10,20", help="Pre-ranker output sizes N of recall@(5, N).")
     p.add_argument("--jobs", type=int, default=2, help="Training runs at a time (1 thread each).")
     p.add_argument("--cascade", type=Path, help="A cascade dataset of --data (ranker as teacher, --cross compute): "

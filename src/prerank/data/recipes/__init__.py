@@ -98,12 +98,30 @@ def cross_features(data_dir: str | Path, raw: str | Path):
     """The cross-feature provider of a prepared dataset for ``cascade build --cross compute`` (issue 22).
 
     Rebuilds what the dataset's recipe needs from the raw files at ``raw`` (``meta.json`` says which recipe,
-    seed and config); implemented for the MovieLens ``temporal`` recipes (:mod:`.movielens_pairs`). Raises
-    :class:`RecipeError` for other recipes or raw files that do not reproduce the dataset.
+    seed and config); implemented for the MovieLens ``temporal`` recipes (:mod:`.movielens_pairs`) and
+    Taobao UserBehavior (:mod:`.taobao_pairs`). Raises :class:`RecipeError` for other recipes or raw files that
+    do not reproduce the dataset.
     """
-    from prerank.data.recipes.movielens_pairs import MovieLensCross
+    import json
 
-    return MovieLensCross.from_raw(raw, data_dir)
+    meta_path = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"cannot read {meta_path}: {e}") from e
+    name, protocol = meta.get("recipe"), meta.get("protocol")
+    if name == "taobao-user-behavior":
+        from prerank.data.recipes.taobao_pairs import TaobaoCross
+
+        return TaobaoCross.from_raw(raw, data_dir)
+    if name in ("ml-1m", "ml-100k") and protocol == "temporal":
+        from prerank.data.recipes.movielens_pairs import MovieLensCross
+
+        return MovieLensCross.from_raw(raw, data_dir)
+    raise RecipeError(
+        f"{data_dir}: cross fields of unlogged pairs are implemented for the MovieLens recipes' temporal protocol and "
+        f"for taobao-user-behavior only (this dataset: recipe {name!r}, protocol {protocol!r})"
+    )
 
 
 __all__ = [

@@ -168,6 +168,42 @@ def aggregate(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return rows
 
 
+def day_window(ev: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The events of days 0..8 (China time), with their ``day``; and the mask of the kept events."""
+    day = np.floor_divide(ev["ts"] - DAY0, DAY)
+    in_window = (day >= 0) & (day < N_DAYS)
+    return {k: v[in_window] for k, v in ev.items()} | {"day": day[in_window]}, in_window
+
+
+def label_and_split(
+    r: dict[str, np.ndarray], cfg: TaobaoConfig, path: Path
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Label (any fav/cart/buy), split by day (0 train, 1 valid, 2 test) and the row indices of each split."""
+    label = (r["level"] >= 2).astype(np.float32)
+    first_valid = N_DAYS - cfg.test_days - cfg.valid_days
+    split = np.where(r["day"] >= N_DAYS - cfg.test_days, 2, np.where(r["day"] >= first_valid, 1, 0)).astype(np.int8)
+    parts = [np.nonzero(split == s)[0] for s in range(3)]
+    if len(parts[0]) == 0:
+        raise RecipeError(f"{path}: no events on the training days 2017-11-25 + 0..{first_valid - 1}")
+    return label, split, parts
+
+
+def encode_rows(
+    r: dict[str, np.ndarray], label: np.ndarray, parts: list[np.ndarray], cfg: TaobaoConfig, seed: int
+) -> tuple[dict[str, Vocab], tuple[np.ndarray, np.ndarray, np.ndarray], SplitStats]:
+    """Vocabularies fitted on the training rows, the user/item/category codes of every row, and the training
+    split's statistics with out-of-fold folds drawn per request (user, day) from ``seed``."""
+    tr = parts[0]
+    vocabs = {"user_id": Vocab.fit(r["user"][tr]), "item_id": Vocab.fit(r["item"][tr])}
+    vocabs["category_id"] = Vocab.fit(r["category"][tr])
+    codes = tuple(vocabs[k].encode(r[k.removesuffix("_id")]) for k in ("user_id", "item_id", "category_id"))
+    catalogue = np.arange(1, vocabs["item_id"].size)
+    rng = np.random.default_rng(seed)
+    folds = balanced_folds(len(tr), cfg.n_folds, rng, groups=r["user"][tr] * 100 + r["day"][tr])  # by request
+    stats = SplitStats(parts, label[tr], folds, cfg.n_folds, cfg.smoothing, Entries.single(catalogue))
+    return vocabs, codes, stats  # type: ignore[return-value]
+
+
 def past_only(
     r: dict[str, np.ndarray],
     split: np.ndarray,
@@ -312,31 +348,17 @@ def prepare_taobao(
     progress(f"reading {path.name}", 0, steps)
     ev = read_events(path)
     n_events = len(ev["ts"])
-    day = np.floor_divide(ev["ts"] - DAY0, DAY)
-    in_window = (day >= 0) & (day < N_DAYS)
-    ev = {k: v[in_window] for k, v in ev.items()}
-    ev["day"] = day[in_window]
+    ev, in_window = day_window(ev)
 
     progress("aggregating (user, day, item) rows", 1, steps)
     r = aggregate(ev)
-    label = (r["level"] >= 2).astype(np.float32)
+    label, split, parts = label_and_split(r, cfg, path)
     first_valid = N_DAYS - cfg.test_days - cfg.valid_days
-    split = np.where(r["day"] >= N_DAYS - cfg.test_days, 2, np.where(r["day"] >= first_valid, 1, 0)).astype(np.int8)
-    parts = [np.nonzero(split == s)[0] for s in range(3)]
-    if len(parts[0]) == 0:
-        raise RecipeError(f"{path}: no events on the training days 2017-11-25 + 0..{first_valid - 1}")
 
     progress("vocabularies and statistics (out-of-fold for training rows)", 2, steps)
     tr = parts[0]
-    vocabs = {"user_id": Vocab.fit(r["user"][tr]), "item_id": Vocab.fit(r["item"][tr])}
-    vocabs["category_id"] = Vocab.fit(r["category"][tr])
-    u_code = vocabs["user_id"].encode(r["user"])
-    i_code = vocabs["item_id"].encode(r["item"])
-    c_code = vocabs["category_id"].encode(r["category"])
+    vocabs, (u_code, i_code, c_code), stats = encode_rows(r, label, parts, cfg, seed)
     catalogue = np.arange(1, vocabs["item_id"].size)
-    rng = np.random.default_rng(seed)
-    folds = balanced_folds(len(tr), cfg.n_folds, rng, groups=r["user"][tr] * 100 + r["day"][tr])  # by request
-    stats = SplitStats(parts, label[tr], folds, cfg.n_folds, cfg.smoothing, Entries.single(catalogue))
     feats: dict[str, list[np.ndarray]] = {
         "user_mean_label": stats.mean(lambda p: Entries.single(u_code[p])),
         "user_count": stats.count(lambda p: Entries.single(u_code[p])),
