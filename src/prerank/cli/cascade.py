@@ -74,7 +74,7 @@ def build(
         "--cross",
         help="Cross features in the output: 'drop' (default), 'pad' (0 on unexposed rows) or 'compute' (computed for"
         " unexposed rows from their anchor impression's past-only / out-of-fold sources; needs --raw; MovieLens"
-        " temporal recipes only).",
+        " temporal recipes and Taobao UserBehavior).",
     ),
     raw: Path = typer.Option(
         None, "--raw", help="With --cross compute: the raw files the dataset was prepared from (its recipe re-run)."
@@ -100,7 +100,8 @@ def build(
 
     Unexposed rows copy the request's user features and take item features from items.parquet. Their cross
     features are unknown, so cross features are dropped from the output unless --cross pad, or --cross compute
-    --raw RAW (MovieLens temporal: computed for the candidate from the recipe's past-only / out-of-fold sources).
+    --raw RAW (MovieLens temporal, Taobao UserBehavior: computed for the candidate from the recipe's past-only /
+    out-of-fold sources).
     """
     import torch
 

@@ -74,7 +74,8 @@ empty list) when the teacher scores them. Because a student could then read the 
 feature (a label leak), the default ``cross="drop"`` removes cross features from the output
 dataset altogether; ``cross="pad"`` keeps them with that caveat. ``cross="compute"`` takes a
 :class:`CrossFeatures` provider from the recipe (the MovieLens ``temporal`` recipes:
-:mod:`prerank.data.recipes.movielens_pairs`, rebuilt from the raw files) that computes an unexposed row's cross
+:mod:`prerank.data.recipes.movielens_pairs`; Taobao UserBehavior: :mod:`prerank.data.recipes.taobao_pairs`;
+rebuilt from the raw files) that computes an unexposed row's cross
 fields for its anchor impression's user, time, split and fold with the candidate item, from the same
 past-only / out-of-fold sources as the anchor's own; the builder checks that the provider reproduces the
 logged cross fields of every impression with a known item id and refuses otherwise. The teacher scores
