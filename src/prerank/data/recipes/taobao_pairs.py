@@ -23,8 +23,8 @@ category is the catalogue's (``items.parquet``: the category of the item's first
 a logged row of the request keeps that row's own category (the log gives a few items two categories). The cascade
 builder copies a candidate's item side from a logged row of the item in the split (``item_side: logged``), so for
 such an item the candidate's ``category_id`` column can differ from the category its cross fields were computed
-with (on the 814-user sample: 12 of 625,500 simulated training rows, none in valid or test). Item id 0 (first seen after training) has no catalogue category and
-is refused: build with ``--unknown-items skip``.
+with (on the 814-user sample: 12 of 625,500 simulated training rows, none in valid or test). Item id 0 (first
+seen after training) has no catalogue category and is refused: build with ``--unknown-items skip``.
 
 :meth:`TaobaoCross.from_raw` re-runs the recipe's deterministic steps (rows, split, vocabularies, folds) from the
 raw file with the dataset's ``meta.json`` (seed, config) and refuses when they do not reproduce the dataset's row
