@@ -141,7 +141,7 @@ def score(
         "--fold-by",
         help="With --out-of-fold: draw folds per `row`, or per `request` (all rows of a request_id in one fold, "
         "so one teacher scores a whole request; per-row folds can invert the order within requests when the "
-        "teacher memorises users; see prerank.train.crossfit).",
+        "teacher memorises users, per-request ones hide the request's day from it; see prerank.train.crossfit).",
     ),
     features_from: Path = typer.Option(
         None,

@@ -15,8 +15,12 @@ teachers, and each of them learnt the request from its other rows, whose labels 
 leave-one-out effect of target encoding): a teacher that memorises the user or request scores its held-out
 positives below its held-out negatives. Within a request those offsets differ by teacher, so per-row folds can
 invert the order inside requests (on Taobao UserBehavior the out-of-fold logits' GAUC on train was 0.39 per row,
-0.54 within the rows one teacher scored; docs/results.md, issue 21 part 4). Per-request folds score every row of a
-request with one teacher that never saw it, so the order within a request is that teacher's judgement.
+0.54 within the rows one teacher scored). Per-request folds score every row of a request with one teacher that
+never saw it, so the order within a request is that teacher's judgement (GAUC on train 0.54 there), but the teacher
+no longer knows the rest of the request's day either (train AUC 0.665 against 0.701 per row), and on that log the
+students distilled from per-request logits were worse, on AUC and GAUC, than those from per-row logits
+(docs/results.md, issue 21 part 4). Per row stays the default; which is better is a question for each log's valid
+split.
 The train split is read once into memory (its Parquet columns, not tensors) to cut it into folds.
 """
 
