@@ -11,15 +11,15 @@ every logged row).
 Folds are drawn per row (``by="row"``, uniform, seeded) or per request (``by="request"``: all rows of a
 ``request_id`` in one fold). Per row, a fold teacher still sees other rows of the held-out row's request and user, as
 the full teacher does when it scores valid and test; but the rows of one request are then scored by different fold
-teachers, and each of them learnt the request from its other rows, whose labels exclude the held-out ones (the leave-
-one-out effect of target encoding): when the teacher memorises the user or request, the fold teacher whose held-out
-rows of a request hold its positives saw fewer of them and scores the request lower than the fold teacher whose held-
-out rows are negatives. So per-row folds can invert the order inside requests (on Taobao UserBehavior the out-of-fold
-logits' GAUC on train was 0.39 per row, 0.54 within the rows one teacher scored). Per-request folds score every row
-of a request with one teacher that never saw it, so the order within a request is that teacher's judgement (GAUC on
-train 0.54 there), but the teacher no longer knows the rest of the request's day either (train AUC 0.665 against
-0.701 per row), and on that log the students distilled from per-request logits were worse, on AUC and GAUC, than
-those from per-row logits (docs/results.md, issue 21 part 4). Per row stays the default; which is better is a
+teachers, and each of them learnt the request from its other rows, whose labels exclude the held-out ones (the
+leave-one-out effect of target encoding): when the teacher memorises the user or request, the fold teacher whose
+held-out rows of a request hold its positives saw fewer of them and scores the request lower than the fold teacher
+whose held-out rows are negatives. So per-row folds can invert the order inside requests (on Taobao UserBehavior the
+out-of-fold logits' GAUC on train was 0.39 per row, 0.54 within the rows one teacher scored). Per-request folds score
+every row of a request with one teacher that never saw it, so the order within a request is that teacher's judgement
+(GAUC on train 0.54 there), but the teacher no longer knows the rest of the request's day either (train AUC 0.665
+against 0.701 per row), and on that log the students distilled from per-request logits were worse, on AUC and GAUC,
+than those from per-row logits (docs/results.md, issue 21 part 4). Per row stays the default; which is better is a
 question for each log's valid split.
 The train split is read once into memory (its Parquet columns, not tensors) to cut it into folds.
 """
