@@ -223,6 +223,52 @@ def test_fold_assignment_and_bad_fold_counts(tiny_dataset: Path, tmp_path: Path)
     teacher = _teacher(tmp_path / "teacher.pt", Schema.load(tiny_dataset))
     result = runner.invoke(app, ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--out-of-fold", "1"])
     assert result.exit_code != 0 and "--out-of-fold" in result.output
+    args = ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--out-of-fold", "2", "--fold-by", "user"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--fold-by" in result.output and "request" in result.output
+
+
+def test_folds_by_request_keep_each_request_in_one_fold() -> None:
+    from prerank.train.crossfit import fold_of_rows
+
+    groups = np.array([7, 3, 7, 9, 3, 3, 11, 9, 7, 5])
+    fold = fold_of_rows(len(groups), 2, seed=0, groups=groups)
+    for g in np.unique(groups):
+        assert len(set(fold[groups == g].tolist())) == 1  # a request's rows share one fold
+    per_request = [fold[groups == g][0] for g in np.unique(groups)]
+    assert sorted(np.bincount(per_request).tolist()) == [2, 3]  # 5 requests cut into near-equal parts
+    assert not (fold == fold_of_rows(len(groups), 2, seed=0)).all()  # not the per-row assignment
+    with pytest.raises(ValueError, match="5 requests, fewer than the 6 folds"):
+        fold_of_rows(len(groups), 6, seed=0, groups=groups)
+
+
+def test_out_of_fold_by_request_scores_a_request_with_one_fold_teacher(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--fold-by request`` every fold teacher trains on whole requests and never on the requests it scores."""
+    import prerank.train.crossfit as crossfit
+
+    seen: list[set] = []
+    real = crossfit.fit
+
+    def spy(name, config, data_dir, run_dir, cfg, log):  # type: ignore[no-untyped-def]
+        trained = set(pq.read_table(Path(data_dir) / "train").column("request_id").to_pylist())
+        seen.append(trained)
+        return real(name, config, data_dir, run_dir, cfg, log=log)
+
+    monkeypatch.setattr(crossfit, "fit", spy)
+    schema = Schema.load(tiny_dataset)
+    teacher = _teacher(tmp_path / "teacher.pt", schema)
+    args = ["teacher", "score", "-t", str(teacher), "-d", str(tiny_dataset), "--threads", "1", "--out-of-fold", "2"]
+    result = runner.invoke(app, [*args, "--fold-by", "request", "--epochs", "1", "--max-steps", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    train = pa.concat_tables([pq.read_table(p) for p in sorted((tiny_dataset / "train").glob("*.parquet"))])
+    requests = set(train.column("request_id").to_pylist())
+    first, second = seen
+    assert first and second and not first & second and first | second == requests  # requests split, none shared
+    meta = json.loads((tiny_dataset / "meta.json").read_text())["teacher"]
+    assert meta["fold_by"] == "request" and meta["folds"] == 2
+    assert np.isfinite(train.column("teacher_logit").to_numpy()).all()
 
 
 def test_out_of_fold_with_an_ensemble_teacher_trains_its_members_one_by_one(

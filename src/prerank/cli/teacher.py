@@ -136,6 +136,13 @@ def score(
         "scores every split (in-fold on train).",
     ),
     fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the row-to-fold assignment."),
+    fold_by: str = typer.Option(
+        "row",
+        "--fold-by",
+        help="With --out-of-fold: draw folds per `row`, or per `request` (all rows of a request_id in one fold, "
+        "so one teacher scores a whole request; per-row folds can invert the order within requests when the "
+        "teacher memorises users, per-request ones hide the request's day from it; see prerank.train.crossfit).",
+    ),
     features_from: Path = typer.Option(
         None,
         "--features-from",
@@ -156,12 +163,14 @@ def score(
     """Add a float32 teacher_logit column to every row of every split of DATA, file by file, atomically."""
     from prerank.train.checkpoint import load_model
     from prerank.train.config import train_config
-    from prerank.train.crossfit import out_of_fold_logits
+    from prerank.train.crossfit import FOLD_BY, out_of_fold_logits
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if folds == 1 or folds < 0:
         raise ValueError(f"--out-of-fold must be 0 (in-fold) or at least 2 folds, got {folds}")
+    if fold_by not in FOLD_BY:
+        raise ValueError(f"--fold-by must be one of {', '.join(FOLD_BY)}, got {fold_by!r}")
     torch.set_num_threads(threads)
     name, model, _ = load_model(teacher)
     source = data if features_from is None else features_from
@@ -187,6 +196,7 @@ def score(
             folds=folds,
             config=cfg,
             seed=fold_seed,
+            by=fold_by,
             batch_size=batch_size,
             log=console.print,
         )
@@ -196,7 +206,7 @@ def score(
     meta = read_meta(data)
     meta["teacher"] = {"checkpoint": str(teacher), "model": name, "train_logits": "out-of-fold" if folds else "in-fold"}
     if folds:
-        meta["teacher"] |= {"folds": folds, "fold_seed": fold_seed}
+        meta["teacher"] |= {"folds": folds, "fold_seed": fold_seed, "fold_by": fold_by}
     if features_from is not None:
         meta["teacher"]["features_from"] = str(features_from)
     atomic_write_text(Path(data) / "meta.json", json.dumps(meta, indent=2, default=str))

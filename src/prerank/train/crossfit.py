@@ -8,8 +8,19 @@ on the other K - 1 folds (early-stopped on the valid split, as the full teacher)
 Valid and test are scored by the teacher fitted on all of train (as at serving time, where the teacher has seen
 every logged row).
 
-Folds are drawn per row (uniform, seeded), not per request: a fold teacher still sees other rows of the same user,
-as the full teacher does when it scores valid and test, so its logits on held-out rows are on the same footing.
+Folds are drawn per row (``by="row"``, uniform, seeded) or per request (``by="request"``: all rows of a
+``request_id`` in one fold). Per row, a fold teacher still sees other rows of the held-out row's request and user, as
+the full teacher does when it scores valid and test; but the rows of one request are then scored by different fold
+teachers, and each of them learnt the request from its other rows, whose labels exclude the held-out ones (the
+leave-one-out effect of target encoding): when the teacher memorises the user or request, the fold teacher whose
+held-out rows of a request hold its positives saw fewer of them and scores the request lower than the fold teacher
+whose held-out rows are negatives. So per-row folds can invert the order inside requests (on Taobao UserBehavior the
+out-of-fold logits' GAUC on train was 0.39 per row, 0.54 within the rows one teacher scored). Per-request folds score
+every row of a request with one teacher that never saw it, so the order within a request is that teacher's judgement
+(GAUC on train 0.54 there), but the teacher no longer knows the rest of the request's day either (train AUC 0.665
+against 0.701 per row), and on that log the students distilled from per-request logits were worse, on AUC and GAUC,
+than those from per-row logits (docs/results.md, issue 21 part 4). Per row stays the default; which is better is a
+question for each log's valid split.
 The train split is read once into memory (its Parquet columns, not tensors) to cut it into folds.
 """
 
@@ -31,11 +42,19 @@ from prerank.schema import Schema
 from prerank.train.config import TrainConfig
 from prerank.train.ensemble import fit
 
+FOLD_BY = ("row", "request")
 
-def fold_of_rows(n: int, folds: int, seed: int) -> np.ndarray:
-    """``[n]`` fold index of each row: a seeded permutation cut into ``folds`` near-equal parts."""
+
+def fold_of_rows(n: int, folds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """``[n]`` fold index of each row: a seeded permutation of the rows cut into ``folds`` near-equal parts; with
+    ``groups`` (``[n]``, e.g. request ids), of the distinct groups instead, so that a group's rows share one fold."""
     if folds < 2:
         raise ValueError(f"out-of-fold scoring needs at least 2 folds, got {folds}")
+    if groups is not None:
+        keys, group_of_row = np.unique(groups, return_inverse=True)
+        if len(keys) < folds:
+            raise ValueError(f"the train split has {len(keys)} requests, fewer than the {folds} folds")
+        return fold_of_rows(len(keys), folds, seed)[group_of_row]
     if n < folds:
         raise ValueError(f"the train split has {n} rows, fewer than the {folds} folds")
     fold = np.empty(n, dtype=np.int64)
@@ -62,22 +81,28 @@ def out_of_fold_logits(
     folds: int,
     config: TrainConfig,
     seed: int = 0,
+    by: str = "row",
     batch_size: int = 8192,
     log: Callable[[str], None] = print,
 ) -> tuple[list[Path], list[np.ndarray]]:
     """Train ``folds`` teachers (registry ``model_name`` with ``model_config``, trainer ``config``; an ``ensemble``
     teacher's members one by one, as ``teacher fit --ensemble`` does) on the train split of ``data_dir`` minus one
-    fold each, and score each held-out fold.
+    fold each, and score each held-out fold. Folds are drawn ``by`` row or by request (module docstring).
 
     Returns the train split's Parquet parts and, for each part, the out-of-fold logits of its rows in file order.
     ``work_dir`` holds the fold datasets and runs (``fold-K/``), removed when done.
     """
+    if by not in FOLD_BY:
+        raise ValueError(f"folds are drawn by one of {', '.join(FOLD_BY)}, got {by!r}")
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     schema = Schema.load(data_dir)
     parts = ParquetSplit(data_dir, "train", schema).files
     tables = [pq.read_table(p) for p in parts]
     train = pa.concat_tables(tables).combine_chunks()
-    fold = fold_of_rows(train.num_rows, folds, seed)
+    if by == "request" and "request_id" not in train.column_names:
+        raise ValueError(f"{data_dir} has no request_id column, so its folds cannot be drawn by request")
+    groups = train.column("request_id").to_numpy() if by == "request" else None
+    fold = fold_of_rows(train.num_rows, folds, seed, groups)
     logits = np.full(train.num_rows, np.nan, dtype=np.float32)
     shutil.rmtree(work_dir, ignore_errors=True)  # what an interrupted run left
     items = pq.read_table(data_dir / "items.parquet") if (data_dir / "items.parquet").exists() else None
