@@ -15,6 +15,7 @@ labels by construction:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +36,15 @@ SPLIT_CODES: dict[str, int] = {"train": 0, "valid": 1, "test": 2}
 
 class RecipeError(ValueError):
     """A recipe cannot run: unknown name or protocol, missing or malformed raw files."""
+
+
+def read_prepared_meta(data_dir: str | Path) -> dict:
+    """The ``meta.json`` a recipe wrote into ``data_dir``; a :class:`RecipeError` naming the file if unreadable."""
+    path = Path(data_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"cannot read {path}: {e}") from e
 
 
 def no_progress(message: str, done: int, total: int) -> None:

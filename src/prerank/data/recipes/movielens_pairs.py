@@ -31,7 +31,6 @@ every impression with a known movie id against the logged ones.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from prerank.data.recipes.common import (
     history_cooccurrence,
     list_to_padded,
     log_scale,
+    read_prepared_meta,
     smoothed_rate,
     target_mean_at,
 )
@@ -141,11 +141,7 @@ class MovieLensCross:
     @classmethod
     def from_raw(cls, raw: str | Path, data_dir: str | Path) -> MovieLensCross:
         """Re-run the recipe's deterministic steps for the dataset at ``data_dir`` (its ``meta.json``) on ``raw``."""
-        meta_path = Path(data_dir) / "meta.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise RecipeError(f"cannot read {meta_path}: {e}") from e
+        meta = read_prepared_meta(data_dir)
         name = meta.get("recipe")
         if name not in ("ml-1m", "ml-100k") or meta.get("protocol") != "temporal":
             raise RecipeError(

@@ -34,7 +34,6 @@ against the logged ones before it writes anything.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +49,7 @@ from prerank.data.recipes.common import (
     last_before,
     list_to_padded,
     log_scale,
+    read_prepared_meta,
     smoothed_rate,
     target_mean_at,
 )
@@ -133,11 +133,7 @@ class TaobaoCross:
     @classmethod
     def from_raw(cls, raw: str | Path, data_dir: str | Path) -> TaobaoCross:
         """Re-run the recipe's deterministic steps for the dataset at ``data_dir`` (its ``meta.json``) on ``raw``."""
-        meta_path = Path(data_dir) / "meta.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise RecipeError(f"cannot read {meta_path}: {e}") from e
+        meta = read_prepared_meta(data_dir)
         if meta.get("recipe") != "taobao-user-behavior":
             raise RecipeError(f"{data_dir} was not prepared by the taobao-user-behavior recipe")
         cfg = TaobaoConfig(**meta["config"])
