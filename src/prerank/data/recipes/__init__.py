@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from prerank.data.recipes.common import FEATURE_SETS, Progress, RecipeError, check_feature_set, no_progress
+from prerank.data.recipes.common import (
+    FEATURE_SETS,
+    Progress,
+    RecipeError,
+    check_feature_set,
+    no_progress,
+    read_prepared_meta,
+)
 from prerank.data.recipes.movielens import PROTOCOLS as MOVIELENS_PROTOCOLS
 from prerank.data.recipes.movielens import prepare_movielens
 from prerank.data.recipes.taobao import PROTOCOLS as TAOBAO_PROTOCOLS
@@ -102,13 +109,7 @@ def cross_features(data_dir: str | Path, raw: str | Path):
     Taobao UserBehavior (:mod:`.taobao_pairs`). Raises :class:`RecipeError` for other recipes or raw files that
     do not reproduce the dataset.
     """
-    import json
-
-    meta_path = Path(data_dir) / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise RecipeError(f"cannot read {meta_path}: {e}") from e
+    meta = read_prepared_meta(data_dir)
     name, protocol = meta.get("recipe"), meta.get("protocol")
     if name == "taobao-user-behavior":
         from prerank.data.recipes.taobao_pairs import TaobaoCross
