@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import pytest
+from cascade_pairs import computed_cascade
 from test_recipes_movielens import _unique_ts, make_ratings, write_ml1m
 from typer.testing import CliRunner
 
@@ -22,7 +21,7 @@ from prerank.data.recipes.common import Entries, target_mean, target_mean_at
 from prerank.data.recipes.movielens_pairs import DEFAULT_CROSS, WIDE_CROSS, MovieLensCross
 from prerank.models.base import ConfigError
 from prerank.models.registry import build_model
-from prerank.schema import STAGES, Schema
+from prerank.schema import Schema
 from prerank.train.checkpoint import save_checkpoint
 
 SIZE = {"n_users": 16, "n_movies": 30}
@@ -128,20 +127,8 @@ def test_other_raw_files_are_refused(tmp_path: Path, wide: Path) -> None:
 
 
 def test_cascade_compute_fills_cross_fields_of_unlogged_rows(tmp_path: Path, wide: Path, raw: Path) -> None:
-    schema = Schema.load(wide)
-    teacher = tmp_path / "teacher.pt"
-    save_checkpoint(teacher, "cold", build_model("cold", schema))
-    cross = cross_features(wide, raw)
-    config = CascadeConfig(retrieve=8, rank_candidates=3, prerank_candidates=4, random=5, cross="compute",
-                           rank_cut="teacher_top", unknown_items="skip")  # fmt: skip
-    out = build_cascade(wide, teacher, tmp_path / "cascade", config, cross_features=cross)
-    assert out["cross_features"].startswith("computed")
-    assert {f.name for f in Schema.load(tmp_path / "cascade").features} == set(schema.names)
-    for split in SPLITS:
-        t = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "cascade" / split).glob("*.parquet"))])
-        new = np.asarray(t["stage"]) != STAGES.index("impression")
-        assert new.sum() > 0
-        rest = t.filter(pa.array(new))
+    cross, unexposed = computed_cascade(wide, raw, tmp_path / "cascade")
+    for split, rest in unexposed.items():
         # each unexposed row's cross fields are those of its anchor (an impression of its request with the same
         # user side and time) paired with its movie
         logged = ds.dataset(wide / split).to_table()

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from cascade_pairs import cold_teacher, computed_cascade
 from test_recipes_taobao import DAY, DAY0, write_csv
 from test_recipes_taobao_wide import random_events
 from typer.testing import CliRunner
@@ -23,9 +24,7 @@ from prerank.data.cascade import CascadeConfig, build_cascade
 from prerank.data.parquet import DataError
 from prerank.data.recipes import RecipeError, cross_features, prepare
 from prerank.data.recipes.taobao_pairs import DEFAULT_CROSS, WIDE_CROSS, TaobaoCross
-from prerank.models.registry import build_model
-from prerank.schema import STAGES, Schema
-from prerank.train.checkpoint import save_checkpoint
+from prerank.schema import Schema
 
 SPLITS = ("train", "valid", "test")
 
@@ -135,20 +134,8 @@ def test_refusals(tmp_path: Path, wide: Path, raw: Path) -> None:
 
 
 def test_cascade_compute_fills_cross_fields_of_unlogged_rows(tmp_path: Path, wide: Path, raw: Path) -> None:
-    schema = Schema.load(wide)
-    teacher = tmp_path / "teacher.pt"
-    save_checkpoint(teacher, "cold", build_model("cold", schema))
-    cross = cross_features(wide, raw)
-    config = CascadeConfig(retrieve=8, rank_candidates=3, prerank_candidates=4, random=5, cross="compute",
-                           rank_cut="teacher_top", unknown_items="skip")  # fmt: skip
-    out = build_cascade(wide, teacher, tmp_path / "cascade", config, cross_features=cross)
-    assert out["cross_features"].startswith("computed")
-    assert {f.name for f in Schema.load(tmp_path / "cascade").features} == set(schema.names)
-    for split in SPLITS:
-        t = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "cascade" / split).glob("*.parquet"))])
-        new = np.asarray(t["stage"]) != STAGES.index("impression")
-        assert new.sum() > 0
-        rest = t.filter(pa.array(new))
+    cross, unexposed = computed_cascade(wide, raw, tmp_path / "cascade")
+    for split, rest in unexposed.items():
         # an unexposed row's cross fields are those of its request paired with its item (every source of a
         # Taobao cross field is the request's: user, day, fold, history)
         want = cross.pairs(cross.anchor_rows(split, rest), np.asarray(rest["item_id"]))
@@ -158,9 +145,7 @@ def test_cascade_compute_fills_cross_fields_of_unlogged_rows(tmp_path: Path, wid
 
 
 def test_cascade_compute_errors(tmp_path: Path, events: list[tuple], wide: Path, raw: Path) -> None:
-    schema = Schema.load(wide)
-    teacher = tmp_path / "teacher.pt"
-    save_checkpoint(teacher, "cold", build_model("cold", schema))
+    teacher = cold_teacher(wide, tmp_path / "teacher.pt")
     small = {"retrieve": 8, "rank_candidates": 3, "prerank_candidates": 4, "random": 5, "cross": "compute",
              "unknown_items": "skip"}  # fmt: skip
     # a provider built from a log whose training labels differ cannot reproduce the impressions' cross fields
