@@ -9,7 +9,8 @@ points):
 
 1. data: ``prerank data prepare`` (Taobao UserBehavior, or ML-1M ``temporal``; ML-100K ``temporal`` checks the
    whole script in minutes) from ``--raw``;
-2. teacher: ``prerank teacher fit`` with ``--teacher-option`` (the ranking teacher of issue 21);
+2. teacher: ``prerank teacher fit`` with ``--teacher-option`` (model options) and ``--teacher-arg`` (command
+   options), the ranking teacher of issue 21 (Taobao: ``--taobao-teacher`` sets the ensemble chosen there);
 3. cascade: ``prerank cascade build`` with the revised defaults (rank cut below the impressions, popularity
    matched to impressions, cold items sampled like unknown impressions) and ``prerank cascade baselines``;
 4. tables, one ``prerank compare`` per group of rows, every row with the same budget: the same ``--grid`` tuned on
@@ -47,6 +48,11 @@ RECIPES = {
     "ml-100k": ("ml-100k", "../shared/data/ml-100k", ["--protocol", "temporal"]),  # a check of the script in minutes
 }
 MODELS = ("lr", "two_tower", "dat", "cold", "int_tower", "fit", "rank_tower")
+#: The Taobao teacher of issue 21 (docs/results.md, "Ranking teacher"): an ensemble of 5 rankers chosen on valid.
+TAOBAO_TEACHER = [
+    "--ensemble=5", "--patience=1", "--model-option=target_attention=false", "--model-option=hidden=[256,128,64]",
+    "--model-option=wide=true", "--model-option=cross_layers=0",
+]  # fmt: skip
 STAGES = {"full-stage sampling": "full", "w/o random samples": "no_random", "w/o candidate samples": "no_candidates"}
 STAGES["w/o candidate & random samples"] = "no_candidates_random"
 LOSSES = {
@@ -75,6 +81,11 @@ COLUMNS = (
     "gauc",
     "exposure_auc",
 )
+
+
+def _flags(options: list[str]) -> list[str]:
+    """``["--random=100", "--x"]`` -> ``["--random", "100", "--x"]``: command options given as one word each."""
+    return [a for o in options for a in (o.split("=", 1) if "=" in o else [o])]
 
 
 def _rows(args: argparse.Namespace) -> list[tuple[str, str, str, list[str], list[str]]]:
@@ -171,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-list-len", type=int, default=100)
     p.add_argument("--requests-per-batch", type=int, default=64)
     p.add_argument("--teacher-option", action="append", default=[], help="`prerank teacher fit` options, KEY=VALUE.")
+    p.add_argument("--teacher-arg", action="append", default=[], help="e.g. --teacher-arg=--ensemble=5")
+    p.add_argument(
+        "--taobao-teacher", action="store_true", help="Issue 21's Taobao teacher: " + " ".join(TAOBAO_TEACHER)
+    )
     p.add_argument("--cascade-option", action="append", default=[], help="e.g. --cascade-option=--random=100")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dry-run", action="store_true")
@@ -189,11 +204,11 @@ def main(argv: list[str] | None = None) -> None:
         run("data", "prepare", recipe, "--raw", args.raw or raw, "--out", str(data), *recipe_args)
     if not teacher.exists():
         options = [a for o in args.teacher_option for a in ("--model-option", o)]
-        run("teacher", "fit", "--data", str(data), "--out", str(teacher), *options, *common)
+        extra = _flags([*(TAOBAO_TEACHER if args.taobao_teacher else []), *args.teacher_arg])
+        run("teacher", "fit", "--data", str(data), "--out", str(teacher), *options, *extra, *common)
     if not (cascade / "schema.json").exists():
-        flags = [f.replace("=", " ", 1).split(" ") if "=" in f else [f] for f in args.cascade_option]
-        flat = [a for f in flags for a in f]
-        run("cascade", "build", "--data", str(data), "--teacher", str(teacher), "--out", str(cascade), *flat, *common)
+        flags = _flags(args.cascade_option)
+        run("cascade", "build", "--data", str(data), "--teacher", str(teacher), "--out", str(cascade), *flags, *common)
     baselines_path = work / "baselines.json"
     if not baselines_path.exists():
         run("cascade", "baselines", "--data", str(cascade), stdout=baselines_path)
