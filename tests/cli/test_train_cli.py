@@ -91,6 +91,10 @@ def test_compare_tunes_every_model_on_the_same_grid(tiny_dataset: Path, tmp_path
         record = next(r for r in records if r["model"] == model)
         assert record["tuned"] == best["point"]
         assert record["lr"] == best["options"]["lr"] and record["weight_decay"] == best["options"]["weight_decay"]
+        # the first seed's run is the chosen point's tuning run, read back rather than trained again
+        assert record["checkpoint"] == str(out / "tune" / model / best["point"].replace(", ", "_") / "best.pt")
+        assert record["best_valid"] == best["best_valid"]
+    assert not (out / "runs").exists()
     assert "tuned on valid" in (out / "results.md").read_text()
     # resume: the grid's points are not trained again
     res = runner.invoke(app, [*args, *FAST, *grid, "--resume"])

@@ -102,7 +102,8 @@ def run_compare(
     ``grid`` (training options -> values, e.g. ``{"lr": [1e-3, 3e-3], "weight_decay": [0, 1e-5]}``; ``loss.NAME``
     keys are options of ``loss``, e.g. ``{"loss.distillation_weight": [0.5, 1, 2]}``) tunes every model on the same
     grid first (:func:`tune`, valid split, first seed); each model's seeds then train with its chosen point, which
-    its records carry as ``tuned`` and the table prints beside its row.
+    its records carry as ``tuned`` and the table prints beside its row. The first seed's run is the chosen point's
+    tuning run (same options, same seed), so it is read back from ``tune/`` instead of being trained twice.
     ``popularity`` adds the row of a scorer that learns nothing (:func:`popularity_predictions`: the item's smoothed
     click rate on the train split), the bar every model should clear.
     """
@@ -157,6 +158,9 @@ def run_compare(
                 options = (train_overrides or {}).get(name) or MODEL_TRAIN_DEFAULTS.get(name, {})
             run_config = train_config({**options, "seed": seed}, config)
             run_dir = out_dir / "runs" / name / f"seed{seed}"
+            tuned_run = name in chosen and run_config == _point_config(name, chosen[name], config)
+            if tuned_run:  # the first seed's run with the chosen point is that point's tuning run: not trained twice
+                run_dir = _point_dir(out_dir, name, chosen[name])
             if on_step:
                 on_step(f"{name} seed {seed}")
             result = train_model(
@@ -166,7 +170,7 @@ def run_compare(
                 (model_overrides or {}).get(name),
                 run_config,
                 model_loss,
-                resume=resume,
+                resume=resume or tuned_run,
                 log=log,
             )
             if not main:
@@ -239,6 +243,15 @@ def grid_label(point: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(point.items()))
 
 
+def _point_dir(out_dir: Path, name: str, point: dict[str, Any]) -> Path:
+    return out_dir / "tune" / name / grid_label(point).replace(", ", "_")
+
+
+def _point_config(name: str, point: dict[str, Any], config: TrainConfig) -> TrainConfig:
+    """The training options of a grid point's tuning run (first seed)."""
+    return train_config({**MODEL_TRAIN_DEFAULTS.get(name, {}), **_train_part(point)}, config)
+
+
 def tune(
     name: str,
     data_dir: Path,
@@ -265,8 +278,7 @@ def tune(
         label = grid_label(point)
         row = next((r for r in runs["points"] if r["point"] == label), None)
         if row is None:
-            run_config = train_config({**MODEL_TRAIN_DEFAULTS.get(name, {}), **_train_part(point)}, config)
-            run_dir = out_dir / "tune" / name / label.replace(", ", "_")
+            run_dir, run_config = _point_dir(out_dir, name, point), _point_config(name, point, config)
             point_loss = resolve_loss(loss, {**(loss_options or {}), **_loss_part(point)})
             result = train_model(name, data_dir, run_dir, model_overrides, run_config, point_loss, log=log)
             row = {"point": label, "options": point, "best_valid": result.best_metric, "epochs": result.epochs}
