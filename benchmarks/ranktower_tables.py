@@ -14,7 +14,9 @@ points):
 3. cascade: ``prerank cascade build`` with the revised defaults (rank cut below the impressions, popularity
    matched to impressions, cold items sampled like unknown impressions) and ``prerank cascade baselines``;
 4. tables, one ``prerank compare`` per group of rows, every row with the same budget: the same ``--grid`` tuned on
-   valid (first seed; hybrid-loss rows add ``--hybrid-grid``, the loss weight and temperatures), early stopping
+   valid (first seed), then a second stage on top of its best point for the loss's own settings (``compare
+   --then-grid``: the hybrid loss's weight lambda and SoftSort temperature tau, ``--hybrid-grid``; a single
+   loss's temperature, ``--temperature-grid``, where it has one), early stopping
    on the valid listwise metric ``--metric`` with patience ``--patience``, then seeds ``0 .. S-1`` on test:
 
    * Table 1: every pre-ranker with the pointwise loss (``bce`` over all cascade rows) and with the hybrid loss
@@ -53,6 +55,8 @@ TAOBAO_TEACHER = [
     "--ensemble=5", "--patience=1", "--model-option=target_attention=false", "--model-option=hidden=[256,128,64]",
     "--model-option=wide=true", "--model-option=cross_layers=0",
 ]  # fmt: skip
+#: Table 3's losses with a ``temperature`` option (the others' default settings are kept).
+TEMPERATURE_LOSSES = ("ranking:softsort", "ranking:softmax", "ranking:approx_ndcg")
 STAGES = {"full-stage sampling": "full", "w/o random samples": "no_random", "w/o candidate samples": "no_candidates"}
 STAGES["w/o candidate & random samples"] = "no_candidates_random"
 LOSSES = {
@@ -88,27 +92,35 @@ def _flags(options: list[str]) -> list[str]:
     return [a for o in options for a in (o.split("=", 1) if "=" in o else [o])]
 
 
+def _then(grid: list[str]) -> list[str]:
+    return [a for g in grid for a in ("--then-grid", g)]
+
+
 def _rows(args: argparse.Namespace) -> list[tuple[str, str, str, list[str], list[str]]]:
     """(table, label, compare folder, models, extra compare arguments) of every row group."""
     lists = ["--batching", "requests", "--max-list-len", str(args.max_list_len)]
     lists += ["--requests-per-batch", str(args.requests_per_batch)]
     untuned_hybrid = [*lists, "--loss", "hybrid"]
-    hybrid = [*untuned_hybrid, *[a for g in args.hybrid_grid for a in ("--grid", g)]]
+    hybrid = [*untuned_hybrid, *_then(args.hybrid_grid)]
+    temperature = _then([f"loss.temperature={args.temperature_grid}"])
     models = [m for m in MODELS if m in args.models]
     rows = [
         ("1", "bce", "t1-bce", models, ["--loss", "bce", "--batching", "rows"]),
         ("1", "hybrid", "t1-hybrid", models, hybrid),
-        ("1", "ARF (two_tower + ARF loss)", "t1-arf", ["two_tower"], [*lists, "--loss", "arf"]),
+        ("1", "ARF (two_tower + ARF loss)", "t1-arf", ["two_tower"], [*lists, "--loss", "arf", *temperature]),
     ]
     for label, stages in STAGES.items():
         folder = "t1-hybrid" if stages == "full" else f"t2-{stages}"
         rows.append(("2", label, folder, ["rank_tower"], [*hybrid, "--stages", stages]))
     for label, loss in LOSSES.items():
         folder = "t1-hybrid" if loss == "hybrid" else f"t3-{loss.split(':')[-1]}"
-        rows.append(("3", label, folder, ["rank_tower"], hybrid if loss == "hybrid" else [*lists, "--loss", loss]))
+        single = [*lists, "--loss", loss, *(temperature if loss in TEMPERATURE_LOSSES else [])]
+        rows.append(("3", label, folder, ["rank_tower"], hybrid if loss == "hybrid" else single))
     for label, options in DISTILLATION.items():
         folder = "t1-hybrid" if "softmax" in label else f"t4-{options[1].replace('=', '-')}"
-        tuned = untuned_hybrid if "weight=0" in options[1] else hybrid  # the grid would overwrite the weight 0
+        # without distillation only tau is left to tune (the grid's lambda would overwrite the weight 0)
+        tau = [g for g in args.hybrid_grid if g.startswith("loss.sorting_temperature=")]
+        tuned = [*untuned_hybrid, *_then(tau)] if "weight=0" in options[1] else hybrid
         rows.append(("4", label, folder, ["rank_tower"], [*tuned, *options]))
     tables = set(args.tables.split(","))
     return [r for r in rows if r[0] in tables and r[3]]
@@ -175,7 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=",".join(MODELS), help="Table 1's pre-rankers.")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--grid", action="append", default=None, help="Every row's grid (default lr x weight_decay).")
-    p.add_argument("--hybrid-grid", action="append", default=None, help="Added for hybrid-loss rows.")
+    p.add_argument(
+        "--hybrid-grid", action="append", default=None, help="Hybrid-loss rows' second tuning stage (lambda, tau)."
+    )
+    p.add_argument("--temperature-grid", default="0.5,2", help="Second stage of single losses with a temperature.")
     p.add_argument("--metric", default="hard_ndcg@10", help="Valid metric for tuning and early stopping.")
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20, help="Maximum epochs (early stopping ends most runs first).")
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     args.grid = args.grid or ["lr=1e-3,3e-3", "weight_decay=0,1e-5"]
-    args.hybrid_grid = args.hybrid_grid or ["loss.distillation_weight=0.5,2"]
+    args.hybrid_grid = args.hybrid_grid or ["loss.distillation_weight=0.5,2", "loss.sorting_temperature=0.5,2"]
     args.models = set(args.models.split(","))
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)

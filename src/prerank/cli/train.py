@@ -168,6 +168,12 @@ def compare(
         " --grid weight_decay=0,1e-5 (repeatable; training options, or loss options as loss.NAME, e.g."
         " --grid loss.distillation_weight=0.5,1,2); the table prints each model's choice.",
     ),
+    then_grid: list[str] = typer.Option(
+        None,
+        "--then-grid",
+        help="A second tuning stage, tried on top of --grid's best point (same syntax), e.g. --then-grid"
+        " loss.distillation_weight=0.5,2: |grid| + |then-grid| runs instead of their product; the best of all wins.",
+    ),
     loss: str = LossOpt,
     loss_option: list[str] = LossOptOpt,
     epochs: int = EpochsOpt,
@@ -228,6 +234,7 @@ def compare(
         log=console.print,
         latency_candidates=latency_candidates or None,
         grid=_grid(grid),
+        then_grid=_grid(then_grid),
         popularity=popularity,
     )
     if distributed.current().main:

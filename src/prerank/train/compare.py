@@ -80,6 +80,7 @@ def run_compare(
     latency_candidates: int | None = 1000,
     on_step: Callable[[str], None] | None = None,
     grid: dict[str, list[Any]] | None = None,
+    then_grid: dict[str, list[Any]] | None = None,
     popularity: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every model for seeds ``config.seed .. config.seed + seeds - 1``; evaluate each on the test split.
@@ -104,6 +105,8 @@ def run_compare(
     grid first (:func:`tune`, valid split, first seed); each model's seeds then train with its chosen point, which
     its records carry as ``tuned`` and the table prints beside its row. The first seed's run is the chosen point's
     tuning run (same options, same seed), so it is read back from ``tune/`` instead of being trained twice.
+    ``then_grid`` is a second stage of tuning: its points are tried on top of the first stage's best (coordinate
+    search, e.g. the loss weights and temperatures after the learning rate and weight decay).
     ``popularity`` adds the row of a scorer that learns nothing (:func:`popularity_predictions`: the item's smoothed
     click rate on the train split), the bar every model should clear.
     """
@@ -114,9 +117,13 @@ def run_compare(
     if seeds < 1:
         raise ConfigError("seeds must be >= 1")
     loss_fn = resolve_loss(loss, loss_options)
-    if grid:
-        for point in grid_points(grid):  # bad loss options fail here, before any training
+    if then_grid and not grid:
+        raise ConfigError("a second tuning stage (then_grid) needs a first one (grid)")
+    for stage in (grid, then_grid):
+        for point in grid_points(stage) if stage else []:  # bad loss options fail here, before any training
             resolve_loss(loss, {**(loss_options or {}), **_loss_part(point)})
+    if grid and then_grid and set(grid) & set(then_grid):
+        raise ConfigError(f"options tuned in both stages: {sorted(set(grid) & set(then_grid))}")
     results_path = out_dir / "results.json"
     records: list[dict[str, Any]] = []
     if resume and results_path.exists():
@@ -135,7 +142,16 @@ def run_compare(
     order = sorted(models, key=lambda m: m != BASELINE)
     chosen = {
         name: tune(
-            name, data_dir, out_dir, grid, config, (model_overrides or {}).get(name), loss, loss_options, log=log
+            name,
+            data_dir,
+            out_dir,
+            grid,
+            config,
+            (model_overrides or {}).get(name),
+            loss,
+            loss_options,
+            then_grid=then_grid,
+            log=log,
         )
         for name in order
         if grid
@@ -262,19 +278,22 @@ def tune(
     loss: str = "bce",
     loss_options: dict[str, Any] | None = None,
     *,
+    then_grid: dict[str, list[Any]] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train ``name`` once per grid point (first seed) and return the point with the best valid ``config.metric``.
 
     Every model gets the same grid, so a comparison does not favour the model whose defaults happen to suit the
     data. Runs land in ``out_dir/tune/NAME/POINT``; each point's best valid metric is kept in ``out_dir/tuning.json``
-    (rewritten atomically after each point), and a point already there is not trained again.
+    (rewritten atomically after each point), and a point already there is not trained again. With ``then_grid``,
+    each of its points is then trained on top of ``grid``'s best point, and the best of all points is chosen
+    (``grid``'s best stays a candidate): |grid| + |then_grid| runs instead of their product.
     """
     path = out_dir / "tuning.json"
     tuning = json.loads(path.read_text()) if path.exists() else {}
     runs = tuning.setdefault(name, {"metric": config.metric, "points": []})
-    best_point, best = None, None
-    for point in grid_points(grid):
+
+    def valid_metric(point: dict[str, Any]) -> float:
         label = grid_label(point)
         row = next((r for r in runs["points"] if r["point"] == label), None)
         if row is None:
@@ -285,9 +304,16 @@ def tune(
             runs["points"].append(row)
             atomic_write_text(path, json.dumps(tuning, indent=2))
             log(f"{name} tuning {label}: valid {config.metric} {result.best_metric:.4f}")
-        value = row["best_valid"]
-        if best is None or (value < best if config.metric == "logloss" else value > best):
-            best_point, best = row["options"], value
+        return row["best_valid"]
+
+    best_point: dict[str, Any] | None = None
+    best = None
+    for stage in [grid, then_grid] if then_grid else [grid]:
+        base = dict(best_point or {})
+        for point in (base | part for part in grid_points(stage)):
+            value = valid_metric(point)
+            if best is None or (value < best if config.metric == "logloss" else value > best):
+                best_point, best = point, value
     assert best_point is not None
     runs["chosen"] = grid_label(best_point)
     atomic_write_text(path, json.dumps(tuning, indent=2))
