@@ -101,6 +101,8 @@ def test_compare_tunes_every_model_on_the_same_grid(tiny_dataset: Path, tmp_path
     assert res.exit_code == 0 and "tuning" not in res.output.replace("tuning.json", "")
     bad = runner.invoke(app, [*args, *FAST, "--grid", "lrate=0.1"])
     assert bad.exit_code == 2 and "lrate" in bad.output
+    bad = runner.invoke(app, [*args, *FAST, *grid, "--then-grid", "lr=0.1"])
+    assert bad.exit_code == 2 and "both stages" in bad.output
 
 
 def test_compare_reports_the_teachers_row_and_relaimpr_against_it(tiny_dataset: Path, tmp_path: Path) -> None:
