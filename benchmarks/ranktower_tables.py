@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
-import sys
 from pathlib import Path
+
+from _process import Runner, flags  # benchmarks/ is on sys.path when a script runs
 
 from prerank.evaluate.report import mean_std
 from prerank.io import atomic_write_text
@@ -87,11 +86,6 @@ COLUMNS = (
 )
 
 
-def _flags(options: list[str]) -> list[str]:
-    """``["--random=100", "--x"]`` -> ``["--random", "100", "--x"]``: command options given as one word each."""
-    return [a for o in options for a in (o.split("=", 1) if "=" in o else [o])]
-
-
 def _then(grid: list[str]) -> list[str]:
     return [a for g in grid for a in ("--then-grid", g)]
 
@@ -124,27 +118,6 @@ def _rows(args: argparse.Namespace) -> list[tuple[str, str, str, list[str], list
         rows.append(("4", label, folder, ["rank_tower"], [*tuned, *options]))
     tables = set(args.tables.split(","))
     return [r for r in rows if r[0] in tables and r[3]]
-
-
-class Runner:
-    def __init__(self, work: Path, dry_run: bool):
-        self.work, self.dry_run = work, dry_run
-        self.log = work / "commands.txt"
-
-    def __call__(self, *args: str, stdout: Path | None = None) -> None:
-        cmd = ["prerank", *args]
-        line = shlex.join(cmd) + (f" > {stdout}" if stdout else "")
-        print(line, flush=True)
-        if self.dry_run:
-            return
-        with self.log.open("a") as f:
-            f.write(line + "\n")
-        exe = [sys.executable, "-m", "prerank", *args]
-        if stdout is None:
-            subprocess.run(exe, check=True)
-        else:
-            out = subprocess.run(exe, check=True, capture_output=True, text=True).stdout
-            atomic_write_text(stdout, out)
 
 
 def _cell(values: list) -> str:
@@ -219,11 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         run("data", "prepare", recipe, "--raw", args.raw or raw, "--out", str(data), *recipe_args)
     if not teacher.exists():
         options = [a for o in args.teacher_option for a in ("--model-option", o)]
-        extra = _flags([*(TAOBAO_TEACHER if args.taobao_teacher else []), *args.teacher_arg])
+        extra = flags([*(TAOBAO_TEACHER if args.taobao_teacher else []), *args.teacher_arg])
         run("teacher", "fit", "--data", str(data), "--out", str(teacher), *options, *extra, *common)
     if not (cascade / "schema.json").exists():
-        flags = _flags(args.cascade_option)
-        run("cascade", "build", "--data", str(data), "--teacher", str(teacher), "--out", str(cascade), *flags, *common)
+        build = ["--data", str(data), "--teacher", str(teacher), "--out", str(cascade)]
+        run("cascade", "build", *build, *flags(args.cascade_option), *common)
     baselines_path = work / "baselines.json"
     if not baselines_path.exists():
         run("cascade", "baselines", "--data", str(cascade), stdout=baselines_path)
