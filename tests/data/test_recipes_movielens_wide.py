@@ -235,9 +235,11 @@ def test_paper_valid_and_test_labels_are_never_used(tmp_path: Path, ratings, pap
         assert t[split].select(feats).equals(flipped[split].select(feats)), split
 
 
-def test_every_registered_model_trains_on_the_wide_set(wide: Path) -> None:
-    schema = Schema.load(wide)
-    batch = next(iter(make_loader(wide, "train", batch_size=32)))
+@pytest.mark.parametrize("dataset", ["wide", "paper_wide"])
+def test_every_registered_model_trains_on_the_wide_set(dataset: str, request: pytest.FixtureRequest) -> None:
+    root = request.getfixturevalue(dataset)
+    schema = Schema.load(root)
+    batch = next(iter(make_loader(root, "train", batch_size=32)))
     for name in MODELS:
         torch.manual_seed(0)
         model = build_model(name, schema)
