@@ -80,7 +80,8 @@ def prepare_cmd(
         "default",
         "--features",
         help="Feature set of a recipe: 'default', or 'wide' (40+ fields of all four FSCD cost types, for "
-        "`prerank select`; MovieLens needs --protocol temporal).",
+        "`prerank select` and the teacher; MovieLens 'paper': 42 fields, no past-only ones, out-of-fold "
+        "behaviour sequences).",
     ),
     engine: str = typer.Option(
         "memory",

@@ -314,6 +314,47 @@ def history(
     )
 
 
+def out_of_fold_history(
+    query_group: np.ndarray,
+    query_fold: np.ndarray,
+    event_group: np.ndarray,
+    event_fold: np.ndarray,
+    event_value: np.ndarray,
+    event_rank: np.ndarray,
+    max_len: int,
+) -> pa.ListArray:
+    """Per query: up to ``max_len`` values of its group's events *outside its fold*, for logs without time.
+
+    ``query_fold[r]`` is the fold of query ``r`` (a training row: events of that fold are left out, the row's own
+    event among them), or -1 (an eval row: every event). Each group's events are ordered by ``event_rank`` (e.g. a
+    fixed random draw) and a query gets the first ``max_len`` of those it may see, so rows of different folds see
+    mostly the same events and a row's list never depends on its own fold's events. Returns an Arrow
+    ``list<int32>`` with one list per query.
+    """
+    order = np.lexsort((event_rank, event_group))
+    group, fold, values = np.asarray(event_group)[order], np.asarray(event_fold)[order], np.asarray(event_value)
+    values = values[order]
+    groups = np.unique(group)
+    pos = np.clip(np.searchsorted(groups, query_group), 0, max(len(groups) - 1, 0))
+    known = groups[pos] == query_group if len(groups) else np.zeros(len(query_group), dtype=bool)
+    start, length, pool, base = np.zeros(len(query_group), np.int64), np.zeros(len(query_group), np.int64), [], 0
+    for f in np.unique(query_fold):  # the events a query of fold f may see, first max_len of each group
+        keep = fold != f
+        g = group[keep]
+        first = np.searchsorted(g, groups)
+        n = np.minimum(np.searchsorted(g, groups, side="right") - first, max_len)
+        q = np.nonzero((query_fold == f) & known)[0]
+        start[q], length[q] = base + first[pos[q]], n[pos[q]]
+        pool.append(values[keep])
+        base += int(keep.sum())
+    pooled = np.concatenate(pool) if pool else np.zeros(0, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(length)])
+    idx = np.repeat(start - offsets[:-1], length) + np.arange(offsets[-1])
+    return pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32)), pa.array(pooled[idx].astype(np.int32), pa.int32())
+    )
+
+
 def padded_to_list(values: np.ndarray) -> pa.ListArray:
     """A ``[n, G]`` 0-padded, left-aligned id matrix as an Arrow ``list<int32>`` without the padding."""
     values = np.asarray(values)

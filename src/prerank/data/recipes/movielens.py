@@ -22,6 +22,10 @@ Protocols (rating 3 is dropped in both; label = rating > 3; ``label_level`` = th
   train (``round(0.1 n)`` rows each). Adds ``hist_item_id``. ``request_id`` = user id: MovieLens
   has no sessions, and a user x day id would leave most test requests with a single row.
 
+``--features wide`` (:mod:`.movielens_wide`) adds 34 fields under ``temporal``; under ``paper`` 25 plus an
+out-of-fold ``hist_item_id`` (a training row reads the user's training positives in the other folds), the
+default set's rows unchanged and in the same order.
+
 Features. Cost types follow FSCD Table 1 as read in :data:`prerank.schema.COST_O` (see
 :func:`.common.fscd_cost`): I simple user ids, II simple item ids, III complex user features
 (statistics, sequences; once per request), IV complex item-correlated features (item statistics
@@ -36,7 +40,8 @@ gender, age,            user   I      demographics; ML-100K ages are cut into ML
 occupation, zip_prefix                (1, 18, 25, 35, 45, 50, 56); zip_prefix = first two characters
 user_mean_label         user   III    smoothed positive rate of the user's training rows
 user_count              user   III    log-scaled number of the user's training rows
-hist_item_id            user   III    (temporal) last 20 positively rated items strictly before the row
+hist_item_id            user   III    (temporal) last 20 positively rated items strictly before the row;
+                                      (paper, wide set only) 20 training positives of the user, out-of-fold
 item_id                 item   II     movie id (train vocabulary)
 genres                  item   II     the movie's genres (multi-valued, mean pooling)
 year_bucket             item   II     release year in fixed buckets (no fitting)
@@ -390,7 +395,14 @@ def build_schema(
         _dense("user_mean_label", "user", "smoothed positive rate of the user's training rows (out-of-fold)"),
         _dense("user_count", "user", "log1p(number of the user's training rows) / log1p(max)"),
     ]
-    if protocol == "temporal":
+    if protocol == "temporal" or wide:
+        description = (
+            f"last {hist_len} positively rated movies strictly before the row's time "
+            "(training positives; test rows also validation positives)"
+            if protocol == "temporal"
+            else f"{hist_len} positively rated training movies of the user, out-of-fold (a training row reads the "
+            "other folds), in one random order per user"
+        )
         user.append(
             FeatureSpec(
                 "hist_item_id",
@@ -400,8 +412,7 @@ def build_schema(
                 shares="item_id",
                 cost_type=fscd_cost("user", complex_=True),
                 n_values=hist_len,
-                description=f"last {hist_len} positively rated movies strictly before the row's time "
-                "(training positives; test rows also validation positives)",
+                description=description,
             )
         )
     item = [
@@ -626,13 +637,11 @@ def prepare_movielens(
 ) -> Path:
     """Prepare ``ml-1m`` or ``ml-100k`` from ``raw`` into the dataset folder ``out``; returns ``out``.
 
-    ``features="wide"`` adds the fields of :mod:`.movielens_wide` (``temporal`` protocol only)."""
+    ``features="wide"`` adds the fields of :mod:`.movielens_wide` (under ``paper`` without the timed ones)."""
     cfg = config or MovieLensConfig()
     if protocol not in PROTOCOLS:
         raise RecipeError(f"recipe {name!r} has no protocol {protocol!r}; choose one of {PROTOCOLS}")
     check_feature_set(features)
-    if features == "wide" and protocol != "temporal":
-        raise RecipeError("the wide feature set needs --protocol temporal (its past-only features need timestamps)")
     t_start = time.perf_counter()
     steps = 5
     progress(f"reading {name} raw files", 0, steps)
@@ -649,8 +658,8 @@ def prepare_movielens(
         progress("behaviour histories", 3, steps)
         feats["hist_item_id"] = histories(rows, enc.codes["item_id"], cfg.hist_len)
     if features == "wide":
-        progress("wide feature set (past-only and out-of-fold statistics)", 3, steps)
-        wide, extra, catalogue_extra = wide_features(rows, enc, stats, cfg, feats["hist_item_id"])
+        progress("wide feature set (past-only or out-of-fold sequences, out-of-fold statistics)", 3, steps)
+        wide, extra, catalogue_extra = wide_features(rows, enc, stats, cfg, feats.get("hist_item_id"), rng)
         feats |= extra
 
     progress("writing Parquet", 4, steps)

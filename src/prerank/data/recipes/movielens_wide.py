@@ -3,8 +3,18 @@
 Feature selection among the default 17 fields proves little (FSCD selects among 246), so ``prepare ml-1m
 --protocol temporal --features wide`` adds fields of every FSCD Table 1 cost type (:func:`.common.fscd_cost`;
 I: simple user/context lookups, II: simple item lookups, III: user features that need computation, IV:
-item-correlated features that need computation: item statistics and user x item crosses). It needs the
-``temporal`` protocol, because its past-only features need a timestamp on every row.
+item-correlated features that need computation: item statistics and user x item crosses).
+
+``--protocol paper --features wide`` (issue 21: ranker-only fields for the teacher; 42 fields) keeps the rows of
+the default ``paper`` set, row for row, and leaves out the 9 fields that need a timestamp on every row (``hour``,
+``weekday`` and the 7 past-only counts and rates: :data:`TIMED`). Its sequences ``hist_item_id`` (which the
+default ``paper`` set lacks), ``hist_neg_item_id`` and ``hist_genres`` are *out-of-fold* instead of past-only: a
+training row reads the user's training rows in the *other* folds (those of the out-of-fold statistics), valid and
+test rows all of the user's training rows; the user's rows are put in one random order drawn from the seed
+before any label is read (the staged ML-1M log lacks timestamps for some users, and the split is random anyway),
+and a row keeps the first 20 positives (negatives) it may see. On a random split a user's other ratings are
+the strongest collaborative signal (the reason SVD++ beats MF on ML-1M); ``hist_genre_sim`` and ``hist_cooc``
+read these sequences.
 
 Leak-freeness, three kinds of statistic:
 
@@ -17,6 +27,8 @@ Leak-freeness, three kinds of statistic:
   (:func:`.common.fold_prior`);
 * *label-free*: counts and attributes of the training rows, which read no label.
 
+(``paper``: the three sequences are out-of-fold, see above; ``hist_cooc`` stays leave-own-user-out.)
+
 =====================  =======  ====  ==============================================================
 name                   tower    type  meaning
 =====================  =======  ====  ==============================================================
@@ -28,8 +40,9 @@ weekday                context  I     weekday of the row's timestamp (UTC)
 decade                 item     II    release decade (1910s..2000s; 0 unknown)
 first_genre            item     II    the movie's first genre (genres sorted by name)
 n_genres               item     II    the movie's number of genres
-hist_neg_item_id       user     III   last 20 negatively rated movies strictly before the row (past-only)
-hist_genres            user     III   first genre of each ``hist_item_id`` movie (past-only)
+hist_neg_item_id       user     III   last 20 negatively rated movies strictly before the row (past-only;
+                                      ``paper``: 20 training negatives of the user, out-of-fold)
+hist_genres            user     III   first genre of each ``hist_item_id`` movie (past-only; ``paper``: OOF)
 user_past_count        user     III   log-scaled number of the user's ratings before the row (past-only)
 user_past_rate         user     III   smoothed positive rate of those ratings (past-only)
 user_since_last        user     III   log-scaled seconds since the user's previous rating; 1 if none
@@ -83,6 +96,7 @@ from prerank.data.recipes.common import (
     last_before,
     list_to_padded,
     log_scale,
+    out_of_fold_history,
     smoothed_rate,
 )
 from prerank.schema import FeatureSpec, Tower
@@ -128,13 +142,22 @@ class _Past:
 
 
 def wide_features(
-    rows: _Rows, enc: _Encoded, stats: SplitStats, cfg: MovieLensConfig, hist_item: list[pa.Array]
+    rows: _Rows,
+    enc: _Encoded,
+    stats: SplitStats,
+    cfg: MovieLensConfig,
+    hist_item: list[pa.Array] | None,
+    rng: np.random.Generator,
 ) -> tuple[dict[str, list[FeatureSpec]], dict[str, Splits], dict[str, np.ndarray]]:
     """The extra fields: specs per tower, values per split (train, valid, test) and catalogue columns.
 
-    ``hist_item`` is the default ``hist_item_id`` per split. Categorical fields' per-row codes are added to
-    ``enc.codes`` (and their vocabulary sizes to ``enc.vocab_sizes``).
+    ``hist_item`` is the default ``hist_item_id`` per split (``temporal``), or None for the ``paper`` protocol:
+    then the past-only fields and ``hour``/``weekday`` are left out and the three sequences are out-of-fold
+    (:func:`_out_of_fold_sequences`, which draws their order from ``rng``; ``hist_item_id`` is returned among the
+    fields). Categorical fields' per-row codes are added to ``enc.codes`` (and their vocabulary sizes to
+    ``enc.vocab_sizes``).
     """
+    timed = hist_item is not None
     c, v = enc.codes, enc.vocab_sizes
     parts = rows.parts
     n_items = enc.item_vocab.size
@@ -150,8 +173,9 @@ def wide_features(
     # ---- simple lookups (I, II): no statistics at all
     c["age_gender"] = _combo(c["age"], c["gender"], v["gender"])
     c["occupation_gender"] = _combo(c["occupation"], c["gender"], v["gender"])
-    c["hour"] = (rows.ts % 86_400) // 3_600 + 1
-    c["weekday"] = (rows.ts // 86_400 + 3) % 7 + 1  # 1970-01-01 was a Thursday: Monday = 1
+    if timed:
+        c["hour"] = (rows.ts % 86_400) // 3_600 + 1
+        c["weekday"] = (rows.ts // 86_400 + 3) % 7 + 1  # 1970-01-01 was a Thursday: Monday = 1
     decade_of = lambda y: np.where(y > 0, np.clip(y // 10 - 190, 1, 11), 0)  # noqa: E731
     c["decade"] = decade_of(year)
     c["first_genre"] = genres[:, 0]
@@ -219,12 +243,88 @@ def wide_features(
         feats[name] = [values[i_code[p]].astype(np.float32) for p in parts] + [values[1:].astype(np.float32)]
     feats["item_pop_gap"] = [(item_pop[i_code[p]] - user_pop[u_code[p]]).astype(np.float32) for p in parts]
 
-    # ---- past-only features
-    train_prior, prior = fold_prior(rows.label[tr], stats.folds, stats.n_folds)
+    # ---- behaviour sequences and their similarity to the target (past-only or out-of-fold)
     b_ev = (rows.split == 0) & (rows.label == 1) & (i_code > 0)
     cooc, b, b_users = cooccurrence(rows.user[b_ev], i_code[b_ev], n_items)
+    if not timed:
+        hist_item = _out_of_fold_sequences(rows, stats, i_code, first_genre_of, cfg.hist_len, rng, feats)
+    raw: dict[str, list[np.ndarray]] = {"cooc": []}
+    for s, p in enumerate(parts):
+        hist = list_to_padded(hist_item[s], cfg.hist_len)
+        sim = (genre_mask[hist] & genre_mask[i_code[p]][:, None]) != 0
+        feats.setdefault("hist_genre_sim", []).append(
+            (sim.sum(1) / np.maximum((hist > 0).sum(1), 1)).astype(np.float32)
+        )
+        raw["cooc"].append(history_cooccurrence(cooc, b, b_users, rows.user[p], hist, i_code[p]))
+    if timed:
+        raw |= _past_only(rows, stats, cfg, i_code, genres, first_genre_of, n_genres, feats)
+    scaled = (("user_past_count", "user_past_count"), ("item_past_count", "item_past_count"))
+    scaled += (("user_genre_past_count", "ug_count"), ("hist_cooc", "cooc"))
+    for name, key in scaled:
+        if key in raw:  # scales fitted on the training rows
+            reference = float(raw[key][0].max(initial=0))
+            feats[name] = [log_scale(x, reference) for x in raw[key]]
+
+    specs = _specs(v, cfg.hist_len, timed)
+    catalogue = {
+        "decade": decade_of(enc.catalogue_year),
+        "first_genre": enc.catalogue_genres[:, 0],
+        "n_genres": (enc.catalogue_genres > 0).sum(1),
+        **{f.name: np.asarray(feats[f.name][3]) for f in specs["item"] if f.kind == "dense"},
+    }
+    return specs, {k: x[:3] for k, x in feats.items()}, catalogue
+
+
+def _out_of_fold_sequences(
+    rows: _Rows,
+    stats: SplitStats,
+    i_code: np.ndarray,
+    first_genre_of: np.ndarray,
+    hist_len: int,
+    rng: np.random.Generator,
+    feats: dict[str, Splits],
+) -> list[pa.Array]:
+    """``paper`` protocol: ``hist_item_id``, ``hist_genres`` and ``hist_neg_item_id`` from the training split,
+    out-of-fold; adds them to ``feats`` and returns ``hist_item_id`` per split.
+
+    A training row of fold ``k`` reads the user's training rows of the other folds (the folds of the
+    out-of-fold statistics, so never its own row), valid and test rows every training row of the user; the rows
+    are put in one random order drawn from ``rng`` whatever their labels (the log has no complete timestamps),
+    and the first ``hist_len`` positives (negatives) of the user a row may see are kept.
+    """
+    row_fold = np.full(len(rows.split), -1, dtype=np.int64)
+    row_fold[rows.parts[0]] = stats.folds
+    events = (rows.split == 0) & (i_code > 0)
+    positives = {"hist_item_id": i_code, "hist_genres": first_genre_of[i_code]}
+    negatives = {"hist_neg_item_id": i_code}
+    rank = rng.random(len(rows.split))  # one order of every row, drawn before any label is read
+    for ev, columns in ((events & (rows.label == 1), positives), (events & (rows.label == 0), negatives)):
+        for name, value in columns.items():
+            feats[name] = [
+                out_of_fold_history(
+                    rows.user[p], row_fold[p], rows.user[ev], row_fold[ev], value[ev], rank[ev], hist_len
+                )
+                for p in rows.parts
+            ]
+    return feats["hist_item_id"]
+
+
+def _past_only(
+    rows: _Rows,
+    stats: SplitStats,
+    cfg: MovieLensConfig,
+    i_code: np.ndarray,
+    genres: np.ndarray,
+    first_genre_of: np.ndarray,
+    n_genres: int,
+    feats: dict[str, Splits],
+) -> dict[str, list[np.ndarray]]:
+    """``temporal`` protocol: the past-only fields; rates and sequences go into ``feats``, unscaled counts are
+    returned."""
+    parts = rows.parts
+    train_prior, prior = fold_prior(rows.label[parts[0]], stats.folds, stats.n_folds)
     user_genre_key = rows.user[:, None] * n_genres + genres  # [n, G]; genre 0 marks padding
-    raw: dict[str, list[np.ndarray]] = {k: [] for k in ("user_past_count", "item_past_count", "ug_count", "cooc")}
+    raw: dict[str, list[np.ndarray]] = {k: [] for k in ("user_past_count", "item_past_count", "ug_count")}
     raw["user_since_last"] = []
     for s, p in enumerate(parts):
         past = _Past(rows, s, train_prior if s == 0 else prior, cfg.smoothing)
@@ -247,12 +347,6 @@ def wide_features(
         n_g = np.maximum((genres[p] > 0).sum(1), 1)
         raw["ug_count"].append(g_n / n_g)
         feats.setdefault("user_genre_past_rate", []).append(past.rate(g_n, g_k))
-        hist = list_to_padded(hist_item[s], cfg.hist_len)
-        sim = (genre_mask[hist] & genre_mask[i_code[p]][:, None]) != 0
-        feats.setdefault("hist_genre_sim", []).append(
-            (sim.sum(1) / np.maximum((hist > 0).sum(1), 1)).astype(np.float32)
-        )
-        raw["cooc"].append(history_cooccurrence(cooc, b, b_users, rows.user[p], hist, i_code[p]))
         neg = past.allowed & (rows.label == 0) & (i_code > 0)
         feats.setdefault("hist_neg_item_id", []).append(
             history(rows.user[p], rows.ts[p], rows.user[neg], rows.ts[neg], i_code[neg], cfg.hist_len)
@@ -266,26 +360,17 @@ def wide_features(
     feats["user_since_last"] = [
         np.where(g >= 0, log_scale(np.maximum(g, 0), gap_ref), 1.0).astype(np.float32) for g in raw["user_since_last"]
     ]
-    for name, key in (
-        ("user_past_count", "user_past_count"),
-        ("item_past_count", "item_past_count"),
-        ("user_genre_past_count", "ug_count"),
-        ("hist_cooc", "cooc"),
-    ):
-        reference = float(raw[key][0].max(initial=0))
-        feats[name] = [log_scale(x, reference) for x in raw[key]]
-
-    specs = _specs(v, cfg.hist_len)
-    catalogue = {
-        "decade": decade_of(enc.catalogue_year),
-        "first_genre": enc.catalogue_genres[:, 0],
-        "n_genres": (enc.catalogue_genres > 0).sum(1),
-        **{f.name: np.asarray(feats[f.name][3]) for f in specs["item"] if f.kind == "dense"},
-    }
-    return specs, {k: x[:3] for k, x in feats.items()}, catalogue
+    return raw
 
 
-def _specs(v: dict[str, int], hist_len: int) -> dict[str, list[FeatureSpec]]:
+#: fields that need a timestamp on every row, left out of the ``paper`` protocol's wide set
+TIMED = frozenset(
+    ("hour", "weekday", "user_past_count", "user_past_rate", "user_since_last", "item_past_count", "item_past_rate")
+    + ("user_genre_past_count", "user_genre_past_rate")
+)
+
+
+def _specs(v: dict[str, int], hist_len: int, timed: bool) -> dict[str, list[FeatureSpec]]:
     def cat(name: str, tower: Tower, description: str) -> FeatureSpec:
         return _spec(name, tower, "categorical", description, complex_=False, vocab_size=max(v[name], 2))
 
@@ -297,12 +382,15 @@ def _specs(v: dict[str, int], hist_len: int) -> dict[str, list[FeatureSpec]]:
             name, "user", "sequence", description, complex_=True, max_len=hist_len, shares=shares, n_values=hist_len
         )
 
-    return {
+    neg = f"last {hist_len} negatively rated movies before the row"
+    if not timed:
+        neg = f"{hist_len} negatively rated training movies of the user outside the row's fold (random order)"
+    specs = {
         "user": [
             cat("zip_region", "user", "first character of the zip code"),
             cat("age_gender", "user", "age group x gender"),
             cat("occupation_gender", "user", "occupation x gender"),
-            seq("hist_neg_item_id", "item_id", f"last {hist_len} negatively rated movies before the row"),
+            seq("hist_neg_item_id", "item_id", neg),
             seq("hist_genres", "first_genre", "first genre of each hist_item_id movie"),
             dense("user_past_count", "user", "log-scaled number of the user's ratings before the row"),
             dense("user_past_rate", "user", "smoothed positive rate of the user's ratings before the row"),
@@ -341,3 +429,4 @@ def _specs(v: dict[str, int], hist_len: int) -> dict[str, list[FeatureSpec]]:
             dense("item_pop_gap", "cross", "the movie's log-scaled training count minus user_mean_item_pop"),
         ],
     }
+    return {tower: [f for f in fs if timed or f.name not in TIMED] for tower, fs in specs.items()}
