@@ -29,7 +29,8 @@ points):
    every row with its seeds, its tuned setting and Recall / NDCG at 10, 50 and 100 (relevance: the hard label, our
    reading of the paper's), cascade recall, GAUC and exposure AUC, mean +- std over seeds.
 
-``--tables 1`` or ``--models`` restrict what is run; ``--dry-run`` prints the commands only.
+``--tables 1`` or ``--models`` restrict what is run; ``--dry-run`` prints the commands only; ``--assemble-only``
+writes the tables of the runs finished so far (a row not run yet says so) and runs nothing.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cascade-option", action="append", default=[], help="e.g. --cascade-option=--random=100")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--assemble-only", action="store_true", help="Tables of the finished runs; run nothing.")
     args = p.parse_args(argv)
     args.grid = args.grid or ["lr=1e-3,3e-3", "weight_decay=0,1e-5"]
     args.hybrid_grid = args.hybrid_grid or ["loss.distillation_weight=0.5,2", "loss.sorting_temperature=0.5,2"]
@@ -188,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--threads", str(args.threads), "--no-progress"]
 
     data, teacher, cascade = work / "data", work / "teacher.pt", work / "cascade"
+    baselines_path = work / "baselines.json"
+    if args.assemble_only and not baselines_path.exists():
+        p.error(f"nothing to assemble in {work}: no {baselines_path.name} yet")
     if not (data / "schema.json").exists():
         run("data", "prepare", recipe, "--raw", args.raw or raw, "--out", str(data), *recipe_args)
     if not teacher.exists():
@@ -197,7 +202,6 @@ def main(argv: list[str] | None = None) -> None:
     if not (cascade / "schema.json").exists():
         build = ["--data", str(data), "--teacher", str(teacher), "--out", str(cascade)]
         run("cascade", "build", *build, *flags(args.cascade_option), *common)
-    baselines_path = work / "baselines.json"
     if not baselines_path.exists():
         run("cascade", "baselines", "--data", str(cascade), stdout=baselines_path)
 
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     done: set[str] = set()
     budget = ["--metric", args.metric, "--patience", str(args.patience), "--epochs", str(args.epochs)]
     budget += ["--seeds", str(args.seeds), "--latency-candidates", "0", "--resume"]
-    for _, _, folder, _, extra in rows:
+    for _, _, folder, _, extra in [] if args.assemble_only else rows:
         if folder in done:
             continue
         done.add(folder)
