@@ -113,6 +113,8 @@ def test_prepare_features_option(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "w" / "meta.json").read_text())["features"] == "wide"
     res = runner.invoke(app, [*base, "--out", str(tmp_path / "p"), "--features", "wide"])  # protocol paper
-    assert res.exit_code == 2 and "temporal" in res.output
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    assert meta["features"] == "wide" and meta["protocol"] == "paper"
     res = runner.invoke(app, [*base, "--out", str(tmp_path / "x"), "--features", "huge"])
     assert res.exit_code == 2 and "feature set" in res.output
