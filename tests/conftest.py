@@ -17,6 +17,15 @@ from prerank.schema import FeatureSpec, Schema
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture
+def taobao_sample() -> Path:
+    """The real Taobao UserBehavior sample under ../shared/data; the test skips, saying so, where it is absent."""
+    raw = SHARED_DATA / "taobao-user-behavior" / "UserBehavior_first814users.csv.gz"
+    if not raw.exists():
+        pytest.skip(f"real Taobao sample not found at {raw} (see its PROVENANCE.md)")
+    return raw
+
+
 def tiny_schema() -> Schema:
     return Schema(
         name="tiny",

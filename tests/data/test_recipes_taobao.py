@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import SHARED_DATA
 from prerank.data.parquet import ParquetSplit, make_loader
 from prerank.data.recipes import RecipeError, prepare
 from prerank.data.recipes.taobao import TaobaoConfig, prepare_taobao
@@ -206,10 +205,8 @@ def test_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.realdata
-def test_real_taobao_sample(tmp_path: Path) -> None:
-    raw = SHARED_DATA / "taobao-user-behavior" / "UserBehavior_first814users.csv.gz"
-    if not raw.exists():
-        pytest.skip(f"real Taobao sample not found at {raw} (see its PROVENANCE.md)")
+def test_real_taobao_sample(tmp_path: Path, taobao_sample: Path) -> None:
+    raw = taobao_sample
     root = prepare("taobao-user-behavior", raw, tmp_path / "taobao")
     meta = json.loads((root / "meta.json").read_text())
     assert meta["counts"]["raw_events"] == 84_287

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 from test_recipes_taobao import DAY, DAY0, EVENTS, at, write_csv
 
-from conftest import SHARED_DATA
 from prerank.data.recipes import OutOfCore, RecipeError, prepare
 from prerank.data.recipes.taobao import BEHAVIOURS, TaobaoConfig, prepare_taobao
 from prerank.data.recipes.taobao_ooc import prepare_taobao_duckdb
@@ -79,10 +78,8 @@ def test_duckdb_engine_writes_the_same_dataset(tmp_path: Path, config: TaobaoCon
 
 
 @pytest.mark.realdata
-def test_duckdb_engine_on_the_real_sample(tmp_path: Path) -> None:
-    raw = SHARED_DATA / "taobao-user-behavior" / "UserBehavior_first814users.csv.gz"
-    if not raw.exists():
-        pytest.skip(f"real Taobao sample not found at {raw} (see its PROVENANCE.md)")
+def test_duckdb_engine_on_the_real_sample(tmp_path: Path, taobao_sample: Path) -> None:
+    raw = taobao_sample
     memory = prepare("taobao-user-behavior", raw, tmp_path / "memory")
     duck = prepare(
         "taobao-user-behavior", raw, tmp_path / "duckdb", engine="duckdb", out_of_core=OutOfCore(bucket_rows=20_000)

@@ -17,7 +17,6 @@ from test_recipes_taobao import DAY, DAY0, write_csv
 from test_recipes_taobao_wide import random_events
 from typer.testing import CliRunner
 
-from conftest import SHARED_DATA
 from prerank.cli import app
 from prerank.cli import cascade as _cascade  # noqa: F401  (registers the commands)
 from prerank.data.cascade import CascadeConfig, build_cascade
@@ -170,10 +169,8 @@ def test_cascade_compute_errors(tmp_path: Path, events: list[tuple], wide: Path,
 
 
 @pytest.mark.realdata
-def test_real_taobao_sample_pairs(tmp_path: Path) -> None:
-    raw = SHARED_DATA / "taobao-user-behavior" / "UserBehavior_first814users.csv.gz"
-    if not raw.exists():
-        pytest.skip(f"real Taobao sample not found at {raw} (see its PROVENANCE.md)")
+def test_real_taobao_sample_pairs(tmp_path: Path, taobao_sample: Path) -> None:
+    raw = taobao_sample
     root = prepare("taobao-user-behavior", raw, tmp_path / "wide", features="wide")
     cross = cross_features(root, raw)
     for split in SPLITS:

@@ -9,7 +9,6 @@ import pyarrow.dataset as ds
 import pytest
 from test_recipes_taobao import DAY, DAY0, H, tables, write_csv
 
-from conftest import SHARED_DATA
 from prerank.data.parquet import ParquetSplit, make_loader
 from prerank.data.recipes import prepare
 from prerank.schema import Schema
@@ -101,10 +100,8 @@ def test_test_labels_are_never_used_by_the_wide_set(tmp_path: Path, events: list
 
 
 @pytest.mark.realdata
-def test_real_taobao_sample_wide(tmp_path: Path) -> None:
-    raw = SHARED_DATA / "taobao-user-behavior" / "UserBehavior_first814users.csv.gz"
-    if not raw.exists():
-        pytest.skip(f"real Taobao sample not found at {raw} (see its PROVENANCE.md)")
+def test_real_taobao_sample_wide(tmp_path: Path, taobao_sample: Path) -> None:
+    raw = taobao_sample
     root = prepare("taobao-user-behavior", raw, tmp_path / "taobao", features="wide")
     schema = Schema.load(root)
     assert len(schema.features) >= 40
