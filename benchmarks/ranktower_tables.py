@@ -13,7 +13,13 @@ points):
    options), the ranking teacher of issue 21 (Taobao: ``--taobao-teacher`` sets the ensemble chosen there);
 3. cascade: ``prerank cascade build`` with the revised defaults (rank cut below the impressions, popularity
    matched to impressions, cold items sampled like unknown impressions) and ``prerank cascade baselines``;
-4. tables, one ``prerank compare`` per group of rows, every row with the same budget: the same ``--grid`` tuned on
+4. stage mix (where ``--stage-mix-grid`` has more than one mix): a list over ``--max-list-len`` keeps a share of
+   each tier (clicked / unclicked impressions, rank and pre-rank candidates, random items), and the mix that sets
+   the shares is chosen on valid once, in ``t0-stage_mix`` (RankTower + hybrid loss, the table's grid times the
+   mixes, one seed); every list-trained row then trains on that mix, so all rows of a table see the same lists
+   (default: ``own,even`` on ML-1M, whose cap drops 45% of the training rows; ``own`` on Taobao, where it drops
+   3.7%);
+5. tables, one ``prerank compare`` per group of rows, every row with the same budget: the same ``--grid`` tuned on
    valid (first seed), then a second stage on top of its best point for the loss's own settings (``compare
    --then-grid``: the hybrid loss's weight lambda and SoftSort temperature tau, ``--hybrid-grid``; a single
    loss's temperature, ``--temperature-grid``, where it has one), early stopping
@@ -25,7 +31,7 @@ points):
    * Table 3: RankTower with each ranking loss of Sec. 4.3.2;
    * Table 4: RankTower + hybrid loss with each distillation part of Sec. 4.3.3, and none;
 
-5. assemble: one Markdown file, the scorers that learn nothing first (item popularity, the teacher itself), then
+6. assemble: one Markdown file, the scorers that learn nothing first (item popularity, the teacher itself), then
    every row with its seeds, its tuned setting and Recall / NDCG at 10, 50 and 100 (relevance: the hard label, our
    reading of the paper's), cascade recall, GAUC and exposure AUC, mean +- std over seeds.
 
@@ -57,6 +63,8 @@ TAOBAO_TEACHER = [
 ]  # fmt: skip
 #: Table 3's losses with a ``temperature`` option (the others' default settings are kept).
 TEMPERATURE_LOSSES = ("ranking:softsort", "ranking:softmax", "ranking:approx_ndcg")
+#: Where the stage mix of capped lists is chosen (step 4 of the module docstring).
+STAGE_MIX_FOLDER = "t0-stage_mix"
 STAGES = {"full-stage sampling": "full", "w/o random samples": "no_random", "w/o candidate samples": "no_candidates"}
 STAGES["w/o candidate & random samples"] = "no_candidates_random"
 LOSSES = {
@@ -91,10 +99,30 @@ def _then(grid: list[str]) -> list[str]:
     return [a for g in grid for a in ("--then-grid", g)]
 
 
+def _lists(args: argparse.Namespace) -> list[str]:
+    """``compare`` options of training on whole request lists, capped at ``--max-list-len``."""
+    lists = ["--batching", "requests", "--max-list-len", str(args.max_list_len)]
+    return [*lists, "--requests-per-batch", str(args.requests_per_batch)]
+
+
+def _stage_mix(work: Path) -> tuple[str, str] | None:
+    """The stage mix chosen in ``t0-stage_mix`` and every mix's valid metric there; None before it has run."""
+    path = work / STAGE_MIX_FOLDER / "tuning.json"
+    tuning = json.loads(path.read_text()).get("rank_tower", {}) if path.exists() else {}
+    if "chosen" not in tuning:
+        return None
+    chosen = next(p["options"]["stage_mix"] for p in tuning["points"] if p["point"] == tuning["chosen"])
+    best: dict[str, float] = {}
+    for point in tuning["points"]:
+        mix = point["options"]["stage_mix"]
+        best[mix] = max(best.get(mix, float("-inf")), point["best_valid"])
+    tried = ", ".join(f"{mix} {value:.4f}" for mix, value in best.items())
+    return chosen, f"{tuning['metric']} of its best grid point: {tried}"
+
+
 def _rows(args: argparse.Namespace) -> list[tuple[str, str, str, list[str], list[str]]]:
     """(table, label, compare folder, models, extra compare arguments) of every row group."""
-    lists = ["--batching", "requests", "--max-list-len", str(args.max_list_len)]
-    lists += ["--requests-per-batch", str(args.requests_per_batch)]
+    lists = [*_lists(args), *(["--stage-mix", args.stage_mix] if args.stage_mix != "own" else [])]
     untuned_hybrid = [*lists, "--loss", "hybrid"]
     hybrid = [*untuned_hybrid, *_then(args.hybrid_grid)]
     temperature = _then([f"loss.temperature={args.temperature_grid}"])
@@ -128,7 +156,10 @@ def _cell(values: list) -> str:
     return f"{m:.4f} ± {s:.4f}" if n > 1 else f"{m:.4f}"
 
 
-def assemble(work: Path, rows: list, baselines: dict) -> str:
+def assemble(work: Path, rows: list, baselines: dict, max_list_len: int) -> str:
+    chosen = _stage_mix(work)
+    mix = f"`{chosen[0]}`, chosen on valid ({chosen[1]})" if chosen else "`own` (each list's own mix; not tuned)"
+    note = f"Lists over {max_list_len} rows keep the stage mix {mix}.\n\n"
     head = "| row | seeds | tuned on valid | " + " | ".join(COLUMNS) + " |\n|---|---|---|" + "---|" * len(COLUMNS)
     out = []
     for table in sorted({r[0] for r in rows}):
@@ -148,7 +179,7 @@ def assemble(work: Path, rows: list, baselines: dict) -> str:
                 cells = " | ".join(_cell([r.get(c) for r in mine]) for c in COLUMNS)
                 lines.append(f"| {name} | {len(mine)} | {tuned} | {cells} |")
         out.append("\n".join(lines))
-    return "\n\n".join(out) + "\n"
+    return note + "\n\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=20, help="Maximum epochs (early stopping ends most runs first).")
     p.add_argument("--max-list-len", type=int, default=100)
     p.add_argument("--requests-per-batch", type=int, default=64)
+    p.add_argument("--stage-mix-grid", help="Stage mixes of capped lists tried on valid (default: see step 4).")
     p.add_argument("--teacher-option", action="append", default=[], help="`prerank teacher fit` options, KEY=VALUE.")
     p.add_argument("--teacher-arg", action="append", default=[], help="e.g. --teacher-arg=--ensemble=5")
     p.add_argument(
@@ -205,16 +237,26 @@ def main(argv: list[str] | None = None) -> None:
     if not baselines_path.exists():
         run("cascade", "baselines", "--data", str(cascade), stdout=baselines_path)
 
+    grid = [a for g in args.grid for a in ("--grid", g)]
+    stop = ["--metric", args.metric, "--patience", str(args.patience), "--epochs", str(args.epochs)]
+    budget = [*stop, "--seeds", str(args.seeds), "--latency-candidates", "0", "--resume"]
+    mixes = args.stage_mix_grid or ("own" if args.dataset == "taobao" else "own,even")
+    args.stage_mix = mixes
+    if "," in mixes:
+        if not args.assemble_only and _stage_mix(work) is None:
+            hybrid = [*_lists(args), "--loss", "hybrid", *grid, "--grid", f"stage_mix={mixes}"]
+            one_seed = [*stop, "--seeds", "1", "--latency-candidates", "0", "--resume"]
+            out = ["--models", "rank_tower", "--out", str(work / STAGE_MIX_FOLDER)]
+            run("compare", "--data", str(cascade), *out, *hybrid, *one_seed, *common)
+        chosen = _stage_mix(work)
+        args.stage_mix = chosen[0] if chosen else "CHOSEN_IN_" + STAGE_MIX_FOLDER  # the placeholder: --dry-run
     rows = _rows(args)
     done: set[str] = set()
-    budget = ["--metric", args.metric, "--patience", str(args.patience), "--epochs", str(args.epochs)]
-    budget += ["--seeds", str(args.seeds), "--latency-candidates", "0", "--resume"]
     for _, _, folder, _, extra in [] if args.assemble_only else rows:
         if folder in done:
             continue
         done.add(folder)
         every = [m for t, _, f, ms, _ in rows if f == folder for m in ms]
-        grid = [a for g in args.grid for a in ("--grid", g)]
         run(
             "compare", "--data", str(cascade), "--models", ",".join(dict.fromkeys(every)), "--out", str(work / folder),
             *extra, *grid, *budget, *common,
@@ -222,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         return
     baselines = {k: v for k, v in json.loads(baselines_path.read_text()).items() if isinstance(v, dict)}
-    text = assemble(work, rows, baselines)
+    text = assemble(work, rows, baselines, args.max_list_len)
     out = args.out or work / "tables.md"
     atomic_write_text(out, text)
     print(text)

@@ -165,11 +165,11 @@ def _kept_tiers(b: Batch, r: int) -> np.ndarray:
     return np.bincount(np.where(stage == 0, np.where(label > 0, 0, 1), stage + 1), minlength=len(LIST_TIERS))
 
 
-@pytest.mark.parametrize("mix", [None, {"clicked": 1, "unclicked": 1, "random": 2}])
+@pytest.mark.parametrize("mix", [None, "own", "even", {"clicked": 1, "unclicked": 1, "random": 2}])
 def test_max_list_len_keeps_the_quota_of_every_tier(requests_dir: tuple[Path, pa.Table], mix) -> None:
     root, table = requests_dir
     cap = 6
-    weights = None if mix is None else np.array([mix.get(t, 0) for t in LIST_TIERS], float)
+    weights = resolve_stage_mix(mix)  # its values are pinned by test_stage_mix_errors
     seen_capped = 0
     for b in make_request_loader(root, "train", 4, max_list_len=cap, shuffle=True, seed=1, stage_mix=mix):
         assert b.mask.shape[1] <= cap
@@ -232,7 +232,11 @@ def test_stage_mix_errors(requests_dir: tuple[Path, pa.Table]) -> None:
         make_request_loader(root, "train", 2, max_list_len=4, stage_mix={"clicks": 1})
     with pytest.raises(ValueError, match="not all 0"):
         make_request_loader(root, "train", 2, max_list_len=4, stage_mix={"clicked": 0})
+    with pytest.raises(ValueError, match="not a named mix"):
+        make_request_loader(root, "train", 2, max_list_len=4, stage_mix="clicked")
     assert resolve_stage_mix(None) is None
+    assert resolve_stage_mix("own") is None
+    assert resolve_stage_mix("even").tolist() == [1.0] * len(LIST_TIERS)
 
 
 def test_non_contiguous_requests_are_rejected(tmp_path: Path, schema: Schema) -> None:

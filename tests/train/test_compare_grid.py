@@ -72,3 +72,10 @@ def test_a_second_stage_needs_a_first_and_other_options(tmp_path: Path) -> None:
 def test_an_unknown_loss_option_in_the_grid_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope"):
         compare.run_compare(tmp_path, ["lr"], 1, tmp_path / "out", loss="hybrid", grid={"loss.nope": [1]})
+
+
+def test_named_stage_mixes_are_grid_values_checked_before_training(tmp_path: Path) -> None:
+    points = compare.grid_points({"stage_mix": ["own", "even"], "lr": [1e-3]})
+    assert [compare.grid_label(p) for p in points] == ["lr=0.001, stage_mix=own", "lr=0.001, stage_mix=even"]
+    with pytest.raises(ConfigError, match="not a named mix"):
+        compare.run_compare(tmp_path, ["lr"], 1, tmp_path / "out", grid={"stage_mix": ["own", "uneven"]})

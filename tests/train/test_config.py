@@ -85,3 +85,7 @@ def test_stage_mix_is_checked_and_parsed_from_the_command_line() -> None:
         TrainConfig(stage_mix={"clicked": 0.0})
     _, cfg = run_config(None, stage_mix="clicked=1,unclicked=1,random=2")
     assert cfg.stage_mix == {"clicked": 1.0, "unclicked": 1.0, "random": 2.0}
+    _, cfg = run_config(None, stage_mix="even")  # a named mix stays a name (grid labels and checkpoints show it)
+    assert cfg.stage_mix == "even"
+    with pytest.raises(ConfigError, match="not a named mix"):
+        TrainConfig(stage_mix="evens")

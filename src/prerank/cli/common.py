@@ -70,7 +70,7 @@ def run_config(
         from prerank.data.requests import resolve_stages
 
         flags["stages"] = resolve_stages(flags["stages"])
-    if isinstance(flags.get("stage_mix"), str):
+    if isinstance(flags.get("stage_mix"), str) and "=" in flags["stage_mix"]:  # else a named mix
         flags["stage_mix"] = {
             k: float(v) for k, v in parse_options(flags["stage_mix"].split(","), "--stage-mix").items()
         }
@@ -135,7 +135,8 @@ StageMixOpt = typer.Option(
     None,
     "--stage-mix",
     help="Request batching: share of the --max-list-len cap per tier, e.g. clicked=1,unclicked=1,random=2 (tiers:"
-    " clicked, unclicked, rank_candidate, prerank_candidate, random; left out = dropped). Default: each list's mix.",
+    " clicked, unclicked, rank_candidate, prerank_candidate, random; left out = dropped), or a named mix: own (each"
+    " list's own mix, the default) or even (the same share for every tier).",
 )
 RequestsOpt = typer.Option(None, "--requests-per-batch", help="Request batching: requests per batch (default 64).")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")

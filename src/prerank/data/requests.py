@@ -309,8 +309,18 @@ def row_tiers(rows: Batch, idx: np.ndarray) -> np.ndarray:
     return np.where(stage == 0, np.where(clicked, 0, 1), stage + 1)
 
 
-def resolve_stage_mix(mix: dict[str, float] | None) -> np.ndarray | None:
-    """``{tier: weight}`` -> weights over :data:`LIST_TIERS` (a tier left out weighs 0); None stays None."""
+#: Named stage mixes, so a mix can be a grid value (``compare --grid stage_mix=own,even``): ``own`` keeps each
+#: list's own proportions (the same as None), ``even`` gives every tier the same share of the cap.
+STAGE_MIXES: dict[str, dict[str, float] | None] = {"own": None, "even": dict.fromkeys(LIST_TIERS, 1.0)}
+
+
+def resolve_stage_mix(mix: dict[str, float] | str | None) -> np.ndarray | None:
+    """``{tier: weight}`` or a :data:`STAGE_MIXES` name -> weights over :data:`LIST_TIERS` (a tier left out
+    weighs 0); None (and ``own``) stays None."""
+    if isinstance(mix, str):
+        if mix not in STAGE_MIXES:
+            raise ValueError(f"stage_mix {mix!r} is not a named mix ({sorted(STAGE_MIXES)}) nor tier=weight pairs")
+        mix = STAGE_MIXES[mix]
     if mix is None:
         return None
     unknown = sorted(set(mix) - set(LIST_TIERS))
@@ -409,6 +419,7 @@ def _identity(b: Batch) -> Batch:
 
 __all__ = [
     "LIST_TIERS",
+    "STAGE_MIXES",
     "STAGE_PRESETS",
     "RequestStream",
     "make_request_loader",

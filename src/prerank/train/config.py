@@ -30,7 +30,8 @@ class TrainConfig:
     ``batching="requests"`` trains on whole requests (listwise losses on cascade data);
     ``requests_per_batch`` and ``max_list_len`` size them; a list over the cap keeps the share of each
     tier (clicked / unclicked impressions, rank and pre-rank candidates, random items) that ``stage_mix``
-    sets, or its own mix when None (:func:`prerank.data.requests.list_quotas`). ``shuffle_buffer_rows`` bounds the
+    sets (tier weights, or a :data:`~prerank.data.requests.STAGE_MIXES` name), or its own mix when None
+    (:func:`prerank.data.requests.list_quotas`). ``shuffle_buffer_rows`` bounds the
     rows held for shuffling (training memory grows with it, not with the split). Under ``torchrun`` the batch sizes
     and the buffer are global, split evenly over the ranks (:mod:`prerank.train.distributed`).
     """
@@ -54,7 +55,7 @@ class TrainConfig:
     requests_per_batch: int = 64
     max_list_len: int | None = None
     stages: tuple[str, ...] | None = None
-    stage_mix: dict[str, float] | None = None
+    stage_mix: dict[str, float] | str | None = None
     device: str = "cpu"
     progress: bool = True
 
