@@ -62,7 +62,8 @@ def test_light_se_reweights_with_softmax_and_residual() -> None:
 
 
 def test_cir_is_in_batch_softmax_over_positives(schema: Schema, batch: Batch) -> None:
-    model = IntTower(schema, SMALL).train()
+    """The authors' reading (``cir_mask_positives=false``): every other row of the batch is a negative."""
+    model = IntTower(schema, replace(SMALL, cir_mask_positives=False)).train()
     user, item = model.encode_user(batch), model.encode_item(batch)
     cir = model.cir_loss(batch, user, item)
     pos = torch.nonzero(batch.label > 0.5).squeeze(-1)
@@ -71,6 +72,27 @@ def test_cir_is_in_batch_softmax_over_positives(schema: Schema, batch: Batch) ->
     expected = F.cross_entropy(u @ v.T / SMALL.cir_temperature, pos)
     torch.testing.assert_close(cir, expected)
     assert cir.item() > 0
+
+
+def test_cir_keeps_a_requests_other_positives_out_of_its_negatives(schema: Schema, batch: Batch) -> None:
+    """A request batch holds all of a user's positives; none of them is a negative of another (by default)."""
+    rid = torch.arange(len(batch)) // 8  # requests of 8 rows, several positives each
+    label = (torch.arange(len(batch)) % 3 != 0).float()
+    listed = replace(batch, request_id=rid, label=label)
+    model = IntTower(schema, SMALL).train()
+    user, item = model.encode_user(listed), model.encode_item(listed)
+    u = F.normalize(user["rep"], dim=-1)
+    v = F.normalize(item["rep"], dim=-1)
+    terms = []
+    for i in torch.nonzero(label > 0.5).squeeze(-1).tolist():
+        keep = [j for j in range(len(batch)) if j == i or not (rid[j] == rid[i] and label[j] > 0.5)]
+        assert len(keep) < len(batch) - 1  # the mask removed this request's other positives
+        logits = (u[i] @ v[keep].T) / SMALL.cir_temperature
+        terms.append(torch.logsumexp(logits, 0) - logits[keep.index(i)])
+    torch.testing.assert_close(model.cir_loss(listed, user, item), torch.stack(terms).mean())
+    unmasked = IntTower(schema, replace(SMALL, cir_mask_positives=False)).train()
+    unmasked.load_state_dict(model.state_dict())
+    assert unmasked.cir_loss(listed, user, item) > model.cir_loss(listed, user, item)
 
 
 def test_cir_is_added_and_trains_both_towers(schema: Schema, batch: Batch) -> None:
