@@ -151,7 +151,7 @@ class IntTower(PreRanker):
             no_request = torch.iinfo(torch.int64).min
             key, _ = gather_rows(torch.where(pos, batch.request_id, no_request))
             same = batch.request_id[pos][:, None] == key[None, :]  # [P, B]: positives of the anchor's request
-            same[torch.arange(len(target)), target] = False  # but its own item stays the target
+            same[torch.arange(len(target), device=same.device), target] = False  # its own item stays the target
             logits = logits.masked_fill(same, float("-inf"))
         # the mean over the global batch's positives (DDP divides the sum of the ranks' gradients by ``world``);
         # ``v.sum() * 0`` keeps the gather in the graph of a rank without positives, so its backward runs everywhere
