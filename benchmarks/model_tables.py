@@ -8,7 +8,8 @@ exists, so a run stopped at any point resumes where it stopped (``compare --resu
 points):
 
 1. data: ``prerank data prepare`` from ``--raw`` (ML-1M ``paper`` or ``temporal``, Taobao UserBehavior), or
-   ``prerank data synth`` (the synthetic default);
+   ``prerank data synth --rows 200000`` (the synthetic set of docs/results.md's teacher and distillation sections;
+   ``prerank demo`` uses 100,000 rows);
 2. one ``prerank compare`` of every model (default: the pre-rankers, the distilled DSSM and FIT's four ablations of
    issue 24, part 5), each tuned on valid on the same grid (``--grid``, first seed: learning rate x weight decay),
    early stopping on valid AUC with patience ``--patience``, then seeds ``0 .. S-1`` on test; the popularity row
