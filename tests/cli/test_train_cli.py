@@ -114,7 +114,10 @@ def test_compare_reports_the_teachers_row_and_relaimpr_against_it(tiny_dataset: 
     save_checkpoint(teacher, "ranker", build_model("ranker", Schema.load(tiny_dataset), {"hidden": [8]}))
     out = tmp_path / "cmp"
     args = ["compare", "--data", str(tiny_dataset), "--models", "lr", "--seeds", "1", "--out", str(out)]
-    res = runner.invoke(app, [*args, "--teacher", str(teacher), *FAST])
+    res = runner.invoke(app, [*args, *FAST])
+    assert res.exit_code == 0, res.output
+    # the teacher added on resume, when every run is done: its row and the RelaImpr against it are written
+    res = runner.invoke(app, [*args, "--teacher", str(teacher), *FAST, "--resume"])
     assert res.exit_code == 0, res.output
     records = json.loads((out / "results.json").read_text())
     first, student = records

@@ -223,6 +223,9 @@ def run_compare(
             _fill_relaimpr(records)
             write_results(out_dir, records)
             log(f"{name} seed {seed}: test AUC {record['auc']:.4f}, logloss {record['logloss']:.4f}")
+    if main:  # also when a resumed run trained nothing but added the teacher's or the popularity row
+        _fill_relaimpr(records)
+        write_results(out_dir, records)
     if latency_candidates and main:
         measure_latencies(records, models, config.seed, out_dir, data_dir, latency_candidates, log=log, on_step=on_step)
         write_results(out_dir, records)
